@@ -1,0 +1,106 @@
+"""Shared test harness: drive an app's ASGI lifespan, or serve it with a real Hypercorn."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import pytest
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+
+from trio_bg._asgi import ASGIApp, Message
+
+
+@dataclass
+class Lifespan:
+    """The server's side of an ASGI lifespan, as the tests see it."""
+
+    sent: list[Message] = field(default_factory=list)  # what the app sent to the server
+
+
+@asynccontextmanager
+async def run_lifespan(app: ASGIApp) -> AsyncIterator[Lifespan]:
+    """Send lifespan.startup, run the block, then send lifespan.shutdown and wait for
+    the app's answer: what a server does around the requests it serves."""
+    lifespan = Lifespan()
+    to_app, app_inbox = trio.open_memory_channel[Message](math.inf)
+    answered = trio.Event()
+
+    async def send(message: Message) -> None:
+        lifespan.sent.append(message)
+        answered.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(app, {"type": "lifespan", "state": {}}, app_inbox.receive, send)
+        await to_app.send({"type": "lifespan.startup"})
+        await answered.wait()
+        assert lifespan.sent[-1]["type"] == "lifespan.startup.complete", lifespan.sent
+        yield lifespan
+        answered = trio.Event()
+        await to_app.send({"type": "lifespan.shutdown"})
+        await answered.wait()
+        nursery.cancel_scope.cancel()  # as Hypercorn does once it has the answer
+
+
+@pytest.fixture
+def lifespan() -> Callable[[ASGIApp], AbstractAsyncContextManager[Lifespan]]:
+    return run_lifespan
+
+
+def asgi_client(app: ASGIApp) -> httpx.AsyncClient:
+    """An httpx client that calls ``app`` in-process (no lifespan: see run_lifespan)."""
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+
+
+@dataclass
+class Server:
+    """A Hypercorn trio server running in the test's nursery."""
+
+    url: str
+    shutdown: trio.Event
+    stopped: trio.Event
+
+
+@asynccontextmanager
+async def run_hypercorn(app: ASGIApp, **config: Any) -> AsyncIterator[Server]:
+    """Serve ``app`` with ``hypercorn.trio.serve`` on 127.0.0.1 (a free port). Leaving
+    the block triggers a graceful shutdown (the ``shutdown_trigger``) and waits for it;
+    set ``server.shutdown`` inside the block to start it earlier."""
+    hypercorn_config = Config()
+    hypercorn_config.bind = ["127.0.0.1:0"]
+    hypercorn_config.accesslog = None
+    for name, value in config.items():
+        setattr(hypercorn_config, name, value)
+    shutdown = trio.Event()
+    stopped = trio.Event()
+
+    async def serve_until_shutdown(*, task_status: trio.TaskStatus[list[str]]) -> None:
+        try:
+            await serve(
+                app,  # type: ignore[arg-type]  # hypercorn's Framework union is narrower
+                hypercorn_config,
+                shutdown_trigger=shutdown.wait,
+                task_status=task_status,
+            )
+        finally:
+            stopped.set()
+
+    async with trio.open_nursery() as nursery:
+        binds: list[str] = await nursery.start(serve_until_shutdown)
+        server = Server(url=binds[0], shutdown=shutdown, stopped=stopped)
+        try:
+            yield server
+        finally:
+            shutdown.set()
+            await stopped.wait()
+
+
+@pytest.fixture
+def hypercorn() -> Callable[..., AbstractAsyncContextManager[Server]]:
+    return run_hypercorn

@@ -1,0 +1,28 @@
+"""trio_bg: background tasks for trio ASGI apps.
+
+Tasks collected during a request run after its response, in one server-scoped
+nursery; shutdown drains them for a grace period, cancels the rest, and reports
+what happened to every one.
+"""
+
+from ._asgi import BackgroundTaskMiddleware
+from ._errors import NurseryClosed
+from ._nursery import BackgroundNursery, open_background_nursery
+from ._options import DEFAULT_GRACE_PERIOD, NurseryOptions
+from ._report import ShutdownReport, TaskStats
+from ._tasks import BackgroundTasks, current_tasks
+
+__all__ = [
+    "DEFAULT_GRACE_PERIOD",
+    "BackgroundNursery",
+    "BackgroundTaskMiddleware",
+    "BackgroundTasks",
+    "NurseryClosed",
+    "NurseryOptions",
+    "ShutdownReport",
+    "TaskStats",
+    "current_tasks",
+    "open_background_nursery",
+]
+
+__version__ = "0.1.0"

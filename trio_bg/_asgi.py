@@ -1,0 +1,238 @@
+"""BackgroundTaskMiddleware: the lifespan owns the nursery; each request collects tasks
+and hands them over once its response is complete."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any, Unpack
+
+import trio
+
+from ._nursery import BackgroundNursery, open_background_nursery
+from ._options import NurseryOptions, Settings
+from ._report import ShutdownReport
+from ._tasks import BackgroundTasks, _current_tasks
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+SCOPE_KEY = "trio_bg.tasks"
+"""The request scope key under which the middleware puts the `BackgroundTasks`."""
+
+logger = logging.getLogger("trio_bg")
+
+
+class BackgroundTaskMiddleware:
+    """ASGI middleware that runs each request's background tasks after its response.
+
+    It speaks the lifespan protocol itself: on startup it opens a `BackgroundNursery`
+    (then starts the wrapped app's own lifespan, if it has one); on shutdown it drains
+    and cancels the background tasks first, then shuts the wrapped app down, and only
+    then tells the server it is done. Each HTTP request and WebSocket session gets a
+    fresh `BackgroundTasks` (`current_tasks()`, or ``scope["trio_bg.tasks"]``), whose
+    tasks go to the nursery once the final response message was handed to the server,
+    or the WebSocket session ended. Tasks of a request whose response never completed
+    are discarded, counted and logged. Options as for `open_background_nursery`.
+    """
+
+    def __init__(self, app: ASGIApp, **options: Unpack[NurseryOptions]) -> None:
+        if not callable(app):
+            raise TypeError(f"BackgroundTaskMiddleware wraps an ASGI app, not {app!r}")
+        Settings.from_options(options)  # a bad option fails here, not at server start
+        self.app = app
+        self._options = options
+        self._nursery: BackgroundNursery | None = None
+        self._report: ShutdownReport | None = None
+
+    @property
+    def nursery(self) -> BackgroundNursery:
+        """The running `BackgroundNursery` (`RuntimeError` outside the lifespan)."""
+        if self._nursery is None:
+            raise RuntimeError(
+                "BackgroundTaskMiddleware has no running nursery: the server has not sent "
+                "lifespan.startup (or has shut down). Serve the app with Hypercorn, or run "
+                "its lifespan in tests (httpx.ASGITransport alone does not)."
+            )
+        return self._nursery
+
+    @property
+    def report(self) -> ShutdownReport:
+        """The `ShutdownReport` of the last lifespan shutdown (`RuntimeError` before)."""
+        if self._report is None:
+            raise RuntimeError("BackgroundTaskMiddleware has not shut down yet")
+        return self._report
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "websocket":
+            await self._websocket(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    # -- requests ------------------------------------------------------------------
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        tasks = BackgroundTasks(self.nursery)
+        trailers = False
+
+        async def send_then_hand_off(message: Message) -> None:
+            nonlocal trailers
+            kind = message["type"]
+            if kind == "http.response.start":
+                trailers = bool(message.get("trailers", False))
+            if not _completes_response(kind, message, trailers):
+                await send(message)
+                return
+            try:
+                await send(message)
+            except trio.Cancelled:
+                # Some frameworks (Quart-Trio) cancel their own request after the final
+                # bytes were handed over: the response is complete all the same.
+                tasks._hand_off()
+                raise
+            tasks._hand_off()
+
+        await self._call_app(scope, receive, send_then_hand_off, tasks)
+        if len(tasks):
+            tasks._discard(f"{_describe(scope)} returned without completing its response")
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        tasks = BackgroundTasks(self.nursery)
+        await self._call_app(scope, receive, send, tasks)
+        tasks._hand_off()  # the session ended without an error
+
+    async def _call_app(
+        self, scope: Scope, receive: Receive, send: Send, tasks: BackgroundTasks
+    ) -> None:
+        token = _current_tasks.set(tasks)
+        try:
+            await self.app({**scope, SCOPE_KEY: tasks}, receive, send)
+        except BaseException as exc:
+            if len(tasks):
+                what = "was cancelled" if isinstance(exc, trio.Cancelled) else f"raised {exc!r}"
+                tasks._discard(f"{_describe(scope)} {what} before its response completed")
+            raise
+        finally:
+            _current_tasks.reset(token)
+
+    # -- lifespan ------------------------------------------------------------------
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await _expect(receive, "lifespan.startup")
+        if self._nursery is not None:
+            raise RuntimeError("this BackgroundTaskMiddleware is already running a lifespan")
+        async with trio.open_nursery() as app_nursery:
+            app = _WrappedLifespan(self.app, scope)
+            app_nursery.start_soon(app.run)
+            try:
+                last_message = await self._run_lifespan(app, receive, send)
+            finally:
+                app_nursery.cancel_scope.cancel()
+        # Hypercorn cancels this task as soon as it has this message: everything is done.
+        await send(last_message)
+
+    async def _run_lifespan(self, app: _WrappedLifespan, receive: Receive, send: Send) -> Message:
+        """Run the lifespan up to its last message, and return that message."""
+        async with open_background_nursery(**self._options) as nursery:
+            self._nursery = nursery
+            try:
+                failure = await app.startup()
+                if failure is not None:
+                    return {"type": "lifespan.startup.failed", "message": failure}
+                await send({"type": "lifespan.startup.complete"})
+                await _expect(receive, "lifespan.shutdown")
+                # The tasks may use what the app's own shutdown closes: drain them first.
+                self._report = await nursery.shutdown()
+            finally:
+                self._nursery = None
+        failure = await app.shutdown()
+        if failure is not None:
+            return {"type": "lifespan.shutdown.failed", "message": failure}
+        return {"type": "lifespan.shutdown.complete"}
+
+
+async def _expect(receive: Receive, kind: str) -> None:
+    message = await receive()
+    if message["type"] != kind:
+        raise RuntimeError(f"expected an ASGI {kind} message, got {message['type']}")
+
+
+def _describe(scope: Scope) -> str:
+    """A request, for log lines: its kind and path, never its query or body."""
+    return f"the {scope['type']} request to {scope.get('path', '?')}"
+
+
+def _completes_response(kind: str, message: Message, trailers: bool) -> bool:
+    """Whether handing ``message`` to the server completes the HTTP response."""
+    if kind == "http.response.body":
+        return not trailers and not message.get("more_body", False)
+    if kind == "http.response.trailers":
+        return not message.get("more_trailers", False)
+    return kind in ("http.response.pathsend", "http.response.zerocopysend") and not (
+        message.get("more_body", False)
+    )
+
+
+class _WrappedLifespan:
+    """Drives the wrapped app's own lifespan handler, for apps that have one."""
+
+    def __init__(self, app: ASGIApp, scope: Scope) -> None:
+        self._app = app
+        self._scope = scope
+        self._to_app, self._app_inbox = trio.open_memory_channel[Message](math.inf)
+        self._from_app, self._replies = trio.open_memory_channel[Message](math.inf)
+        self._supported = True
+        self._error: Exception | None = None
+
+    async def run(self) -> None:
+        try:
+            await self._app(self._scope, self._app_inbox.receive, self._from_app.send)
+        except Exception as exc:
+            self._error = exc
+        finally:
+            self._from_app.close()  # the app ended: _ask gets EndOfChannel from now on
+
+    async def startup(self) -> str | None:
+        """Start the app; return its failure message, or None when it started (or
+        does not speak lifespan)."""
+        reply = await self._ask({"type": "lifespan.startup"})
+        if reply is None:
+            self._supported = False
+            logger.info(
+                "the wrapped app does not handle lifespan events (%s); serving it without",
+                f"it raised {self._error!r}" if self._error else "it returned",
+            )
+            return None
+        if reply["type"] == "lifespan.startup.failed":
+            return str(reply.get("message", ""))
+        return None
+
+    async def shutdown(self) -> str | None:
+        """Shut the app down; return its failure message, or None."""
+        if not self._supported:
+            return None
+        reply = await self._ask({"type": "lifespan.shutdown"})
+        if reply is None:
+            if self._error is not None:
+                logger.error("the wrapped app's lifespan shutdown raised", exc_info=self._error)
+            return None
+        if reply["type"] == "lifespan.shutdown.failed":
+            return str(reply.get("message", ""))
+        return None
+
+    async def _ask(self, message: Message) -> Message | None:
+        """Send ``message`` to the app and wait for its reply (None: the app ended)."""
+        await self._to_app.send(message)
+        try:
+            return await self._replies.receive()
+        except trio.EndOfChannel:
+            return None

@@ -24,6 +24,10 @@ class Lifespan:
     sent: list[Message] = field(default_factory=list)  # what the app sent to the server
 
 
+class StartupFailed(Exception):
+    """The app answered lifespan.startup with something other than complete."""
+
+
 @asynccontextmanager
 async def run_lifespan(app: ASGIApp) -> AsyncIterator[Lifespan]:
     """Send lifespan.startup, run the block, then send lifespan.shutdown and wait for
@@ -40,12 +44,15 @@ async def run_lifespan(app: ASGIApp) -> AsyncIterator[Lifespan]:
         nursery.start_soon(app, {"type": "lifespan", "state": {}}, app_inbox.receive, send)
         await to_app.send({"type": "lifespan.startup"})
         await answered.wait()
-        assert lifespan.sent[-1]["type"] == "lifespan.startup.complete", lifespan.sent
-        yield lifespan
-        answered = trio.Event()
-        await to_app.send({"type": "lifespan.shutdown"})
-        await answered.wait()
+        started = lifespan.sent[-1]["type"] == "lifespan.startup.complete"
+        if started:
+            yield lifespan
+            answered = trio.Event()
+            await to_app.send({"type": "lifespan.shutdown"})
+            await answered.wait()
         nursery.cancel_scope.cancel()  # as Hypercorn does once it has the answer
+    if not started:
+        raise StartupFailed(lifespan.sent[-1])
 
 
 @pytest.fixture

@@ -6,11 +6,12 @@ what happened to every one.
 """
 
 from ._asgi import BackgroundTaskMiddleware
-from ._errors import NurseryClosed
+from ._errors import NurseryClosed, Overloaded
+from ._events import TaskEvent
 from ._nursery import BackgroundNursery, open_background_nursery
 from ._options import DEFAULT_GRACE_PERIOD, NurseryOptions
 from ._report import ShutdownReport, TaskStats
-from ._tasks import BackgroundTasks, current_tasks
+from ._tasks import BackgroundTasks, current_tasks, task
 
 __all__ = [
     "DEFAULT_GRACE_PERIOD",
@@ -19,10 +20,13 @@ __all__ = [
     "BackgroundTasks",
     "NurseryClosed",
     "NurseryOptions",
+    "Overloaded",
     "ShutdownReport",
+    "TaskEvent",
     "TaskStats",
     "current_tasks",
     "open_background_nursery",
+    "task",
 ]
 
 __version__ = "0.1.0"

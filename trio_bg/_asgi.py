@@ -10,6 +10,7 @@ from typing import Any, Unpack
 
 import trio
 
+from ._errors import Overloaded
 from ._nursery import BackgroundNursery, open_background_nursery
 from ._options import NurseryOptions, Settings
 from ._report import ShutdownReport
@@ -37,14 +38,31 @@ class BackgroundTaskMiddleware:
     fresh `BackgroundTasks` (`current_tasks()`, or ``scope["trio_bg.tasks"]``), whose
     tasks go to the nursery once the final response message was handed to the server,
     or the WebSocket session ended. Tasks of a request whose response never completed
-    are discarded, counted and logged. Options as for `open_background_nursery`.
+    are discarded, counted and logged. When `Overloaded` escapes the app before its
+    response started, the middleware answers ``503 Service Unavailable``.
     """
 
-    def __init__(self, app: ASGIApp, **options: Unpack[NurseryOptions]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        retry_after: int | None = 1,
+        **options: Unpack[NurseryOptions],
+    ) -> None:
+        """Wrap ``app``. ``retry_after`` is the ``Retry-After`` (seconds) of the 503
+        answer when `Overloaded` escapes the app (None: no header); the other
+        options are those of `open_background_nursery`."""
         if not callable(app):
             raise TypeError(f"BackgroundTaskMiddleware wraps an ASGI app, not {app!r}")
+        if retry_after is not None and (
+            isinstance(retry_after, bool) or not isinstance(retry_after, int) or retry_after < 0
+        ):
+            raise TypeError(
+                f"retry_after must be a whole number of seconds >= 0, not {retry_after!r}"
+            )
         Settings.from_options(options)  # a bad option fails here, not at server start
         self.app = app
+        self._unavailable = _unavailable_response(retry_after)
         self._options = options
         self._nursery: BackgroundNursery | None = None
         self._report: ShutdownReport | None = None
@@ -82,12 +100,13 @@ class BackgroundTaskMiddleware:
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         tasks = BackgroundTasks(self.nursery)
-        trailers = False
+        response_started = trailers = False
 
         async def send_then_hand_off(message: Message) -> None:
-            nonlocal trailers
+            nonlocal response_started, trailers
             kind = message["type"]
             if kind == "http.response.start":
+                response_started = True
                 trailers = bool(message.get("trailers", False))
             if not _completes_response(kind, message, trailers):
                 await send(message)
@@ -101,7 +120,14 @@ class BackgroundTaskMiddleware:
                 raise
             tasks._hand_off()
 
-        await self._call_app(scope, receive, send_then_hand_off, tasks)
+        try:
+            await self._call_app(scope, receive, send_then_hand_off, tasks)
+        except Overloaded:
+            if response_started:
+                raise
+            await send(self._unavailable[0])
+            await send(self._unavailable[1])
+            return
         if len(tasks):
             tasks._discard(f"{_describe(scope)} returned without completing its response")
 
@@ -169,6 +195,20 @@ async def _expect(receive: Receive, kind: str) -> None:
 def _describe(scope: Scope) -> str:
     """A request, for log lines: its kind and path, never its query or body."""
     return f"the {scope['type']} request to {scope.get('path', '?')}"
+
+
+def _unavailable_response(retry_after: int | None) -> tuple[Message, Message]:
+    body = b"Service Unavailable: background task capacity is exhausted\n"
+    headers = [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    if retry_after is not None:
+        headers.append((b"retry-after", str(retry_after).encode()))
+    return (
+        {"type": "http.response.start", "status": 503, "headers": headers},
+        {"type": "http.response.body", "body": body},
+    )
 
 
 def _completes_response(kind: str, message: Message, trailers: bool) -> bool:

@@ -1,16 +1,19 @@
-"""BackgroundNursery: runs accepted tasks, counts their states, drains and cancels."""
+"""BackgroundNursery: admits, queues and runs tasks, counts their states, drains and cancels."""
 
 from __future__ import annotations
 
 import inspect
 import logging
+import threading
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, ParamSpec, Unpack
 
 import trio
 
-from ._errors import NurseryClosed
+from ._errors import NurseryClosed, Overloaded
+from ._events import EventKind, Outcome, TaskEvent
 from ._options import NurseryOptions, Settings
 from ._report import ShutdownReport, TaskStats
 from ._tasks import Task
@@ -23,12 +26,14 @@ logger = logging.getLogger("trio_bg")
 class BackgroundNursery:
     """A nursery for background work that outlives the requests that started it.
 
-    Open one with `open_background_nursery`. ``async def`` functions run as trio
-    tasks; plain functions run in worker threads under the nursery's own
-    `trio.CapacityLimiter`. A task that raises is logged, counted as failed and
-    passed to ``on_error``; it never affects the other tasks. Shutting down stops
-    admitting, waits up to ``grace_period`` seconds for the running tasks, cancels
-    what is left, and leaves a `ShutdownReport` in `report`.
+    Open one with `open_background_nursery`. At most ``max_running`` tasks run at
+    once; up to ``max_pending`` more wait, in arrival order, as small records (not
+    parked trio tasks). ``async def`` functions run as trio tasks; plain functions
+    run in worker threads under the nursery's own `trio.CapacityLimiter`. A task
+    that raises is logged, counted as failed and passed to ``on_error``; it never
+    affects the other tasks. Shutting down stops admitting, waits up to
+    ``grace_period`` seconds for the tasks, cancels what is left, and leaves a
+    `ShutdownReport` in `report`.
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -36,6 +41,12 @@ class BackgroundNursery:
         self._settings = settings
         self._nursery: trio.Nursery  # set by _host; its cancel scope covers the tasks only
         self._limiter = trio.CapacityLimiter(settings.thread_limit)
+        self._capacity = settings.max_running + settings.max_pending
+        # Tasks admitted and not yet ended or discarded. Admission may happen in a
+        # worker thread (a sync handler), so changes to it hold the lock.
+        self._load = 0
+        self._load_lock = threading.Lock()
+        self._queue: deque[Task] = deque()
         self._closed = False
         self._all_ended = trio.Event()
         self._idle: trio.Event | None = None
@@ -43,45 +54,64 @@ class BackgroundNursery:
         self._report: ShutdownReport | None = None
         self._unfinished: list[str] = []
         self._accepted = self._pending = self._running = 0
-        self._completed = self._failed = self._cancelled = self._abandoned = 0
-        self._discarded = 0
+        self._completed = self._failed = self._timed_out = 0
+        self._cancelled = self._abandoned = self._discarded = self._rejected = 0
 
     # -- taking work ---------------------------------------------------------------
 
     def start_soon(self, func: Callable[P, Any], /, *args: P.args, **kwargs: P.kwargs) -> None:
-        """Start ``func(*args, **kwargs)`` in the background now.
+        """Run ``func(*args, **kwargs)`` in the background, now or once a slot frees.
 
-        Checks the call like `BackgroundTasks.add_task` (`TypeError` for a call
-        that could never run) and raises `NurseryClosed` once shutdown has begun.
-        The task runs in a copy of the caller's context.
+        Checks the call like `BackgroundTasks.add_task` (`TypeError` for a call that
+        could never run), and raises `Overloaded` when the nursery is full
+        (`NurseryClosed` once shutdown has begun). The task runs in a copy of the
+        caller's context.
         """
         task = Task(func, args, kwargs)
         self.admit(task)
         self.accept((task,))
 
     def admit(self, task: Task) -> None:
-        """Raise `NurseryClosed` if no new task can be taken (part of `TaskSink`)."""
-        if self._closed:
-            raise NurseryClosed(
-                f"the background nursery is shutting down and takes no new tasks "
-                f"(refused: {task.name})"
-            )
+        """Reserve room for ``task`` or raise `Overloaded` (part of `TaskSink`)."""
+        with self._load_lock:
+            if self._closed:
+                raise NurseryClosed(
+                    f"the background nursery is shutting down and takes no new tasks "
+                    f"(refused: {task.name})"
+                )
+            if self._load >= self._capacity:
+                self._rejected += 1
+                raise Overloaded(
+                    f"the background nursery is full ({self._settings.max_running} running, "
+                    f"{self._settings.max_pending} pending); refused: {task.name}"
+                )
+            self._load += 1
 
     def accept(self, tasks: Sequence[Task]) -> None:
-        """Start running ``tasks`` (part of `TaskSink`)."""
-        if self._closed:
-            raise NurseryClosed("the background nursery is shutting down and takes no new tasks")
+        """Run or queue admitted ``tasks`` (part of `TaskSink`).
+
+        Admitted tasks are taken even while the shutdown drains; only once every
+        task has ended does this raise `NurseryClosed`.
+        """
+        if self._all_ended.is_set():
+            raise NurseryClosed("the background nursery has shut down")
+        now = trio.current_time()
         for task in tasks:
+            task.accepted_at = now
             self._accepted += 1
             self._pending += 1
-            # Spawned from inside the task's context, the trio task gets a copy of it.
-            task.context.run(self._spawn, task)
-
-    def _spawn(self, task: Task) -> None:
-        self._nursery.start_soon(self._run, task, name=task.name)
+            self._emit("accepted", task)
+            slots_taken = self._running + self._pending - len(self._queue)  # this one too
+            if not self._queue and slots_taken <= self._settings.max_running:
+                self._spawn(task)
+            else:
+                self._queue.append(task)
 
     def discard(self, tasks: Sequence[Task], reason: str) -> None:
-        """Count and log tasks that will never run (part of `TaskSink`)."""
+        """Release admitted tasks that will never run; count and log them (part of
+        `TaskSink`)."""
+        with self._load_lock:
+            self._load -= len(tasks)
         self._discarded += len(tasks)
         logger.warning(
             "discarded %d background task(s) (%s): %s",
@@ -89,6 +119,13 @@ class BackgroundNursery:
             reason,
             ", ".join(task.name for task in tasks),
         )
+
+    def _spawn(self, task: Task) -> None:
+        # Spawned from inside the task's context, the trio task runs in a copy of it.
+        task.context.run(self._start_soon, task)
+
+    def _start_soon(self, task: Task) -> None:
+        self._nursery.start_soon(self._run, task, name=task.name)
 
     # -- looking on ----------------------------------------------------------------
 
@@ -101,9 +138,16 @@ class BackgroundNursery:
             running=self._running,
             completed=self._completed,
             failed=self._failed,
+            timed_out=self._timed_out,
             cancelled=self._cancelled,
             abandoned=self._abandoned,
             discarded=self._discarded,
+            reserved=self._load - self._pending - self._running,
+            rejected=self._rejected,
+            oldest_pending_age=(
+                trio.current_time() - self._queue[0].accepted_at if self._queue else 0.0
+            ),
+            threads_in_use=self._limiter.borrowed_tokens,
         )
 
     @property
@@ -129,35 +173,43 @@ class BackgroundNursery:
     # -- shutting down -------------------------------------------------------------
 
     async def shutdown(self) -> ShutdownReport:
-        """Stop admitting, wait up to ``grace_period`` for the running tasks, cancel
-        the rest, and return the `ShutdownReport`. Calling it again returns the same
-        report."""
+        """Stop admitting, wait up to ``grace_period`` for pending and running tasks,
+        cancel the rest, and return the `ShutdownReport`. Calling it again (or
+        concurrently) returns the same report."""
         if self._shutdown_started is None:
-            self._closed = True
-            self._shutdown_started = trio.current_time()
+            self._close()
             try:
                 with trio.move_on_after(self._settings.grace_period):
                     await self.wait_idle()
             finally:
-                self._nursery.cancel_scope.cancel()
+                self._cancel_rest()
         await self._all_ended.wait()
         return self._finish()
 
-    def _cancel_now(self) -> None:
-        """Refuse new tasks and cancel the running ones, with no grace period."""
-        self._closed = True
+    def _close(self) -> None:
+        with self._load_lock:
+            self._closed = True
         if self._shutdown_started is None:
             self._shutdown_started = trio.current_time()
+
+    def _cancel_rest(self) -> None:
+        """Cancel the running tasks, and the pending ones without running them."""
+        self._close()
+        while self._queue:
+            task = self._queue.popleft()
+            self._pending -= 1
+            self._end(task, "cancelled")
         self._nursery.cancel_scope.cancel()
 
     def _finish(self) -> ShutdownReport:
-        """Build the report, once every task has ended."""
+        """Build (once) and log the report; every task has ended."""
         if self._report is None:
             started = self._shutdown_started
             self._report = ShutdownReport(
                 accepted=self._accepted,
                 completed=self._completed,
                 failed=self._failed,
+                timed_out=self._timed_out,
                 cancelled=self._cancelled,
                 abandoned=self._abandoned,
                 discarded=self._discarded,
@@ -173,35 +225,62 @@ class BackgroundNursery:
     # -- running one task ----------------------------------------------------------
 
     async def _run(self, task: Task) -> None:
+        """Run ``task``, then the pending tasks that wait for its slot (each in a trio
+        task of its own, so each keeps its own context)."""
         self._pending -= 1
         self._running += 1
+        started = trio.current_time()
+        outcome: Outcome = "cancelled"
         try:
             # A task the shutdown cancelled before it was scheduled never starts.
             await trio.lowlevel.checkpoint_if_cancelled()
-            if task.is_async:
-                await task.func(*task.args, **task.kwargs)
+            self._emit("started", task, waited=started - task.accepted_at)
+            if task.timeout is None:
+                await self._call(task)
+                outcome = "completed"
             else:
-                await self._run_in_thread(task)
+                with trio.move_on_after(task.timeout) as timeout_scope:
+                    await self._call(task)
+                outcome = "timed_out" if timeout_scope.cancelled_caught else "completed"
         except BaseException as exc:
-            self._running -= 1
-            if not _is_cancellation(exc):
-                self._failed += 1
-                self._report_failure(task, exc)
-                if isinstance(exc, Exception):
-                    return
-            elif task.thread_started:
-                self._abandoned += 1
-                self._unfinished.append(task.name)
-            else:
-                self._cancelled += 1
-                self._unfinished.append(task.name)
-            raise  # Cancelled, KeyboardInterrupt and their kind are never swallowed
-        else:
-            self._running -= 1
-            self._completed += 1
+            if _is_cancellation(exc):
+                outcome = "abandoned" if task.thread_started else "cancelled"
+                raise  # trio's cancellation is never swallowed
+            outcome = "failed"
+            self._report_failure(task, exc)
+            if not isinstance(exc, Exception):
+                raise  # KeyboardInterrupt, SystemExit: not ours to stop
         finally:
-            if self._idle is not None and not (self._pending or self._running):
-                self._idle.set()
+            self._running -= 1
+            self._end(task, outcome, duration=trio.current_time() - started)
+            if self._queue and not self._nursery.cancel_scope.cancel_called:
+                self._spawn(self._queue.popleft())
+
+    def _end(self, task: Task, outcome: Outcome, duration: float | None = None) -> None:
+        if outcome == "completed":
+            self._completed += 1
+        elif outcome == "failed":
+            self._failed += 1
+        elif outcome == "timed_out":
+            self._timed_out += 1
+            logger.warning("background task %s timed out after %ss", task.name, task.timeout)
+        else:
+            self._unfinished.append(task.name)
+            if outcome == "cancelled":
+                self._cancelled += 1
+            else:
+                self._abandoned += 1
+        with self._load_lock:
+            self._load -= 1
+        self._emit("finished", task, outcome=outcome, duration=duration)
+        if self._idle is not None and not (self._pending or self._running):
+            self._idle.set()
+
+    async def _call(self, task: Task) -> None:
+        if task.is_async:
+            await task.func(*task.args, **task.kwargs)
+        else:
+            await self._run_in_thread(task)
 
     async def _run_in_thread(self, task: Task) -> None:
         def call() -> object:
@@ -209,7 +288,7 @@ class BackgroundNursery:
             return task.func(*task.args, **task.kwargs)
 
         # abandon_on_cancel: a thread cannot be interrupted; at the end of the grace
-        # period we stop waiting for it and report it as abandoned.
+        # period (or its timeout) we stop waiting for it.
         result = await trio.to_thread.run_sync(call, limiter=self._limiter, abandon_on_cancel=True)
         if inspect.isawaitable(result):
             if inspect.iscoroutine(result):
@@ -228,6 +307,27 @@ class BackgroundNursery:
             hook(task.name, exc)
         except Exception:
             logger.exception("the on_error hook failed for background task %s", task.name)
+
+    def _emit(
+        self,
+        kind: EventKind,
+        task: Task,
+        *,
+        waited: float | None = None,
+        outcome: Outcome | None = None,
+        duration: float | None = None,
+    ) -> None:
+        hook = self._settings.on_event
+        if hook is None and not logger.isEnabledFor(logging.DEBUG):
+            return
+        event = TaskEvent(kind, task.name, waited=waited, outcome=outcome, duration=duration)
+        logger.debug("background task %s", event)
+        if hook is None:
+            return
+        try:
+            hook(event)
+        except Exception:
+            logger.exception("the on_event hook failed for background task %s", task.name)
 
     async def _host(self, *, task_status: trio.TaskStatus[None]) -> None:
         """Own the tasks' nursery, so that its cancel scope covers the tasks only."""
@@ -252,8 +352,10 @@ async def open_background_nursery(
 ) -> AsyncIterator[BackgroundNursery]:
     """Open a `BackgroundNursery`; leaving the block shuts it down.
 
-    Options: ``grace_period`` (seconds, default 10), ``thread_limit`` (worker
-    threads for plain functions, default 40), ``on_error`` (``hook(name, exc)``).
+    Options (all keyword, all optional): ``grace_period`` (seconds, default 10),
+    ``max_running`` (default 1000), ``max_pending`` (default 10000),
+    ``thread_limit`` (worker threads for plain functions, default 40),
+    ``on_error`` (``hook(name, exc)``), ``on_event`` (``hook(TaskEvent)``).
     A normal exit runs `BackgroundNursery.shutdown`; an exception in the block
     cancels the tasks at once. Either way `BackgroundNursery.report` is set after.
     """
@@ -266,7 +368,7 @@ async def open_background_nursery(
                 yield nursery
             except BaseException as exc:
                 body_error = exc
-                nursery._cancel_now()
+                nursery._cancel_rest()
                 raise
             await nursery.shutdown()
     except BaseExceptionGroup as group:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import TypedDict
+from typing import TYPE_CHECKING, TypedDict
+
+if TYPE_CHECKING:
+    from ._events import TaskEvent
 
 DEFAULT_GRACE_PERIOD = 10.0
 """Seconds a shutdown waits for running tasks before it cancels them.
@@ -18,8 +21,17 @@ inside a container platform's usual 30 s termination window, after Hypercorn's o
 DEFAULT_THREAD_LIMIT = 40
 """Worker threads for plain-function tasks: trio's default, but a limiter of our own."""
 
+DEFAULT_MAX_RUNNING = 1_000
+"""Tasks running at once (async and thread tasks together); the rest wait as pending."""
+
+DEFAULT_MAX_PENDING = 10_000
+"""Tasks waiting for a running slot; past it `add_task` raises `Overloaded`."""
+
 ErrorHook = Callable[[str, BaseException], object]
 """``on_error(task_name, exception)``, called when a background task raises."""
+
+EventHook = Callable[["TaskEvent"], object]
+"""``on_event(event)``, called at each step of every task's life."""
 
 
 class NurseryOptions(TypedDict, total=False):
@@ -27,7 +39,10 @@ class NurseryOptions(TypedDict, total=False):
 
     grace_period: float
     thread_limit: int
+    max_running: int
+    max_pending: int
     on_error: ErrorHook | None
+    on_event: EventHook | None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -36,7 +51,10 @@ class Settings:
 
     grace_period: float = DEFAULT_GRACE_PERIOD
     thread_limit: int = DEFAULT_THREAD_LIMIT
+    max_running: int = DEFAULT_MAX_RUNNING
+    max_pending: int = DEFAULT_MAX_PENDING
     on_error: ErrorHook | None = None
+    on_event: EventHook | None = None
 
     @classmethod
     def from_options(cls, options: NurseryOptions) -> Settings:
@@ -56,12 +74,17 @@ class Settings:
             raise TypeError(f"grace_period must be a number of seconds, not {grace!r}")
         if not (grace >= 0 and math.isfinite(grace)):
             raise ValueError(f"grace_period must be finite and >= 0, not {grace!r}")
-        limit = self.thread_limit
-        if isinstance(limit, bool) or not isinstance(limit, int):
-            raise TypeError(f"thread_limit must be an int, not {limit!r}")
-        if limit < 1:
-            raise ValueError(f"thread_limit must be >= 1, not {limit!r}")
-        if self.on_error is not None and not callable(self.on_error):
-            raise TypeError(
-                f"on_error must be callable as on_error(name, exc), not {self.on_error!r}"
-            )
+        _check_count("thread_limit", self.thread_limit, minimum=1)
+        _check_count("max_running", self.max_running, minimum=1)
+        _check_count("max_pending", self.max_pending, minimum=0)
+        for name in ("on_error", "on_event"):
+            hook = getattr(self, name)
+            if hook is not None and not callable(hook):
+                raise TypeError(f"{name} must be callable, not {hook!r}")
+
+
+def _check_count(name: str, value: object, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, not {value!r}")

@@ -7,12 +7,16 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class TaskStats:
-    """Counts of a nursery's tasks by state, taken at one moment.
+    """A nursery's tasks by state, taken at one moment.
 
-    ``accepted`` counts every task the nursery took; each of them is in exactly one of
-    the other states, so ``accepted == pending + running + completed + failed +
-    cancelled + abandoned`` always holds. ``discarded`` counts tasks collected by a
-    request whose response never completed: they were never accepted and never ran.
+    ``accepted`` counts every task the nursery took since it opened; each is in
+    exactly one of the other states, so ``accepted == pending + running + completed
+    + failed + timed_out + cancelled + abandoned`` always holds. ``discarded``
+    counts tasks admitted by a request whose response never completed: they never
+    ran. ``reserved`` counts tasks admitted by requests still being handled, and
+    ``rejected`` the calls refused with `Overloaded` because the nursery was full.
+    ``oldest_pending_age`` is how long (seconds) the oldest pending task has waited,
+    ``threads_in_use`` how many worker threads run plain-function tasks now.
     """
 
     accepted: int = 0
@@ -20,30 +24,37 @@ class TaskStats:
     running: int = 0
     completed: int = 0
     failed: int = 0
+    timed_out: int = 0
     cancelled: int = 0
     abandoned: int = 0
     discarded: int = 0
+    reserved: int = 0
+    rejected: int = 0
+    oldest_pending_age: float = 0.0
+    threads_in_use: int = 0
 
     @property
     def finished(self) -> int:
         """Tasks that reached a final state."""
-        return self.completed + self.failed + self.cancelled + self.abandoned
+        return self.completed + self.failed + self.timed_out + self.cancelled + self.abandoned
 
 
 @dataclass(frozen=True, slots=True)
 class ShutdownReport:
     """What a nursery's shutdown did to every task it had accepted.
 
-    The counts have the same names as `TaskStats`; after a shutdown nothing is
-    pending or running any more. ``unfinished`` names, one entry per task, the tasks
-    the shutdown cut short (cancelled before or while running, or abandoned in their
-    thread); failed tasks are counted in ``failed`` and were logged when they failed.
-    ``duration`` is how long the shutdown took, in seconds of trio's clock.
+    The counts have the same names as in `TaskStats`; after a shutdown nothing is
+    pending or running, so ``accepted == completed + failed + timed_out + cancelled +
+    abandoned``. ``unfinished`` names, one entry per task, the tasks the shutdown cut
+    short (cancelled before or while running, or abandoned in their thread); failed
+    and timed-out tasks were logged when they ended. ``duration`` is how long the
+    shutdown took, in seconds of trio's clock.
     """
 
     accepted: int
     completed: int
     failed: int
+    timed_out: int
     cancelled: int
     abandoned: int
     discarded: int
@@ -56,19 +67,20 @@ class ShutdownReport:
         return self.completed == self.accepted
 
     def __str__(self) -> str:
-        counts = ", ".join(
+        outcomes = [
             f"{count} {state}"
             for state, count in (
                 ("completed", self.completed),
                 ("failed", self.failed),
+                ("timed out", self.timed_out),
                 ("cancelled", self.cancelled),
                 ("abandoned", self.abandoned),
-                ("discarded", self.discarded),
             )
             if count
-        )
-        return (
-            f"{self.accepted} accepted"
-            + (f" ({counts})" if counts else "")
-            + f" in {self.duration:.3f}s"
-        )
+        ]
+        text = f"{self.accepted} accepted"
+        if outcomes:
+            text += f" ({', '.join(outcomes)})"
+        if self.discarded:
+            text += f", {self.discarded} discarded"
+        return f"{text} in {self.duration:.3f}s"

@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextvars
 import functools
 import inspect
+import math
 from collections.abc import Callable, Sequence
-from typing import Any, ParamSpec, Protocol, final
+from dataclasses import dataclass
+from typing import Any, ParamSpec, Protocol, TypeVar, final, overload
 
 from ._errors import NurseryClosed
 
@@ -15,18 +17,31 @@ P = ParamSpec("P")
 
 @final
 class Task:
-    """One unit of background work: a checked call, the name it reports under, and
-    the context (a copy of the caller's) it will run in."""
+    """One unit of background work: a checked call, the name it reports under, its
+    timeout, and the context (a copy of the caller's) it will run in."""
 
-    __slots__ = ("args", "context", "func", "is_async", "kwargs", "name", "thread_started")
+    __slots__ = (
+        "accepted_at",
+        "args",
+        "context",
+        "func",
+        "is_async",
+        "kwargs",
+        "name",
+        "thread_started",
+        "timeout",
+    )
 
     def __init__(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]):
         self.is_async = _check_call(func, args, kwargs)
         self.func = func
         self.args = args
         self.kwargs = kwargs
-        self.name = _name_of(func)
+        options = _options_of(func)
+        self.name = options.name if options and options.name else _name_of(func)
+        self.timeout = options.timeout if options else None
         self.context = contextvars.copy_context()
+        self.accepted_at = 0.0  # set by the nursery when it accepts the task
         # Set by the worker thread as it calls `func`: a cancelled thread task that
         # had started is "abandoned", one still waiting for a thread is "cancelled".
         self.thread_started = False
@@ -34,6 +49,53 @@ class Task:
     def __repr__(self) -> str:
         # Never show the arguments: they may hold personal data.
         return f"<trio_bg task {self.name}>"
+
+
+@dataclass(frozen=True, slots=True)
+class TaskOptions:
+    """What `task` attaches to a function."""
+
+    name: str | None = None
+    timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.name is not None and not (isinstance(self.name, str) and self.name):
+            raise TypeError(f"a task name must be a non-empty str, not {self.name!r}")
+        timeout = self.timeout
+        if timeout is not None:
+            if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+                raise TypeError(f"timeout must be a number of seconds, not {timeout!r}")
+            if not (timeout > 0 and math.isfinite(timeout)):
+                raise ValueError(f"timeout must be finite and > 0, not {timeout!r}")
+
+
+_OPTIONS_ATTRIBUTE = "__trio_bg_task__"
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@overload
+def task(func: F, /) -> F: ...
+@overload
+def task(*, name: str | None = None, timeout: float | None = None) -> Callable[[F], F]: ...
+def task(
+    func: F | None = None, /, *, name: str | None = None, timeout: float | None = None
+) -> F | Callable[[F], F]:
+    """Give a task function a stable ``name`` and a ``timeout`` (seconds).
+
+    Use it bare (``@trio_bg.task``) or with options (``@trio_bg.task(timeout=30)``).
+    The function itself is returned unchanged, so it can still be called directly.
+    A task that outlives its timeout is cancelled (a thread task is abandoned) and
+    counted as ``timed_out``.
+    """
+    options = TaskOptions(name=name, timeout=timeout)
+
+    def attach(func: F) -> F:
+        if not callable(func):
+            raise TypeError(f"@trio_bg.task decorates a function, not {func!r}")
+        setattr(func, _OPTIONS_ATTRIBUTE, options)
+        return func
+
+    return attach if func is None else attach(func)
 
 
 class TaskSink(Protocol):
@@ -44,14 +106,16 @@ class TaskSink(Protocol):
     """
 
     def admit(self, task: Task) -> None:
-        """Raise (a `RuntimeError` subclass) if ``task`` cannot be taken now."""
+        """Reserve room for ``task``, or raise `Overloaded` if there is none now.
+        May be called from a worker thread."""
 
     def accept(self, tasks: Sequence[Task]) -> None:
         """Take ``tasks`` for running; from here on each is reported. Raise
         `NurseryClosed`, having taken none, once shutdown has begun."""
 
     def discard(self, tasks: Sequence[Task], reason: str) -> None:
-        """Count and log ``tasks`` that were collected but will never run."""
+        """Release the room of ``tasks`` that were admitted but will never run, and
+        count and log them."""
 
 
 class BackgroundTasks:
@@ -75,7 +139,8 @@ class BackgroundTasks:
         ``func`` may be an ``async def`` function (run as a trio task) or a plain one
         (run in a worker thread). A call that could never run -- a coroutine object,
         a non-callable, arguments that do not fit ``func`` -- raises `TypeError` here;
-        a nursery that cannot take more work raises `NurseryClosed`.
+        a nursery that cannot take more work raises `Overloaded` (`NurseryClosed`
+        once it is shutting down).
         """
         task = Task(func, args, kwargs)
         self._sink.admit(task)
@@ -166,6 +231,15 @@ def _check_call(func: object, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
     return inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(
         getattr(target, "__call__", None)  # noqa: B004 -- an object with async __call__
     )
+
+
+def _options_of(func: object) -> TaskOptions | None:
+    """The `task` options of ``func``, or of the function a partial wraps."""
+    while True:
+        options: TaskOptions | None = getattr(func, _OPTIONS_ATTRIBUTE, None)
+        if options is not None or not isinstance(func, functools.partial):
+            return options
+        func = func.func
 
 
 def _unwrap_partial(func: object) -> object:

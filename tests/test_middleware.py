@@ -1,0 +1,331 @@
+"""BackgroundTaskMiddleware in-process: hand-off, discards, 503s, lifespan forwarding."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+import httpx
+import pytest
+import trio
+import trio.testing
+from conftest import StartupFailed, asgi_client, run_lifespan
+
+import trio_bg
+from trio_bg._asgi import Message, Receive, Scope, Send
+
+HEADERS = [(b"content-type", b"text/plain")]
+
+
+async def respond(send: Send, body: bytes = b"ok", status: int = 200) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": HEADERS})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def send_welcome(user: str) -> None:
+    pass
+
+
+async def test_tasks_are_handed_off_only_when_the_final_body_is_sent() -> None:
+    ran = trio.Event()
+    final_body_sent = False
+    started_after_final_body: list[bool] = []
+
+    async def job() -> None:
+        started_after_final_body.append(final_body_sent)
+        ran.set()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        nonlocal final_body_sent
+        trio_bg.current_tasks().add_task(job)
+        await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
+        await send({"type": "http.response.body", "body": b"a", "more_body": True})
+        await trio.testing.wait_all_tasks_blocked()  # a task started early would run now
+        assert not ran.is_set()
+        final_body_sent = True
+        await send({"type": "http.response.body", "body": b"b"})
+
+    middleware = trio_bg.BackgroundTaskMiddleware(app)
+    async with run_lifespan(middleware), asgi_client(middleware) as client:
+        assert (await client.get("/")).text == "ab"
+        await ran.wait()
+    assert started_after_final_body == [True]
+    assert middleware.report.completed == 1
+
+
+async def test_the_scope_carries_the_same_tasks_as_current_tasks() -> None:
+    seen: list[bool] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        seen.append(scope["trio_bg.tasks"] is trio_bg.current_tasks())
+        await respond(send)
+
+    middleware = trio_bg.BackgroundTaskMiddleware(app)
+    async with run_lifespan(middleware), asgi_client(middleware) as client:
+        await client.get("/")
+    assert seen == [True]
+
+
+async def test_sync_handlers_in_threads_and_child_tasks_see_current_tasks() -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        def sync_handler() -> None:
+            trio_bg.current_tasks().add_task(send_welcome, "from-thread")
+
+        async def child() -> None:
+            trio_bg.current_tasks().add_task(send_welcome, "from-child")
+
+        await trio.to_thread.run_sync(sync_handler)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(child)
+        assert len(trio_bg.current_tasks()) == 2
+        await respond(send)
+
+    middleware = trio_bg.BackgroundTaskMiddleware(app)
+    async with run_lifespan(middleware), asgi_client(middleware) as client:
+        await client.get("/")
+    assert middleware.report.completed == 2
+
+
+@pytest.mark.parametrize("failure", ["raises", "returns early", "is cancelled"])
+async def test_tasks_of_a_response_that_did_not_complete_are_discarded(
+    failure: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    waiting = trio.Event()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        trio_bg.current_tasks().add_task(send_welcome, "ann@example.com")
+        await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
+        if failure == "raises":
+            raise ValueError("handler broke")
+        if failure == "is cancelled":  # as when the server gives up on a request
+            waiting.set()
+            await trio.sleep_forever()
+
+    middleware = trio_bg.BackgroundTaskMiddleware(app)
+    transport = httpx.ASGITransport(app=middleware, raise_app_exceptions=False)
+    async with run_lifespan(middleware), httpx.AsyncClient(transport=transport) as client:
+
+        async def request() -> None:
+            with contextlib.suppress(Exception):  # httpx objects to a half response
+                await client.get("http://test/welcome")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(request)
+            if failure == "is cancelled":
+                await waiting.wait()
+                nursery.cancel_scope.cancel()
+    report = middleware.report
+    assert (report.accepted, report.discarded) == (0, 1)
+    warning = next(r for r in caplog.records if "discarded" in r.getMessage())
+    assert warning.levelno == logging.WARNING
+    message = warning.getMessage()
+    assert "send_welcome" in message and "/welcome" in message
+    assert {"raises": "raised ValueError", "returns early": "returned without completing",
+            "is cancelled": "was cancelled"}[failure] in message  # fmt: skip
+    assert "ann@example.com" not in caplog.text
+
+
+async def test_once_the_final_body_is_sent_the_tasks_run_whatever_the_app_does_next() -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        trio_bg.current_tasks().add_task(send_welcome, "ann")
+        await respond(send)
+        raise RuntimeError("the app broke after its response")
+
+    middleware = trio_bg.BackgroundTaskMiddleware(app)
+    transport = httpx.ASGITransport(app=middleware, raise_app_exceptions=False)
+    async with run_lifespan(middleware), httpx.AsyncClient(transport=transport) as client:
+        assert (await client.get("http://test/")).status_code == 200
+    assert (middleware.report.completed, middleware.report.discarded) == (1, 0)
+
+
+@pytest.mark.parametrize(("retry_after", "header"), [(1, "1"), (30, "30"), (None, None)])
+async def test_overloaded_escaping_the_app_is_answered_503(
+    retry_after: int | None, header: str | None
+) -> None:
+    gate = trio.Event()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        trio_bg.current_tasks().add_task(gate.wait)
+        await respond(send)
+
+    middleware = trio_bg.BackgroundTaskMiddleware(
+        app, retry_after=retry_after, max_running=1, max_pending=0
+    )
+    async with run_lifespan(middleware), asgi_client(middleware) as client:
+        assert (await client.get("/")).status_code == 200
+        refused = await client.get("/")
+        assert refused.status_code == 503
+        assert refused.headers.get("retry-after") == header
+        assert middleware.nursery.stats.rejected == 1
+        gate.set()
+    assert middleware.report.completed == 1
+
+
+async def test_overloaded_after_the_response_started_is_the_apps_to_handle() -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
+        raise trio_bg.Overloaded("too late for a 503")
+
+    middleware = trio_bg.BackgroundTaskMiddleware(app)
+    async with run_lifespan(middleware), asgi_client(middleware) as client:
+        with pytest.raises(trio_bg.Overloaded):
+            await client.get("/")
+
+
+async def test_requests_without_a_lifespan_fail_clearly() -> None:
+    middleware = trio_bg.BackgroundTaskMiddleware(lambda scope, receive, send: respond(send))
+    async with asgi_client(middleware) as client:
+        with pytest.raises(RuntimeError, match="lifespan"):
+            await client.get("/")
+    with pytest.raises(RuntimeError, match="not shut down"):
+        middleware.report  # noqa: B018
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"grace_period": -1}, ValueError),
+        ({"max_runing": 3}, TypeError),
+        ({"retry_after": -1}, TypeError),
+        ({"retry_after": 1.5}, TypeError),
+    ],
+)
+def test_bad_middleware_options_fail_at_construction(
+    kwargs: dict[str, Any], error: type[Exception]
+) -> None:
+    with pytest.raises(error):
+        trio_bg.BackgroundTaskMiddleware(respond, **kwargs)  # type: ignore[arg-type]
+
+
+def test_the_wrapped_app_must_be_callable() -> None:
+    with pytest.raises(TypeError, match="ASGI app"):
+        trio_bg.BackgroundTaskMiddleware("app:app")  # type: ignore[arg-type]
+
+
+# -- WebSocket ---------------------------------------------------------------------------
+
+
+async def run_websocket(app: trio_bg.BackgroundTaskMiddleware) -> None:
+    """One WebSocket session, ASGI-level: connect, then the client goes away."""
+    inbox = [{"type": "websocket.connect"}, {"type": "websocket.disconnect", "code": 1000}]
+
+    async def receive() -> Message:
+        return inbox.pop(0)
+
+    async def send(message: Message) -> None:
+        pass
+
+    await app({"type": "websocket", "path": "/ws", "headers": []}, receive, send)
+
+
+async def test_websocket_tasks_run_after_the_session_ends() -> None:
+    session_over = False
+    order: list[str] = []
+
+    async def job() -> None:
+        order.append("task, session over" if session_over else "task during session")
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        nonlocal session_over
+        await receive()
+        await send({"type": "websocket.accept"})
+        trio_bg.current_tasks().add_task(job)
+        await receive()
+        await trio.testing.wait_all_tasks_blocked()
+        session_over = True
+
+    middleware = trio_bg.BackgroundTaskMiddleware(app)
+    async with run_lifespan(middleware):
+        await run_websocket(middleware)
+    assert order == ["task, session over"]
+
+
+async def test_websocket_tasks_are_discarded_when_the_session_fails() -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        trio_bg.current_tasks().add_task(send_welcome, "x")
+        raise ValueError("socket handler broke")
+
+    middleware = trio_bg.BackgroundTaskMiddleware(app)
+    async with run_lifespan(middleware):
+        with pytest.raises(ValueError):
+            await run_websocket(middleware)
+    assert (middleware.report.accepted, middleware.report.discarded) == (0, 1)
+
+
+# -- lifespan ----------------------------------------------------------------------------
+
+
+class LifespanApp:
+    """An app with a lifespan of its own, recording what happens when."""
+
+    def __init__(self, startup: str = "complete", shutdown: str = "complete") -> None:
+        self.startup, self.shutdown = startup, shutdown
+        self.events: list[str] = []
+        self.task_done = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            trio_bg.current_tasks().add_task(self.background)
+            await respond(send)
+            return
+        assert (await receive())["type"] == "lifespan.startup"
+        self.events.append("app startup")
+        await send({"type": f"lifespan.startup.{self.startup}", "message": "db down"})
+        if self.startup == "failed":
+            return
+        assert (await receive())["type"] == "lifespan.shutdown"
+        self.events.append(f"app shutdown, task done: {self.task_done}")
+        await send({"type": f"lifespan.shutdown.{self.shutdown}", "message": "flush failed"})
+
+    async def background(self) -> None:
+        await trio.sleep(1)
+        self.task_done = True
+
+
+async def test_the_drain_runs_before_the_apps_own_shutdown(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    app = LifespanApp()
+    middleware = trio_bg.BackgroundTaskMiddleware(app)
+    async with run_lifespan(middleware) as lifespan, asgi_client(middleware) as client:
+        await client.get("/")
+    assert app.events == ["app startup", "app shutdown, task done: True"]
+    assert [m["type"] for m in lifespan.sent] == [
+        "lifespan.startup.complete",
+        "lifespan.shutdown.complete",
+    ]
+
+
+async def test_the_apps_startup_failure_is_passed_on() -> None:
+    app = LifespanApp(startup="failed")
+    middleware = trio_bg.BackgroundTaskMiddleware(app)
+    with pytest.raises(StartupFailed, match="db down"):
+        async with run_lifespan(middleware):
+            pass
+    with pytest.raises(RuntimeError, match="no running nursery"):
+        middleware.nursery  # noqa: B018
+
+
+async def test_the_apps_shutdown_failure_is_passed_on() -> None:
+    app = LifespanApp(shutdown="failed")
+    middleware = trio_bg.BackgroundTaskMiddleware(app)
+    async with run_lifespan(middleware) as lifespan:
+        pass
+    assert lifespan.sent[-1] == {"type": "lifespan.shutdown.failed", "message": "flush failed"}
+
+
+@pytest.mark.parametrize("behaviour", ["raises", "returns"])
+async def test_an_app_without_lifespan_support_is_still_served(behaviour: str) -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            if behaviour == "raises":
+                raise AssertionError("only http here")
+            return
+        trio_bg.current_tasks().add_task(send_welcome, "x")
+        await respond(send)
+
+    middleware = trio_bg.BackgroundTaskMiddleware(app)
+    async with run_lifespan(middleware), asgi_client(middleware) as client:
+        assert (await client.get("/")).status_code == 200
+    assert middleware.report.completed == 1

@@ -1,0 +1,26 @@
+"""Lifecycle events: what a nursery tells an ``on_event`` hook (and its debug log)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+EventKind = Literal["accepted", "started", "finished"]
+Outcome = Literal["completed", "failed", "timed_out", "cancelled", "abandoned"]
+
+
+@dataclass(frozen=True, slots=True)
+class TaskEvent:
+    """One step in the life of a background task.
+
+    ``kind`` is ``"accepted"`` (handed to the nursery), ``"started"`` (it got a
+    running slot; ``waited`` is how long it was pending) or ``"finished"``
+    (``outcome`` says how; ``duration`` is how long it ran). Times are seconds of
+    trio's clock. The task's arguments are never part of an event.
+    """
+
+    kind: EventKind
+    name: str
+    waited: float | None = None
+    outcome: Outcome | None = None
+    duration: float | None = None

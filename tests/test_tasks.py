@@ -167,3 +167,19 @@ async def test_add_task_checks_at_once_and_collects_until_the_hand_off() -> None
         tasks.add_task(job)
         await ran.wait()
     assert nursery.report.completed == 2
+
+
+async def test_awaiting_the_collection_hands_it_off_like_a_starlette_background() -> None:
+    ran = trio.Event()
+
+    async def job() -> None:
+        ran.set()
+
+    async with trio_bg.open_background_nursery() as nursery:
+        tasks = trio_bg.BackgroundTasks(nursery)
+        tasks.add_task(job)
+        await tasks()
+        assert len(tasks) == 0
+        await ran.wait()
+        await tasks()  # again: nothing left to hand off
+    assert nursery.report.completed == 1

@@ -149,6 +149,15 @@ class BackgroundTasks:
         else:
             self._tasks.append(task)
 
+    async def __call__(self) -> None:
+        """Hand the collected tasks to the nursery now, without running them here.
+
+        This makes a `BackgroundTasks` usable where a framework expects a response's
+        ``background`` callable (Starlette's ``Response(background=...)``): called
+        after the body was sent, it passes the tasks on instead of running them inline.
+        """
+        self._hand_off()
+
     def __len__(self) -> int:
         """The number of tasks collected and not yet handed off."""
         return len(self._tasks)

@@ -445,3 +445,15 @@ async def test_stats_show_the_oldest_pending_age_and_threads_in_use(
     assert (stats.threads_in_use, stats.pending) == (1, 1)
     assert stats.oldest_pending_age == pytest.approx(7)
     assert nursery.report.completed == 2
+
+
+async def test_cancel_ends_a_shutdown_during_its_grace_period(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with trio_bg.open_background_nursery(grace_period=100) as nursery:
+        nursery.start_soon(forever)
+        async with trio.open_nursery() as waiter:
+            waiter.start_soon(nursery.shutdown)
+            await trio.sleep(3)
+            nursery.cancel()  # as a second Ctrl-C does
+    assert (nursery.report.cancelled, nursery.report.duration) == (1, pytest.approx(3))

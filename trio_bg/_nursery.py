@@ -186,6 +186,12 @@ class BackgroundNursery:
         await self._all_ended.wait()
         return self._finish()
 
+    def cancel(self) -> None:
+        """Stop admitting and cancel every task now, without (or ending) the grace
+        period. A `shutdown` under way then returns as soon as the tasks have ended.
+        """
+        self._cancel_rest()
+
     def _close(self) -> None:
         with self._load_lock:
             self._closed = True
@@ -368,7 +374,7 @@ async def open_background_nursery(
                 yield nursery
             except BaseException as exc:
                 body_error = exc
-                nursery._cancel_rest()
+                nursery.cancel()
                 raise
             await nursery.shutdown()
     except BaseExceptionGroup as group:

@@ -25,6 +25,9 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 SCOPE_KEY = "trio_bg.tasks"
 """The request scope key under which the middleware puts the `BackgroundTasks`."""
 
+STATE_KEY = "trio_bg.middleware"
+"""The lifespan state key under which the middleware publishes itself at startup."""
+
 logger = logging.getLogger("trio_bg")
 
 
@@ -160,16 +163,22 @@ class BackgroundTaskMiddleware:
             app = _WrappedLifespan(self.app, scope)
             app_nursery.start_soon(app.run)
             try:
-                last_message = await self._run_lifespan(app, receive, send)
+                last_message = await self._run_lifespan(scope, app, receive, send)
             finally:
                 app_nursery.cancel_scope.cancel()
         # Hypercorn cancels this task as soon as it has this message: everything is done.
         await send(last_message)
 
-    async def _run_lifespan(self, app: _WrappedLifespan, receive: Receive, send: Send) -> Message:
+    async def _run_lifespan(
+        self, scope: Scope, app: _WrappedLifespan, receive: Receive, send: Send
+    ) -> Message:
         """Run the lifespan up to its last message, and return that message."""
         async with open_background_nursery(**self._options) as nursery:
             self._nursery = nursery
+            if isinstance(state := scope.get("state"), dict):
+                # Found here by trio_bg.testing, and by the app's own requests (the
+                # server copies the lifespan state into each request's scope).
+                state[STATE_KEY] = self
             try:
                 failure = await app.startup()
                 if failure is not None:

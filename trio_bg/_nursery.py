@@ -53,6 +53,8 @@ class BackgroundNursery:
         self._shutdown_started: float | None = None
         self._report: ShutdownReport | None = None
         self._unfinished: list[str] = []
+        # Private: trio_bg.testing listens here to fail the test on a task's error.
+        self._failure_watchers: list[Callable[[str, BaseException], object]] = []
         self._accepted = self._pending = self._running = 0
         self._completed = self._failed = self._timed_out = 0
         self._cancelled = self._abandoned = self._discarded = self._rejected = 0
@@ -113,6 +115,7 @@ class BackgroundNursery:
         with self._load_lock:
             self._load -= len(tasks)
         self._discarded += len(tasks)
+        self._set_idle_if_idle()
         logger.warning(
             "discarded %d background task(s) (%s): %s",
             len(tasks),
@@ -165,10 +168,20 @@ class BackgroundNursery:
     async def wait_idle(self) -> None:
         """Return once no task is pending or running."""
         while self._pending or self._running:
-            if self._idle is None or self._idle.is_set():
-                self._idle = trio.Event()
-            await self._idle.wait()
+            await self._next_idle()
         await trio.lowlevel.checkpoint()
+
+    async def _wait_drained(self) -> None:
+        """Return once no task is pending or running, nor admitted by a request still
+        in flight (whose tasks are not handed off yet)."""
+        while self._load:
+            await self._next_idle()
+        await trio.lowlevel.checkpoint()
+
+    async def _next_idle(self) -> None:
+        if self._idle is None or self._idle.is_set():
+            self._idle = trio.Event()
+        await self._idle.wait()
 
     # -- shutting down -------------------------------------------------------------
 
@@ -279,6 +292,9 @@ class BackgroundNursery:
         with self._load_lock:
             self._load -= 1
         self._emit("finished", task, outcome=outcome, duration=duration)
+        self._set_idle_if_idle()
+
+    def _set_idle_if_idle(self) -> None:
         if self._idle is not None and not (self._pending or self._running):
             self._idle.set()
 
@@ -306,6 +322,8 @@ class BackgroundNursery:
 
     def _report_failure(self, task: Task, exc: BaseException) -> None:
         logger.error("background task %s failed", task.name, exc_info=exc)
+        for watcher in self._failure_watchers:
+            watcher(task.name, exc)
         hook = self._settings.on_error
         if hook is None:
             return

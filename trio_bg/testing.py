@@ -1,0 +1,156 @@
+"""Testing apps that use trio_bg: a client that runs the real lifespan and fails the test
+when a background task fails.
+
+Needs httpx (in trio_bg's ``test`` extra). The pytest fixtures live in
+``trio_bg._pytest_plugin``, registered through the ``pytest11`` entry point.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import trio
+
+from ._asgi import STATE_KEY, ASGIApp, BackgroundTaskMiddleware, Message
+from ._nursery import BackgroundNursery
+from ._report import ShutdownReport, TaskStats
+
+__all__ = ["TaskFailures", "TestClient", "open_test_client"]
+
+
+class TaskFailures(ExceptionGroup[Exception]):
+    """Several background tasks failed; each is one of the group's exceptions."""
+
+
+class TestClient(httpx.AsyncClient):
+    """An `httpx.AsyncClient` that calls an app wrapped in `BackgroundTaskMiddleware`
+    in-process, with the app's real lifespan and background nursery.
+
+    Open it with `open_test_client`. A background task that fails is raised again
+    at the next `drain` or when the client closes, unless ``raise_task_errors`` was
+    false; `task_errors` lists every failure either way.
+    """
+
+    __test__ = False  # not a test class, whatever pytest thinks of the name
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        middleware: BackgroundTaskMiddleware,
+        *,
+        raise_task_errors: bool,
+        **kwargs: Any,
+    ) -> None:
+        """Private: use `open_test_client`."""
+        super().__init__(transport=httpx.ASGITransport(app=app), **kwargs)
+        self.middleware = middleware
+        self.raise_task_errors = raise_task_errors
+        self.task_errors: list[tuple[str, Exception]] = []
+        """``(task name, exception)`` for every background task that failed."""
+        self._unraised: list[Exception] = []
+
+    @property
+    def nursery(self) -> BackgroundNursery:
+        """The app's running background nursery."""
+        return self.middleware.nursery
+
+    @property
+    def stats(self) -> TaskStats:
+        """The background nursery's `TaskStats`."""
+        return self.middleware.nursery.stats
+
+    @property
+    def report(self) -> ShutdownReport:
+        """The `ShutdownReport`, once the client has closed."""
+        return self.middleware.report
+
+    async def drain(self) -> None:
+        """Wait until no background task is pending or running, nor collected by a
+        request still in flight; then raise what failed meanwhile (see the class)."""
+        await self.middleware.nursery._wait_drained()
+        self._raise_failures()
+
+    def _on_failure(self, name: str, exc: BaseException) -> None:
+        if isinstance(exc, Exception):  # the rest (KeyboardInterrupt...) propagates anyway
+            self.task_errors.append((name, exc))
+            self._unraised.append(exc)
+
+    def _raise_failures(self) -> None:
+        failures, self._unraised = self._unraised, []
+        if not self.raise_task_errors or not failures:
+            return
+        if len(failures) == 1:
+            raise failures[0]  # with the traceback it had in the task
+        raise TaskFailures(f"{len(failures)} background tasks failed", failures)
+
+
+@asynccontextmanager
+async def open_test_client(
+    app: ASGIApp,
+    *,
+    base_url: str = "http://testserver",
+    raise_task_errors: bool = True,
+    **client_options: Any,
+) -> AsyncIterator[TestClient]:
+    """Start ``app``'s lifespan, yield a `TestClient` for it, then shut it down.
+
+    ``app`` is a `BackgroundTaskMiddleware` or any ASGI app with one inside (found
+    through the lifespan state). Leaving the block runs the lifespan shutdown, so
+    the grace period applies (use pytest-trio's ``autojump_clock`` to skip waiting),
+    and then raises any background failure not raised yet. Extra keyword arguments
+    go to `httpx.AsyncClient`.
+    """
+    state: dict[str, Any] = {}
+    to_app, app_inbox = trio.open_memory_channel[Message](math.inf)
+    from_app, replies = trio.open_memory_channel[Message](math.inf)
+    scope = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"}, "state": state}
+
+    async def ask(kind: str) -> None:
+        await to_app.send({"type": f"lifespan.{kind}"})
+        try:
+            reply = await replies.receive()
+        except trio.EndOfChannel:
+            # BackgroundTaskMiddleware always answers: this app has none.
+            raise TypeError(
+                f"the app ended its lifespan without answering lifespan.{kind}: "
+                f"open_test_client() needs an app wrapped in trio_bg.BackgroundTaskMiddleware"
+            ) from None
+        if reply["type"] != f"lifespan.{kind}.complete":
+            raise RuntimeError(f"lifespan.{kind} failed: {reply.get('message', '')!r}")
+
+    async def run_lifespan() -> None:
+        async with from_app:
+            await app(scope, app_inbox.receive, from_app.send)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_lifespan)
+            await ask("startup")
+            middleware = state.get(STATE_KEY)
+            if not isinstance(middleware, BackgroundTaskMiddleware):
+                raise TypeError(
+                    "open_test_client() needs an app wrapped in trio_bg.BackgroundTaskMiddleware"
+                )
+            client = TestClient(
+                app,
+                middleware,
+                raise_task_errors=raise_task_errors,
+                base_url=base_url,
+                **client_options,
+            )
+            middleware.nursery._failure_watchers.append(client._on_failure)
+            async with client:
+                yield client
+            await ask("shutdown")
+            nursery.cancel_scope.cancel()  # as a server does once shutdown is complete
+    except BaseExceptionGroup as group:
+        # The lifespan task does not fail on its own: one error is the test's (or the
+        # start-up's); give it back as it was raised.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
+    client._raise_failures()

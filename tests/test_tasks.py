@@ -77,15 +77,15 @@ def test_generator_functions_are_refused(func: Any) -> None:
 @pytest.mark.parametrize(
     ("args", "kwargs", "complaint"),
     [
-        ((), {}, "missing a required argument: 'user'"),
-        (("ann", "bob"), {}, "too many positional arguments"),
-        (("ann",), {"subjct": "hi"}, "got an unexpected keyword argument 'subjct'"),
+        ((), {}, r"notify\(\) missing 1 required positional argument: 'user'"),
+        (("ann", "bob"), {}, r"notify\(\) takes 1 positional argument but 2 were given"),
+        (("ann",), {"subjct": "hi"}, r"notify\(\) got an unexpected keyword argument 'subjct'"),
     ],
 )
 def test_arguments_that_do_not_fit_are_refused_at_once(
     args: tuple[Any, ...], kwargs: dict[str, Any], complaint: str
 ) -> None:
-    with pytest.raises(TypeError, match=rf"add_task\(notify, \.\.\.\): {complaint}"):
+    with pytest.raises(TypeError, match=rf"add_task\(\): {complaint}"):
         Task(notify, args, kwargs)
 
 

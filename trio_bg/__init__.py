@@ -6,12 +6,13 @@ what happened to every one.
 """
 
 from ._asgi import BackgroundTaskMiddleware
+from ._callables import task
 from ._errors import NurseryClosed, Overloaded
 from ._events import TaskEvent
 from ._nursery import BackgroundNursery, open_background_nursery
 from ._options import DEFAULT_GRACE_PERIOD, NurseryOptions
 from ._report import ShutdownReport, TaskStats
-from ._tasks import BackgroundTasks, current_tasks, task
+from ._tasks import BackgroundTasks, current_tasks
 
 __all__ = [
     "DEFAULT_GRACE_PERIOD",

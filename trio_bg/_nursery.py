@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import logging
 import threading
@@ -97,16 +98,20 @@ class BackgroundNursery:
         """
         if self._all_ended.is_set():
             raise NurseryClosed("the background nursery has shut down")
-        now = trio.current_time()
+        observed = self._observed()
         for task in tasks:
-            task.accepted_at = now
             self._accepted += 1
             self._pending += 1
-            self._emit("accepted", task)
+            if observed:
+                task.accepted_at = trio.current_time()
+                self._emit("accepted", task)
             slots_taken = self._running + self._pending - len(self._queue)  # this one too
             if not self._queue and slots_taken <= self._settings.max_running:
                 self._spawn(task)
             else:
+                task.accepted_at = trio.current_time()
+                if task.context is None:
+                    task.context = contextvars.copy_context()
                 self._queue.append(task)
 
     def discard(self, tasks: Sequence[Task], reason: str) -> None:
@@ -124,8 +129,12 @@ class BackgroundNursery:
         )
 
     def _spawn(self, task: Task) -> None:
-        # Spawned from inside the task's context, the trio task runs in a copy of it.
-        task.context.run(self._start_soon, task)
+        # trio gives the new task a copy of the current context: the caller's, or
+        # (run from inside it) the one the task was deferred with.
+        if task.context is None:
+            self._start_soon(task)
+        else:
+            task.context.run(self._start_soon, task)
 
     def _start_soon(self, task: Task) -> None:
         self._nursery.start_soon(self._run, task, name=task.name)
@@ -148,7 +157,7 @@ class BackgroundNursery:
             reserved=self._load - self._pending - self._running,
             rejected=self._rejected,
             oldest_pending_age=(
-                trio.current_time() - self._queue[0].accepted_at if self._queue else 0.0
+                trio.current_time() - (self._queue[0].accepted_at or 0.0) if self._queue else 0.0
             ),
             threads_in_use=self._limiter.borrowed_tokens,
         )
@@ -248,12 +257,16 @@ class BackgroundNursery:
         task of its own, so each keeps its own context)."""
         self._pending -= 1
         self._running += 1
-        started = trio.current_time()
+        # The clock is read only for those who look: it costs as much as a checkpoint.
+        observed = self._observed()
+        started = trio.current_time() if observed else 0.0
         outcome: Outcome = "cancelled"
         try:
             # A task the shutdown cancelled before it was scheduled never starts.
             await trio.lowlevel.checkpoint_if_cancelled()
-            self._emit("started", task, waited=started - task.accepted_at)
+            if observed:
+                waited = None if task.accepted_at is None else started - task.accepted_at
+                self._emit("started", task, waited=waited)
             if task.timeout is None:
                 await self._call(task)
                 outcome = "completed"
@@ -271,7 +284,7 @@ class BackgroundNursery:
                 raise  # KeyboardInterrupt, SystemExit: not ours to stop
         finally:
             self._running -= 1
-            self._end(task, outcome, duration=trio.current_time() - started)
+            self._end(task, outcome, duration=trio.current_time() - started if observed else None)
             if self._queue and not self._nursery.cancel_scope.cancel_called:
                 self._spawn(self._queue.popleft())
 
@@ -291,7 +304,8 @@ class BackgroundNursery:
                 self._abandoned += 1
         with self._load_lock:
             self._load -= 1
-        self._emit("finished", task, outcome=outcome, duration=duration)
+        if self._observed():
+            self._emit("finished", task, outcome=outcome, duration=duration)
         self._set_idle_if_idle()
 
     def _set_idle_if_idle(self) -> None:
@@ -332,6 +346,10 @@ class BackgroundNursery:
         except Exception:
             logger.exception("the on_error hook failed for background task %s", task.name)
 
+    def _observed(self) -> bool:
+        """Whether anyone looks at task events (a hook, or the debug log)."""
+        return self._settings.on_event is not None or logger.isEnabledFor(logging.DEBUG)
+
     def _emit(
         self,
         kind: EventKind,
@@ -342,8 +360,6 @@ class BackgroundNursery:
         duration: float | None = None,
     ) -> None:
         hook = self._settings.on_event
-        if hook is None and not logger.isEnabledFor(logging.DEBUG):
-            return
         event = TaskEvent(kind, task.name, waited=waited, outcome=outcome, duration=duration)
         logger.debug("background task %s", event)
         if hook is None:

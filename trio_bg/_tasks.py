@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import contextvars
-import functools
-import inspect
-import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, ParamSpec, Protocol, TypeVar, final, overload
+from typing import Any, ParamSpec, Protocol, final
 
+from ._callables import spec_of
 from ._errors import NurseryClosed
 
 P = ParamSpec("P")
@@ -33,15 +30,18 @@ class Task:
     )
 
     def __init__(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]):
-        self.is_async = _check_call(func, args, kwargs)
+        spec = spec_of(func)
+        spec.check(args, kwargs)
         self.func = func
         self.args = args
         self.kwargs = kwargs
-        options = _options_of(func)
-        self.name = options.name if options and options.name else _name_of(func)
-        self.timeout = options.timeout if options else None
-        self.context = contextvars.copy_context()
-        self.accepted_at = 0.0  # set by the nursery when it accepts the task
+        self.is_async = spec.is_async
+        self.name = spec.name
+        self.timeout = spec.timeout
+        # The caller's context, copied when the task is deferred (collected by a
+        # request, or queued); None while it may still be spawned from the caller.
+        self.context: contextvars.Context | None = None
+        self.accepted_at: float | None = None  # set when queued, or when events are observed
         # Set by the worker thread as it calls `func`: a cancelled thread task that
         # had started is "abandoned", one still waiting for a thread is "cancelled".
         self.thread_started = False
@@ -49,53 +49,6 @@ class Task:
     def __repr__(self) -> str:
         # Never show the arguments: they may hold personal data.
         return f"<trio_bg task {self.name}>"
-
-
-@dataclass(frozen=True, slots=True)
-class TaskOptions:
-    """What `task` attaches to a function."""
-
-    name: str | None = None
-    timeout: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.name is not None and not (isinstance(self.name, str) and self.name):
-            raise TypeError(f"a task name must be a non-empty str, not {self.name!r}")
-        timeout = self.timeout
-        if timeout is not None:
-            if isinstance(timeout, bool) or not isinstance(timeout, int | float):
-                raise TypeError(f"timeout must be a number of seconds, not {timeout!r}")
-            if not (timeout > 0 and math.isfinite(timeout)):
-                raise ValueError(f"timeout must be finite and > 0, not {timeout!r}")
-
-
-_OPTIONS_ATTRIBUTE = "__trio_bg_task__"
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-@overload
-def task(func: F, /) -> F: ...
-@overload
-def task(*, name: str | None = None, timeout: float | None = None) -> Callable[[F], F]: ...
-def task(
-    func: F | None = None, /, *, name: str | None = None, timeout: float | None = None
-) -> F | Callable[[F], F]:
-    """Give a task function a stable ``name`` and a ``timeout`` (seconds).
-
-    Use it bare (``@trio_bg.task``) or with options (``@trio_bg.task(timeout=30)``).
-    The function itself is returned unchanged, so it can still be called directly.
-    A task that outlives its timeout is cancelled (a thread task is abandoned) and
-    counted as ``timed_out``.
-    """
-    options = TaskOptions(name=name, timeout=timeout)
-
-    def attach(func: F) -> F:
-        if not callable(func):
-            raise TypeError(f"@trio_bg.task decorates a function, not {func!r}")
-        setattr(func, _OPTIONS_ATTRIBUTE, options)
-        return func
-
-    return attach if func is None else attach(func)
 
 
 class TaskSink(Protocol):
@@ -144,6 +97,7 @@ class BackgroundTasks:
         """
         task = Task(func, args, kwargs)
         self._sink.admit(task)
+        task.context = contextvars.copy_context()
         if self._handed_off:
             self._sink.accept((task,))
         else:
@@ -204,60 +158,3 @@ def current_tasks() -> BackgroundTasks:
             "trio_bg.BackgroundTaskMiddleware and call it while handling a request "
             "(or use BackgroundNursery.start_soon outside requests)"
         ) from None
-
-
-def _check_call(func: object, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-    """Raise `TypeError` unless ``func(*args, **kwargs)`` can run; return whether
-    it is async."""
-    if inspect.isawaitable(func):
-        name = getattr(func, "__qualname__", type(func).__name__)
-        if inspect.iscoroutine(func):
-            func.close()  # spare the user a second, confusing "never awaited" warning
-        raise TypeError(
-            f"add_task() takes a function and its arguments, not an awaitable: "
-            f"write add_task({name}, ...) instead of add_task({name}(...))"
-        )
-    if not callable(func):
-        raise TypeError(
-            f"add_task() takes a callable (an async def or a plain function), "
-            f"not {type(func).__name__} {func!r}"
-        )
-    target = _unwrap_partial(func)
-    if inspect.isasyncgenfunction(target) or inspect.isgeneratorfunction(target):
-        raise TypeError(
-            f"{_name_of(func)} is a generator function: calling it runs none of its body; "
-            f"pass an async def or a plain function"
-        )
-    try:
-        signature = inspect.signature(func)
-    except (TypeError, ValueError):  # some builtins have no signature to check against
-        pass
-    else:
-        try:
-            signature.bind(*args, **kwargs)
-        except TypeError as error:
-            raise TypeError(f"add_task({_name_of(func)}, ...): {error}") from None
-    return inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(
-        getattr(target, "__call__", None)  # noqa: B004 -- an object with async __call__
-    )
-
-
-def _options_of(func: object) -> TaskOptions | None:
-    """The `task` options of ``func``, or of the function a partial wraps."""
-    while True:
-        options: TaskOptions | None = getattr(func, _OPTIONS_ATTRIBUTE, None)
-        if options is not None or not isinstance(func, functools.partial):
-            return options
-        func = func.func
-
-
-def _unwrap_partial(func: object) -> object:
-    while isinstance(func, functools.partial):
-        func = func.func
-    return func
-
-
-def _name_of(func: object) -> str:
-    target = _unwrap_partial(func)
-    name = getattr(target, "__qualname__", None)
-    return name if isinstance(name, str) else type(target).__qualname__

@@ -1,0 +1,186 @@
+"""What can run as a background task: each callable is checked once, each call cheaply.
+
+Checking a call against ``inspect.signature`` costs more than spawning a trio task,
+so, as attrs does for ``__init__``, the first sight of a function compiles a no-op
+*probe* with the same parameters; calling the probe checks a call's arguments at the
+speed of any Python call, with CPython's own error messages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import math
+import types
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar, final, overload
+
+
+@dataclass(frozen=True, slots=True)
+class TaskOptions:
+    """What `task` attaches to a function."""
+
+    name: str | None = None
+    timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.name is not None and not (isinstance(self.name, str) and self.name):
+            raise TypeError(f"a task name must be a non-empty str, not {self.name!r}")
+        timeout = self.timeout
+        if timeout is not None:
+            if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+                raise TypeError(f"timeout must be a number of seconds, not {timeout!r}")
+            if not (timeout > 0 and math.isfinite(timeout)):
+                raise ValueError(f"timeout must be finite and > 0, not {timeout!r}")
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+_OPTIONS_ATTRIBUTE = "__trio_bg_task__"
+
+
+@overload
+def task(func: F, /) -> F: ...
+@overload
+def task(*, name: str | None = None, timeout: float | None = None) -> Callable[[F], F]: ...
+def task(
+    func: F | None = None, /, *, name: str | None = None, timeout: float | None = None
+) -> F | Callable[[F], F]:
+    """Give a task function a stable ``name`` and a ``timeout`` (seconds).
+
+    Use it bare (``@trio_bg.task``) or with options (``@trio_bg.task(timeout=30)``).
+    The function itself is returned unchanged, so it can still be called directly.
+    A task that outlives its timeout is cancelled (a thread task is abandoned) and
+    counted as ``timed_out``.
+    """
+    options = TaskOptions(name=name, timeout=timeout)
+
+    def attach(func: F) -> F:
+        if not callable(func):
+            raise TypeError(f"@trio_bg.task decorates a function, not {func!r}")
+        setattr(func, _OPTIONS_ATTRIBUTE, options)
+        _specs.pop(func, None)  # in case it ran as a task before it was decorated
+        return func
+
+    return attach if func is None else attach(func)
+
+
+@final
+class CallSpec:
+    """What trio_bg knows of one callable, found once and used for every call."""
+
+    __slots__ = ("_probe", "is_async", "name", "timeout")
+
+    def __init__(self, func: object) -> None:
+        _refuse_what_cannot_run(func)
+        target = _unwrap_partial(func)
+        self.is_async = inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(
+            getattr(target, "__call__", None)  # noqa: B004 -- an object with async __call__
+        )
+        options = _options_of(func)
+        self.name = options.name if options and options.name else _name_of(target)
+        self.timeout = options.timeout if options else None
+        self._probe = _make_probe(func, self.name)
+
+    def check(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Raise `TypeError` if ``args`` and ``kwargs`` do not fit the callable."""
+        if self._probe is not None:
+            try:
+                self._probe(*args, **kwargs)
+            except TypeError as error:
+                raise TypeError(f"add_task(): {error}") from None
+
+
+# Memo of pure analysis, weakly keyed: a function that goes away takes its entry along.
+# Bound methods are new objects on every attribute access; their function is the key.
+_specs: weakref.WeakKeyDictionary[Any, CallSpec] = weakref.WeakKeyDictionary()
+_method_specs: weakref.WeakKeyDictionary[Any, CallSpec] = weakref.WeakKeyDictionary()
+
+
+def spec_of(func: object) -> CallSpec:
+    """The `CallSpec` of ``func``; `TypeError` if it could never run as a task."""
+    key: object = func
+    specs = _specs
+    if isinstance(func, types.MethodType):
+        key, specs = func.__func__, _method_specs
+    try:
+        return specs[key]
+    except (KeyError, TypeError):  # TypeError: not hashable, or not weakly referable
+        pass
+    spec = CallSpec(func)
+    with contextlib.suppress(TypeError):  # such a callable is analysed on every call
+        specs[key] = spec
+    return spec
+
+
+def _refuse_what_cannot_run(func: object) -> None:
+    if inspect.isawaitable(func):
+        name = getattr(func, "__qualname__", type(func).__name__)
+        if inspect.iscoroutine(func):
+            func.close()  # spare the user a second, confusing "never awaited" warning
+        raise TypeError(
+            f"add_task() takes a function and its arguments, not an awaitable: "
+            f"write add_task({name}, ...) instead of add_task({name}(...))"
+        )
+    if not callable(func):
+        raise TypeError(
+            f"add_task() takes a callable (an async def or a plain function), "
+            f"not {type(func).__name__} {func!r}"
+        )
+    target = _unwrap_partial(func)
+    if inspect.isasyncgenfunction(target) or inspect.isgeneratorfunction(target):
+        raise TypeError(
+            f"{_name_of(target)} is a generator function: calling it runs none of its body; "
+            f"pass an async def or a plain function"
+        )
+
+
+class _Default:
+    """Stands for every default value in a probe's source."""
+
+    def __repr__(self) -> str:
+        return "_default"
+
+
+def _make_probe(func: object, name: str) -> Callable[..., None] | None:
+    """A no-op function with ``func``'s parameters (None if they cannot be known)."""
+    try:
+        signature = inspect.signature(func)  # type: ignore[arg-type]
+    except (TypeError, ValueError):  # some builtins have no signature to check against
+        return None
+    default = _Default()
+    parameters = [
+        parameter.replace(
+            annotation=inspect.Parameter.empty,
+            default=inspect.Parameter.empty if parameter.default is parameter.empty else default,
+        )
+        for parameter in signature.parameters.values()
+    ]
+    plain = signature.replace(parameters=parameters, return_annotation=inspect.Signature.empty)
+    namespace: dict[str, Any] = {"_default": None}
+    exec(f"def probe{plain}: pass", namespace)  # names are identifiers, defaults _default
+    probe: Callable[..., None] = namespace["probe"]
+    probe.__name__ = probe.__qualname__ = name  # CPython names it in its messages
+    return probe
+
+
+def _options_of(func: object) -> TaskOptions | None:
+    """The `task` options of ``func``, or of the function a partial wraps."""
+    while True:
+        options: TaskOptions | None = getattr(func, _OPTIONS_ATTRIBUTE, None)
+        if options is not None or not isinstance(func, functools.partial):
+            return options
+        func = func.func
+
+
+def _unwrap_partial(func: object) -> object:
+    while isinstance(func, functools.partial):
+        func = func.func
+    return func
+
+
+def _name_of(target: object) -> str:
+    name = getattr(target, "__qualname__", None)
+    return name if isinstance(name, str) else type(target).__qualname__

@@ -72,12 +72,13 @@ class BackgroundTaskMiddleware:
 
     @property
     def nursery(self) -> BackgroundNursery:
-        """The running `BackgroundNursery` (`RuntimeError` outside the lifespan)."""
+        """The `BackgroundNursery` of the lifespan (`RuntimeError` before it started;
+        after shutdown it stays, closed, for its final `BackgroundNursery.stats`)."""
         if self._nursery is None:
             raise RuntimeError(
-                "BackgroundTaskMiddleware has no running nursery: the server has not sent "
-                "lifespan.startup (or has shut down). Serve the app with Hypercorn, or run "
-                "its lifespan in tests (httpx.ASGITransport alone does not)."
+                "BackgroundTaskMiddleware has no nursery: the server has not sent "
+                "lifespan.startup. Serve the app with Hypercorn, or run its lifespan in "
+                "tests (trio_bg.testing.open_test_client; httpx.ASGITransport alone does not)."
             )
         return self._nursery
 
@@ -157,7 +158,7 @@ class BackgroundTaskMiddleware:
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         await _expect(receive, "lifespan.startup")
-        if self._nursery is not None:
+        if self._nursery is not None and not self._nursery.closed:
             raise RuntimeError("this BackgroundTaskMiddleware is already running a lifespan")
         async with trio.open_nursery() as app_nursery:
             app = _WrappedLifespan(self.app, scope)
@@ -179,16 +180,13 @@ class BackgroundTaskMiddleware:
                 # Found here by trio_bg.testing, and by the app's own requests (the
                 # server copies the lifespan state into each request's scope).
                 state[STATE_KEY] = self
-            try:
-                failure = await app.startup()
-                if failure is not None:
-                    return {"type": "lifespan.startup.failed", "message": failure}
-                await send({"type": "lifespan.startup.complete"})
-                await _expect(receive, "lifespan.shutdown")
-                # The tasks may use what the app's own shutdown closes: drain them first.
-                self._report = await nursery.shutdown()
-            finally:
-                self._nursery = None
+            failure = await app.startup()
+            if failure is not None:
+                return {"type": "lifespan.startup.failed", "message": failure}
+            await send({"type": "lifespan.startup.complete"})
+            await _expect(receive, "lifespan.shutdown")
+            # The tasks may use what the app's own shutdown closes: drain them first.
+            self._report = await nursery.shutdown()
         failure = await app.shutdown()
         if failure is not None:
             return {"type": "lifespan.shutdown.failed", "message": failure}

@@ -101,14 +101,14 @@ class BackgroundNursery:
         observed = self._observed()
         for task in tasks:
             self._accepted += 1
-            self._pending += 1
             if observed:
                 task.accepted_at = trio.current_time()
                 self._emit("accepted", task)
-            slots_taken = self._running + self._pending - len(self._queue)  # this one too
-            if not self._queue and slots_taken <= self._settings.max_running:
+            if not self._queue and self._running < self._settings.max_running:
+                self._running += 1  # the slot is the task's from now on
                 self._spawn(task)
             else:
+                self._pending += 1
                 task.accepted_at = trio.current_time()
                 if task.context is None:
                     task.context = contextvars.copy_context()
@@ -255,8 +255,6 @@ class BackgroundNursery:
     async def _run(self, task: Task) -> None:
         """Run ``task``, then the pending tasks that wait for its slot (each in a trio
         task of its own, so each keeps its own context)."""
-        self._pending -= 1
-        self._running += 1
         # The clock is read only for those who look: it costs as much as a checkpoint.
         observed = self._observed()
         started = trio.current_time() if observed else 0.0
@@ -286,6 +284,8 @@ class BackgroundNursery:
             self._running -= 1
             self._end(task, outcome, duration=trio.current_time() - started if observed else None)
             if self._queue and not self._nursery.cancel_scope.cancel_called:
+                self._pending -= 1
+                self._running += 1
                 self._spawn(self._queue.popleft())
 
     def _end(self, task: Task, outcome: Outcome, duration: float | None = None) -> None:

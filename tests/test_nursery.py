@@ -457,3 +457,23 @@ async def test_cancel_ends_a_shutdown_during_its_grace_period(
             await trio.sleep(3)
             nursery.cancel()  # as a second Ctrl-C does
     assert (nursery.report.cancelled, nursery.report.duration) == (1, pytest.approx(3))
+
+
+async def test_start_soon_works_from_a_worker_thread() -> None:
+    """A thread task may start a follow-up task; it runs in the thread's context."""
+    request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id")
+    seen: list[str] = []
+
+    async def follow_up() -> None:
+        seen.append(request_id.get())
+
+    async with trio_bg.open_background_nursery() as nursery:
+
+        def in_a_thread() -> None:
+            request_id.set("from-thread")
+            nursery.start_soon(follow_up)
+
+        await trio.to_thread.run_sync(in_a_thread)
+        await nursery.wait_idle()
+    assert seen == ["from-thread"]
+    assert nursery.report.completed == 1

@@ -42,6 +42,8 @@ class BackgroundNursery:
         self._settings = settings
         self._nursery: trio.Nursery  # set by _host; its cancel scope covers the tasks only
         self._limiter = trio.CapacityLimiter(settings.thread_limit)
+        self._trio_token = trio.lowlevel.current_trio_token()
+        self._trio_thread = threading.get_ident()
         self._capacity = settings.max_running + settings.max_pending
         # Tasks admitted and not yet ended or discarded. Admission may happen in a
         # worker thread (a sync handler), so changes to it hold the lock.
@@ -68,7 +70,7 @@ class BackgroundNursery:
         Checks the call like `BackgroundTasks.add_task` (`TypeError` for a call that
         could never run), and raises `Overloaded` when the nursery is full
         (`NurseryClosed` once shutdown has begun). The task runs in a copy of the
-        caller's context.
+        caller's context. May be called from worker threads too.
         """
         task = Task(func, args, kwargs)
         self.admit(task)
@@ -94,8 +96,12 @@ class BackgroundNursery:
         """Run or queue admitted ``tasks`` (part of `TaskSink`).
 
         Admitted tasks are taken even while the shutdown drains; only once every
-        task has ended does this raise `NurseryClosed`.
+        task has ended does this raise `NurseryClosed`. From another thread (a thread
+        task adding a follow-up task), the call is carried out in trio's thread.
         """
+        if threading.get_ident() != self._trio_thread:
+            trio.from_thread.run_sync(self.accept, tasks, trio_token=self._trio_token)
+            return
         if self._all_ended.is_set():
             raise NurseryClosed("the background nursery has shut down")
         observed = self._observed()

@@ -1,0 +1,101 @@
+"""A Starlette app whose endpoints start background work with trio_bg.
+
+Starlette runs on trio through AnyIO. Run it from the repository root with
+Hypercorn's trio worker::
+
+    hypercorn --worker-class trio examples.starlette_app:app
+
+then ``curl -X POST 'http://127.0.0.1:8000/signup?name=ada'`` (an ``async def``
+endpoint) or ``curl 'http://127.0.0.1:8000/report'`` (a plain ``def`` endpoint, which
+Starlette runs in a worker thread). Stop the server with Ctrl+C (or SIGTERM to
+Hypercorn) and watch the order in the log: the background tasks are drained first,
+then the app's own lifespan shuts down.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import trio
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+import trio_bg
+
+logger = logging.getLogger("examples.starlette_app")
+
+# Hypercorn's CLI sets up its own "hypercorn.*" loggers only: without a handler, the
+# INFO lines of this example and of trio_bg (the drain report) would not be shown.
+# Add one to those two loggers -- not to the root logger, which would print Hypercorn's
+# lines a second time -- and only when nobody has configured logging already.
+if not logging.getLogger().handlers:
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("%(asctime)s [%(process)d] %(name)s: %(message)s"))
+    for _name in ("trio_bg", __name__):
+        logging.getLogger(_name).addHandler(_handler)
+        logging.getLogger(_name).setLevel(logging.INFO)
+
+
+async def send_welcome_email(name: str) -> None:
+    """An ``async def`` task: runs as a trio task, after the response was sent."""
+    logger.info("sending a welcome e-mail to %s", name)
+    await trio.sleep(1)  # stands in for talking to an SMTP server
+    logger.info("sent a welcome e-mail to %s", name)
+
+
+def render_report(requested_by: str) -> None:
+    """A plain function task: runs in a worker thread of trio_bg's own limiter."""
+    logger.info("rendering a report for %s", requested_by)
+    time.sleep(0.5)  # stands in for blocking work
+    logger.info("rendered a report for %s", requested_by)
+
+
+async def signup(request: Request) -> PlainTextResponse:
+    """An ``async def`` endpoint: it runs in the request's own trio task."""
+    name = request.query_params.get("name", "world")
+    trio_bg.current_tasks().add_task(send_welcome_email, name)
+    return PlainTextResponse(f"Welcome, {name}! Check your inbox.\n")
+
+
+def report(request: Request) -> PlainTextResponse:
+    """A plain ``def`` endpoint: Starlette runs it in a worker thread, and
+    `trio_bg.current_tasks` works there too (the request's context goes with it)."""
+    client = request.client.host if request.client else "someone"
+    trio_bg.current_tasks().add_task(render_report, client)
+    return PlainTextResponse("Your report is being rendered.\n")
+
+
+@asynccontextmanager
+async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    """The app's own startup and shutdown (say, a database pool). trio_bg shuts the
+    background tasks down *before* this shutdown runs, so tasks may use what it
+    closes."""
+    logger.info("app startup: opening resources")
+    yield
+    logger.info("app shutdown: closing resources (the background tasks are done)")
+
+
+app = Starlette(
+    routes=[
+        Route("/signup", signup, methods=["POST"]),
+        Route("/report", report),
+    ],
+    lifespan=lifespan,
+    # Why a Starlette middleware rather than BackgroundTaskMiddleware(Starlette(...)):
+    # both work, since Starlette passes lifespan scopes through its middleware stack
+    # unchanged (ServerErrorMiddleware forwards every non-HTTP scope), so the
+    # middleware opens its nursery at startup and drains it before forwarding
+    # lifespan.shutdown to Starlette's router, which runs `lifespan` above. Inside the
+    # stack, the middleware sits *within* ServerErrorMiddleware: when an endpoint
+    # raises, the exception reaches the middleware before Starlette turns it into a
+    # 500 page, so the failed request's tasks are discarded (and logged) instead of
+    # running as if the request had succeeded. (HTTPException and other handled
+    # exceptions become ordinary responses further in, so their tasks do run.)
+    middleware=[Middleware(trio_bg.BackgroundTaskMiddleware, grace_period=5.0)],
+)

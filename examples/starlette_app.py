@@ -27,19 +27,11 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 import trio_bg
+from examples._logging import show_logs
 
 logger = logging.getLogger("examples.starlette_app")
 
-# Hypercorn's CLI sets up its own "hypercorn.*" loggers only: without a handler, the
-# INFO lines of this example and of trio_bg (the drain report) would not be shown.
-# Add one to those two loggers -- not to the root logger, which would print Hypercorn's
-# lines a second time -- and only when nobody has configured logging already.
-if not logging.getLogger().handlers:
-    _handler = logging.StreamHandler()
-    _handler.setFormatter(logging.Formatter("%(asctime)s [%(process)d] %(name)s: %(message)s"))
-    for _name in ("trio_bg", __name__):
-        logging.getLogger(_name).addHandler(_handler)
-        logging.getLogger(_name).setLevel(logging.INFO)
+show_logs(__name__)
 
 
 async def send_welcome_email(name: str) -> None:

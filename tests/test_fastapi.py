@@ -1,0 +1,318 @@
+"""FastAPI on trio (through AnyIO) with trio_bg, end to end under a real
+``hypercorn.trio.serve`` on loopback and a real ``httpx.AsyncClient``.
+
+Every wait is on a trio Event and bounded by ``trio.fail_after(BOUND)``; the only real
+sleeps are the short task durations that the grace-period test is about.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import get_args
+
+import httpx
+import pytest
+import trio
+from conftest import run_hypercorn
+
+pytest.importorskip("fastapi")
+
+import fastapi
+from fastapi import Depends, FastAPI, HTTPException
+from fastapi.responses import PlainTextResponse
+from starlette.background import BackgroundTasks as StarletteBackgroundTasks
+
+import trio_bg
+import trio_bg.fastapi
+from trio_bg._asgi import ASGIApp, Receive, Scope, Send
+from trio_bg.fastapi import Tasks
+
+BOUND = 10.0
+"""Seconds any single wait may take before the test fails (generous: a noisy CI box)."""
+
+
+@asynccontextmanager
+async def served(app: ASGIApp) -> AsyncIterator[httpx.AsyncClient]:
+    async with run_hypercorn(app) as server, httpx.AsyncClient(base_url=server.url) as client:
+        yield client
+
+
+class Recorder:
+    """Names of the tasks that ran; ``wait_for(n)`` returns once ``n`` of them did."""
+
+    def __init__(self) -> None:
+        self.ran: list[str] = []
+        self._changed = trio.Event()
+
+    async def record(self, name: str) -> None:
+        self.ran.append(name)
+        self._changed.set()
+
+    async def wait_for(self, count: int) -> None:
+        while len(self.ran) < count:
+            self._changed = trio.Event()
+            await self._changed.wait()
+
+
+async def test_tasks_dependency_in_endpoints_and_dependencies() -> None:
+    recorder = Recorder()
+    endpoint_threads: list[threading.Thread] = []
+
+    async def async_dependency(tasks: Tasks) -> None:
+        tasks.add_task(recorder.record, "async-dependency")
+
+    def sync_dependency(tasks: Tasks) -> None:  # FastAPI runs it in a worker thread
+        assert tasks is trio_bg.current_tasks()
+        tasks.add_task(recorder.record, "sync-dependency")
+
+    app = FastAPI(dependencies=[Depends(async_dependency), Depends(sync_dependency)])
+
+    @app.get("/async")
+    async def async_endpoint(tasks: Tasks) -> dict[str, str]:
+        assert tasks is trio_bg.current_tasks()
+        tasks.add_task(recorder.record, "async-endpoint")
+        return {"endpoint": "async"}
+
+    @app.get("/sync")
+    def sync_endpoint(tasks: Tasks) -> dict[str, str]:
+        endpoint_threads.append(threading.current_thread())
+        tasks.add_task(recorder.record, "sync-endpoint")
+        return {"endpoint": "sync"}
+
+    trio_bg.fastapi.install(app, grace_period=2.0)
+    async with served(app) as client:
+        with trio.fail_after(BOUND):
+            assert (await client.get("/async")).json() == {"endpoint": "async"}
+            assert (await client.get("/sync")).json() == {"endpoint": "sync"}
+            await recorder.wait_for(6)
+    assert endpoint_threads[0] is not threading.main_thread()
+    assert sorted(recorder.ran) == sorted(
+        ["async-dependency", "sync-dependency"] * 2 + ["async-endpoint", "sync-endpoint"]
+    )
+    assert trio_bg.fastapi.middleware_of(app).report.completed == 6
+
+
+@pytest.mark.parametrize("form", ["add_middleware", "wrap"])
+async def test_both_install_forms_see_the_lifespan_and_honour_the_grace_period(
+    form: str,
+) -> None:
+    """``app.add_middleware(BackgroundTaskMiddleware, ...)`` and wrapping both receive
+    the lifespan: the nursery is open for requests, and at shutdown a short task
+    completes, a stuck one is cancelled when the grace period ends, and only then
+    does FastAPI's own lifespan shut down."""
+    order: list[str] = []
+    started = Recorder()
+
+    async def quick() -> None:
+        await started.record("quick")
+        await trio.sleep(0.2)
+        order.append("quick completed")
+
+    async def stuck() -> None:
+        await started.record("stuck")
+        try:
+            await trio.sleep_forever()
+        finally:
+            order.append("stuck cancelled")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        order.append("app startup")
+        yield
+        order.append("app shutdown")
+
+    app = FastAPI(lifespan=lifespan)
+
+    @app.post("/work")
+    async def work(tasks: Tasks) -> str:
+        tasks.add_task(quick)
+        tasks.add_task(stuck)
+        return "accepted"
+
+    if form == "add_middleware":
+        app.add_middleware(trio_bg.BackgroundTaskMiddleware, grace_period=0.5)
+        served_app: ASGIApp = app
+    else:
+        served_app = middleware = trio_bg.BackgroundTaskMiddleware(app, grace_period=0.5)
+    with trio.fail_after(BOUND):
+        async with served(served_app) as client:
+            assert (await client.post("/work")).json() == "accepted"
+            await started.wait_for(2)
+    if form == "add_middleware":
+        middleware = trio_bg.fastapi.middleware_of(app)
+    assert order == ["app startup", "quick completed", "stuck cancelled", "app shutdown"]
+    report = middleware.report
+    assert (report.completed, report.cancelled, report.unfinished) == (1, 1, (stuck.__qualname__,))
+    assert 0.5 <= report.duration < BOUND
+
+
+async def test_fastapi_background_tasks_keep_working_unchanged() -> None:
+    """FastAPI's own ``BackgroundTasks`` parameter still runs its task inline, inside the
+    request's ASGI call; ``Tasks`` in the same endpoint runs in the server nursery."""
+    call_returned = trio.Event()
+    fastapi_task_saw_call_returned: list[bool] = []
+    trio_bg_done = trio.Event()
+
+    async def fastapi_job() -> None:
+        fastapi_task_saw_call_returned.append(call_returned.is_set())
+
+    async def trio_bg_job() -> None:
+        await call_returned.wait()  # inline, this would never return
+        trio_bg_done.set()
+
+    app = FastAPI()
+
+    @app.get("/")
+    async def endpoint(background_tasks: fastapi.BackgroundTasks, tasks: Tasks) -> str:
+        assert type(background_tasks) is fastapi.BackgroundTasks
+        background_tasks.add_task(fastapi_job)
+        tasks.add_task(trio_bg_job)
+        return "ok"
+
+    trio_bg.fastapi.install(app, grace_period=2.0)
+
+    async def recorder(scope: Scope, receive: Receive, send: Send) -> None:
+        await app(scope, receive, send)
+        if scope["type"] == "http":
+            call_returned.set()
+
+    async with served(recorder) as client:
+        with trio.fail_after(BOUND):
+            assert (await client.get("/")).json() == "ok"
+            await trio_bg_done.wait()
+    assert fastapi_task_saw_call_returned == [False]
+
+
+async def test_errors_isolated_and_overloaded_answers_503() -> None:
+    errors: list[str] = []
+    recorder = Recorder()
+    release, blocker_started = trio.Event(), trio.Event()
+
+    async def fail() -> None:
+        raise ValueError("boom")
+
+    async def blocker() -> None:
+        blocker_started.set()
+        await release.wait()
+
+    app = FastAPI()
+
+    @app.get("/fail-then-ok")
+    async def fail_then_ok(tasks: Tasks) -> str:
+        tasks.add_task(fail)
+        tasks.add_task(recorder.record, "after the failure")
+        return "ok"
+
+    @app.get("/occupy")
+    async def occupy(tasks: Tasks) -> str:
+        tasks.add_task(blocker)
+        return "occupied"
+
+    @app.get("/two")
+    async def two(tasks: Tasks) -> str:
+        tasks.add_task(recorder.record, "first")  # the last free slot
+        tasks.add_task(recorder.record, "second")  # Overloaded
+        return "never"
+
+    trio_bg.fastapi.install(
+        app, grace_period=2.0, max_running=1, max_pending=1, on_error=lambda n, e: errors.append(n)
+    )
+    async with served(app) as client:
+        with trio.fail_after(BOUND):
+            assert (await client.get("/fail-then-ok")).json() == "ok"
+            await recorder.wait_for(1)
+            assert (await client.get("/occupy")).json() == "occupied"
+            await blocker_started.wait()
+            response = await client.get("/two")
+            assert (response.status_code, response.headers["retry-after"]) == (503, "1")
+            release.set()
+    report = trio_bg.fastapi.middleware_of(app).report
+    assert errors == [fail.__qualname__]
+    assert recorder.ran == ["after the failure"]  # "first" was discarded with the 503
+    assert (report.failed, report.completed, report.discarded) == (1, 2, 1)
+
+
+async def test_which_error_responses_run_the_tasks() -> None:
+    """An ``HTTPException`` becomes an ordinary (4xx) response, which completes: trio_bg's
+    tasks run (FastAPI's own are dropped). An unhandled exception reaches the installed
+    middleware before the 500 page: its tasks are discarded. A returned ``Response``
+    with a ``background`` of its own does not drop them either."""
+    recorder = Recorder()
+    fastapi_ran: list[str] = []
+
+    async def fastapi_job(name: str) -> None:
+        fastapi_ran.append(name)
+
+    app = FastAPI()
+
+    @app.get("/not-found")
+    async def not_found(tasks: Tasks, background_tasks: fastapi.BackgroundTasks) -> str:
+        tasks.add_task(recorder.record, "after 404")
+        background_tasks.add_task(fastapi_job, "after 404")
+        raise HTTPException(status_code=404)
+
+    @app.get("/crash")
+    async def crash(tasks: Tasks) -> str:
+        tasks.add_task(recorder.record, "after 500")
+        raise RuntimeError("unhandled")
+
+    @app.get("/own-background")
+    async def own_background(
+        tasks: Tasks, background_tasks: fastapi.BackgroundTasks
+    ) -> PlainTextResponse:
+        tasks.add_task(recorder.record, "own background")
+        background_tasks.add_task(fastapi_job, "own background")  # FastAPI drops it
+        starlette_tasks = StarletteBackgroundTasks()
+        starlette_tasks.add_task(fastapi_job, "the response's own")
+        return PlainTextResponse("ok", background=starlette_tasks)
+
+    trio_bg.fastapi.install(app, grace_period=2.0)
+    async with served(app) as client:
+        with trio.fail_after(BOUND):
+            assert (await client.get("/not-found")).status_code == 404
+            assert (await client.get("/crash")).status_code == 500
+            assert (await client.get("/own-background")).text == "ok"
+            await recorder.wait_for(2)
+    report = trio_bg.fastapi.middleware_of(app).report
+    assert sorted(recorder.ran) == ["after 404", "own background"]
+    assert fastapi_ran == ["the response's own"]
+    assert (report.completed, report.discarded) == (2, 1)
+
+
+def test_tasks_is_an_annotated_dependency() -> None:
+    base, dependency = get_args(Tasks)
+    assert base is trio_bg.BackgroundTasks
+    assert dependency.dependency is trio_bg.fastapi.request_tasks
+
+
+async def test_the_example(monkeypatch: pytest.MonkeyPatch) -> None:
+    example = importlib.import_module("examples.fastapi_app")
+    sent = trio.Event()
+    audited: list[str] = []
+
+    @trio_bg.task(timeout=30)
+    async def send_welcome_email(email: str) -> None:  # the example's, minus the wait
+        sent.set()
+
+    monkeypatch.setattr(example, "send_welcome_email", send_welcome_email)
+    audit_written = trio.Event()
+
+    def write_audit_line(line: str) -> None:  # FastAPI runs it in a worker thread
+        audited.append(line)
+        trio.from_thread.run_sync(audit_written.set)
+
+    monkeypatch.setattr(example, "write_audit_line", write_audit_line)
+    async with served(example.app) as client:
+        with trio.fail_after(BOUND):
+            response = await client.post("/signup", params={"email": "ada@example.com"})
+            assert response.json() == {"status": "welcome", "email": "ada@example.com"}
+            await sent.wait()
+            assert (await client.get("/legacy")).json() == {"status": "ok"}
+            await audit_written.wait()  # FastAPI's own task, run inline
+            assert audited == ["legacy endpoint called"]
+            stats = (await client.get("/stats")).json()
+            assert stats == {"running": 0, "pending": 0, "failed": 0}
+    assert trio_bg.fastapi.middleware_of(example.app).report.completed == 1

@@ -1,0 +1,174 @@
+"""Quart-Trio integration: trio_bg's nursery, grace period and report for a ``QuartTrio`` app.
+
+::
+
+    app = QuartTrio(__name__)
+    trio_bg.quart_trio.init_app(app, grace_period=10.0)
+
+    @app.post("/signup")
+    async def signup():
+        app.add_background_task(send_welcome_email, address)  # now runs through trio_bg
+        return "welcome"
+
+`init_app` wraps ``app.asgi_app`` in `BackgroundTaskMiddleware`, so the middleware
+owns the lifespan: at shutdown it drains the background tasks for the grace period
+(then cancels and reports them) *before* Quart's own shutdown runs (``after_serving``,
+``while_serving``), and only then tells Hypercorn it is done. Quart-Trio's own
+``add_background_task`` cannot do that under Hypercorn: its tasks are cancelled as
+soon as the app answers ``lifespan.shutdown.complete``, whatever
+``BACKGROUND_TASK_SHUTDOWN_TIMEOUT`` says.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ParamSpec, Unpack, cast
+
+from quart import Response, has_request_context, has_websocket_context
+from quart.signals import got_request_exception
+from quart_trio import QuartTrio
+
+from ._asgi import ASGIApp, BackgroundTaskMiddleware
+from ._callables import spec_of, task
+from ._errors import Overloaded
+from ._options import NurseryOptions
+from ._tasks import BackgroundTasks, _current_tasks
+
+__all__ = ["EXTENSION_KEY", "add_background_task", "init_app", "middleware_of"]
+
+P = ParamSpec("P")
+
+EXTENSION_KEY = "trio_bg"
+"""The key of the `BackgroundTaskMiddleware` in ``app.extensions``."""
+
+_UNAVAILABLE = "Service Unavailable: background task capacity is exhausted\n"
+
+
+def init_app(
+    app: QuartTrio,
+    *,
+    retry_after: int | None = 1,
+    replace_add_background_task: bool = True,
+    **options: Unpack[NurseryOptions],
+) -> BackgroundTaskMiddleware:
+    """Give ``app`` trio_bg's background nursery; return the middleware.
+
+    Wraps ``app.asgi_app`` in `BackgroundTaskMiddleware` (``options`` are those of
+    `trio_bg.open_background_nursery`), registers it as
+    ``app.extensions["trio_bg"]``, answers `Overloaded` with ``503`` (``Retry-After:
+    retry_after``), and discards the collected tasks of a request that ends in an
+    unhandled exception (Quart renders it as a 500; the tasks must not run as if it
+    had succeeded). With ``replace_add_background_task`` (the default),
+    ``app.add_background_task`` becomes `add_background_task`, so existing code moves
+    to trio_bg unchanged. The returned middleware gives the live ``nursery`` and,
+    after shutdown, the ``report``.
+    """
+    if not isinstance(app, QuartTrio):
+        raise TypeError(f"trio_bg.quart_trio.init_app() takes a QuartTrio app, not {app!r}")
+    if EXTENSION_KEY in app.extensions:
+        raise RuntimeError("trio_bg.quart_trio.init_app() was already called for this app")
+    # Quart types ASGI messages as hypercorn's TypedDicts; the middleware takes any mapping.
+    inner = cast(ASGIApp, app.asgi_app)
+    middleware = BackgroundTaskMiddleware(inner, retry_after=retry_after, **options)
+    # Quart's documented way to add ASGI middleware: the app stays a QuartTrio.
+    app.asgi_app = middleware  # type: ignore[method-assign, assignment]
+    app.extensions[EXTENSION_KEY] = middleware
+    headers = {} if retry_after is None else {"Retry-After": str(retry_after)}
+
+    async def overloaded(error: Overloaded) -> Response:
+        _discard_collected("it answered 503")
+        return Response(_UNAVAILABLE, status=503, headers=headers, mimetype="text/plain")
+
+    app.register_error_handler(Overloaded, overloaded)
+
+    async def request_failed(sender: QuartTrio, *, exception: BaseException, **_: Any) -> None:
+        _discard_collected(f"it raised {exception!r}")
+
+    got_request_exception.connect(request_failed, sender=app, weak=False)
+    if replace_add_background_task:
+        app.add_background_task = _method_for(app)  # type: ignore[method-assign]
+    return middleware
+
+
+def middleware_of(app: QuartTrio) -> BackgroundTaskMiddleware:
+    """The `BackgroundTaskMiddleware` that `init_app` installed on ``app``."""
+    try:
+        middleware = app.extensions[EXTENSION_KEY]
+    except KeyError:
+        raise RuntimeError(
+            "trio_bg is not set up for this app: call trio_bg.quart_trio.init_app(app)"
+        ) from None
+    if not isinstance(middleware, BackgroundTaskMiddleware):
+        raise TypeError(f"app.extensions[{EXTENSION_KEY!r}] is not a BackgroundTaskMiddleware")
+    return middleware
+
+
+def add_background_task(func: Callable[P, Any], /, *args: P.args, **kwargs: P.kwargs) -> None:
+    """Run ``func(*args, **kwargs)`` in trio_bg's nursery: Quart-Trio's
+    ``app.add_background_task``, with a grace period that waits, admission and a report.
+
+    In an HTTP request the task runs once the response is complete (Quart-Trio
+    starts it at once); in a WebSocket session, at startup or in another background
+    task it starts at once, as in Quart-Trio. An ``async def`` task runs inside a
+    fresh app context (``current_app``, ``g``), as Quart-Trio's do; a plain function
+    runs in one of trio_bg's worker threads, where ``current_app`` still works. A
+    task's exception is logged by trio_bg and passed to its ``on_error`` hook (not to
+    Quart's ``got_background_exception``). Raises `trio_bg.Overloaded` when the
+    nursery is full. The app is ``quart.current_app``; `init_app` also installs this
+    as ``app.add_background_task``.
+    """
+    from quart import current_app
+
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    if not isinstance(app, QuartTrio):
+        raise TypeError(f"trio_bg.quart_trio needs a QuartTrio app, not {app!r}")
+    _add(app, func, args, kwargs)
+
+
+def _method_for(app: QuartTrio) -> Callable[..., None]:
+    """`add_background_task` bound to ``app`` (to replace the app's own method)."""
+
+    def bound(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> None:
+        _add(app, func, args, kwargs)
+
+    bound.__name__ = bound.__qualname__ = "add_background_task"
+    bound.__doc__ = add_background_task.__doc__
+    return bound
+
+
+def _add(
+    app: QuartTrio, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
+    target = _in_app_context(app, func)
+    tasks = _current_tasks.get(None)
+    if tasks is not None and has_request_context() and not has_websocket_context():
+        tasks.add_task(target, *args, **kwargs)
+    else:
+        middleware_of(app).nursery.start_soon(target, *args, **kwargs)
+
+
+def _in_app_context(app: QuartTrio, func: Callable[P, Any]) -> Callable[P, Any]:
+    """``func``, run inside a fresh app context when it is async (like Quart-Trio's).
+
+    The wrapper keeps ``func``'s signature (``__wrapped__``), name and `trio_bg.task`
+    options, so the call is checked, reported and timed out as ``func`` itself would be.
+    """
+    spec = spec_of(func)  # TypeError, here, for what could never run
+    if not spec.is_async:
+        return func  # runs in one of trio_bg's worker threads
+
+    async def in_app_context(*args: P.args, **kwargs: P.kwargs) -> None:
+        async with app.app_context():
+            await func(*args, **kwargs)
+
+    in_app_context.__wrapped__ = func  # type: ignore[attr-defined]
+    return task(name=spec.name, timeout=spec.timeout)(in_app_context)
+
+
+def _discard_collected(why: str) -> None:
+    """Discard the tasks the current HTTP request has collected (it failed)."""
+    tasks: BackgroundTasks | None = _current_tasks.get(None)
+    if tasks is not None and has_request_context():
+        from quart import request
+
+        tasks._discard(f"the {request.method} request to {request.path} failed: {why}")

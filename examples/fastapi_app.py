@@ -21,18 +21,12 @@ from fastapi import BackgroundTasks, FastAPI
 
 import trio_bg
 import trio_bg.fastapi
+from examples._logging import show_logs
 from trio_bg.fastapi import Tasks
 
 logger = logging.getLogger("examples.fastapi_app")
 
-# Hypercorn's CLI configures only its own loggers: show this example's and trio_bg's
-# INFO lines (the drain report) too, unless logging is configured already.
-if not logging.getLogger().handlers:
-    _handler = logging.StreamHandler()
-    _handler.setFormatter(logging.Formatter("%(asctime)s [%(process)d] %(name)s: %(message)s"))
-    for _name in ("trio_bg", __name__):
-        logging.getLogger(_name).addHandler(_handler)
-        logging.getLogger(_name).setLevel(logging.INFO)
+show_logs(__name__)
 
 
 @trio_bg.task(timeout=30)  # a stable name in reports, and a time limit

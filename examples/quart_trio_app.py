@@ -20,17 +20,11 @@ from quart_trio import QuartTrio
 
 import trio_bg
 import trio_bg.quart_trio
+from examples._logging import show_logs
 
 logger = logging.getLogger("examples.quart_trio_app")
 
-# Hypercorn's CLI configures only its own loggers: show this example's and trio_bg's
-# INFO lines (the drain report) too, unless logging is configured already.
-if not logging.getLogger().handlers:
-    _handler = logging.StreamHandler()
-    _handler.setFormatter(logging.Formatter("%(asctime)s [%(process)d] %(name)s: %(message)s"))
-    for _name in ("trio_bg", __name__):
-        logging.getLogger(_name).addHandler(_handler)
-        logging.getLogger(_name).setLevel(logging.INFO)
+show_logs(__name__)
 
 app = QuartTrio(__name__)
 app.config["WELCOME_FROM"] = "team@example.com"

@@ -36,17 +36,11 @@ from starlette.routing import Route
 
 import trio_bg
 import trio_bg.starlette
+from examples._logging import show_logs
 
 logger = logging.getLogger("examples.starlette_dropin")
 
-# Hypercorn's CLI configures only its own loggers: show this example's and trio_bg's
-# INFO lines (the drain report) too, unless logging is configured already.
-if not logging.getLogger().handlers:
-    _handler = logging.StreamHandler()
-    _handler.setFormatter(logging.Formatter("%(asctime)s [%(process)d] %(name)s: %(message)s"))
-    for _name in ("trio_bg", __name__):
-        logging.getLogger(_name).addHandler(_handler)
-        logging.getLogger(_name).setLevel(logging.INFO)
+show_logs(__name__)
 
 
 async def send_receipt(order_id: int) -> None:

@@ -12,6 +12,7 @@ from ._events import TaskEvent
 from ._nursery import BackgroundNursery, open_background_nursery
 from ._options import DEFAULT_GRACE_PERIOD, NurseryOptions
 from ._report import ShutdownReport, TaskStats
+from ._serve import serve
 from ._tasks import BackgroundTasks, current_tasks
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "TaskStats",
     "current_tasks",
     "open_background_nursery",
+    "serve",
     "task",
 ]
 

@@ -63,7 +63,7 @@ class BackgroundTaskMiddleware:
             raise TypeError(
                 f"retry_after must be a whole number of seconds >= 0, not {retry_after!r}"
             )
-        Settings.from_options(options)  # a bad option fails here, not at server start
+        self._settings = Settings.from_options(options)  # fails here, not at server start
         self.app = app
         self._unavailable = _unavailable_response(retry_after)
         self._options = options
@@ -81,6 +81,11 @@ class BackgroundTaskMiddleware:
                 "tests (trio_bg.testing.open_test_client; httpx.ASGITransport alone does not)."
             )
         return self._nursery
+
+    @property
+    def grace_period(self) -> float:
+        """Seconds the shutdown waits for the background tasks before cancelling them."""
+        return self._settings.grace_period
 
     @property
     def report(self) -> ShutdownReport:

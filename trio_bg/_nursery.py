@@ -206,6 +206,12 @@ class BackgroundNursery:
         concurrently) returns the same report."""
         if self._shutdown_started is None:
             self._close()
+            logger.info(
+                "draining background tasks for up to %ss: %d running, %d pending",
+                self._settings.grace_period,
+                self._running,
+                self._pending,
+            )
             try:
                 with trio.move_on_after(self._settings.grace_period):
                     await self.wait_idle()

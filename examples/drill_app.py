@@ -1,0 +1,128 @@
+"""A raw ASGI app made for shutdown drills: every request leaves background work behind.
+
+Drill it from the repository root::
+
+    python -m trio_bg drill examples.drill_app:app
+
+Each request adds a mix of tasks: async sleeps of varying length, blocking calls run in
+worker threads, a webhook that fails on purpose now and then, a cache refresh with a
+``@trio_bg.task`` timeout it sometimes overruns, and, rarely, work far longer than any
+grace period (cancelled at shutdown, or abandoned in its thread). The response carries
+``x-trio-bg-tasks: N``, the number of tasks the request added: the drill's convention
+for checking that every answered request had its tasks accepted.
+
+The app is not wrapped in the middleware: ``python -m trio_bg serve`` (and the drill)
+wrap it, with the options given on the command line.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import trio
+
+import trio_bg
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+TASKS_HEADER = b"x-trio-bg-tasks"
+
+
+async def send_notification(seconds: float) -> None:
+    """Talking to a slow mail or push service."""
+    await trio.sleep(seconds)
+
+
+def write_audit_record(seconds: float) -> None:
+    """A blocking client library: runs in a worker thread."""
+    time.sleep(seconds)
+
+
+async def call_flaky_webhook() -> None:
+    """Fails on purpose: the drill counts it as failed, the server lives on."""
+    await trio.sleep(0.01)
+    raise RuntimeError("the webhook answered 502 (on purpose, for the drill)")
+
+
+@trio_bg.task(timeout=0.5)
+async def refresh_cache(seconds: float) -> None:
+    """Gets 0.5 s; asked for more, it is counted as timed out."""
+    await trio.sleep(seconds)
+
+
+async def rebuild_search_index() -> None:
+    """Longer than any grace period: cancelled at shutdown, and named in the report."""
+    await trio.sleep(600)
+
+
+def export_archive() -> None:
+    """Blocking and long: abandoned in its thread at shutdown (a thread cannot be
+    cancelled), and named in the report."""
+    time.sleep(600)
+
+
+class DrillApp:
+    """The ASGI app. Its choices are random but seeded, so two drills match."""
+
+    def __init__(self, seed: int = 4) -> None:
+        self._random = random.Random(seed)
+        self._requests = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _answer_lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            raise NotImplementedError(f"the drill app serves no {scope['type']} connections")
+        added = self._add_tasks(trio_bg.current_tasks())
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"text/plain; charset=utf-8"),
+                    (TASKS_HEADER, str(added).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": f"{added} tasks\n".encode()})
+
+    def _add_tasks(self, tasks: trio_bg.BackgroundTasks) -> int:
+        """Add this request's tasks; return how many."""
+        self._requests += 1
+        number, uniform = self._requests, self._random.uniform
+        tasks.add_task(send_notification, uniform(0.05, 1.5))
+        tasks.add_task(write_audit_record, uniform(0.01, 0.2))
+        added = 2
+        if number % 4 == 0:
+            tasks.add_task(refresh_cache, uniform(0.1, 1.0))
+            added += 1
+        if number % 10 == 3:
+            tasks.add_task(call_flaky_webhook)
+            added += 1
+        if number % 50 == 7:
+            tasks.add_task(rebuild_search_index)
+            added += 1
+        if number % 50 == 17:
+            tasks.add_task(export_archive)
+            added += 1
+        return added
+
+
+async def _answer_lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+app = DrillApp()

@@ -45,10 +45,12 @@ class BackgroundNursery:
         self._trio_token = trio.lowlevel.current_trio_token()
         self._trio_thread = threading.get_ident()
         self._capacity = settings.max_running + settings.max_pending
-        # Tasks admitted and not yet ended or discarded. Admission may happen in a
-        # worker thread (a sync handler), so changes to it hold the lock.
-        self._load = 0
-        self._load_lock = threading.Lock()
+        # Tasks admitted and not yet ended or discarded: _admitted - _released.
+        # Admission may happen in worker threads (sync handlers), so _admitted changes
+        # under the lock; only trio's thread releases, so _released needs none (an
+        # admission that reads it a moment early only errs on the safe side).
+        self._admitted = self._released = 0
+        self._admission_lock = threading.Lock()
         self._queue: deque[Task] = deque()
         self._closed = False
         self._all_ended = trio.Event()
@@ -78,19 +80,19 @@ class BackgroundNursery:
 
     def admit(self, task: Task) -> None:
         """Reserve room for ``task`` or raise `Overloaded` (part of `TaskSink`)."""
-        with self._load_lock:
+        with self._admission_lock:
             if self._closed:
                 raise NurseryClosed(
                     f"the background nursery is shutting down and takes no new tasks "
                     f"(refused: {task.name})"
                 )
-            if self._load >= self._capacity:
+            if self._admitted - self._released >= self._capacity:
                 self._rejected += 1
                 raise Overloaded(
                     f"the background nursery is full ({self._settings.max_running} running, "
                     f"{self._settings.max_pending} pending); refused: {task.name}"
                 )
-            self._load += 1
+            self._admitted += 1
 
     def accept(self, tasks: Sequence[Task]) -> None:
         """Run or queue admitted ``tasks`` (part of `TaskSink`).
@@ -123,8 +125,7 @@ class BackgroundNursery:
     def discard(self, tasks: Sequence[Task], reason: str) -> None:
         """Release admitted tasks that will never run; count and log them (part of
         `TaskSink`)."""
-        with self._load_lock:
-            self._load -= len(tasks)
+        self._released += len(tasks)
         self._discarded += len(tasks)
         self._set_idle_if_idle()
         logger.warning(
@@ -160,7 +161,7 @@ class BackgroundNursery:
             cancelled=self._cancelled,
             abandoned=self._abandoned,
             discarded=self._discarded,
-            reserved=self._load - self._pending - self._running,
+            reserved=self._admitted - self._released - self._pending - self._running,
             rejected=self._rejected,
             oldest_pending_age=(
                 trio.current_time() - (self._queue[0].accepted_at or 0.0) if self._queue else 0.0
@@ -189,7 +190,7 @@ class BackgroundNursery:
     async def _wait_drained(self) -> None:
         """Return once no task is pending or running, nor admitted by a request still
         in flight (whose tasks are not handed off yet)."""
-        while self._load:
+        while self._admitted - self._released:
             await self._next_idle()
         await trio.lowlevel.checkpoint()
 
@@ -227,7 +228,7 @@ class BackgroundNursery:
         self._cancel_rest()
 
     def _close(self) -> None:
-        with self._load_lock:
+        with self._admission_lock:
             self._closed = True
         if self._shutdown_started is None:
             self._shutdown_started = trio.current_time()
@@ -235,10 +236,11 @@ class BackgroundNursery:
     def _cancel_rest(self) -> None:
         """Cancel the running tasks, and the pending ones without running them."""
         self._close()
+        observed = self._observed()
         while self._queue:
             task = self._queue.popleft()
             self._pending -= 1
-            self._end(task, "cancelled")
+            self._end(task, "cancelled", observed)
         self._nursery.cancel_scope.cancel()
 
     def _finish(self) -> ShutdownReport:
@@ -265,8 +267,8 @@ class BackgroundNursery:
     # -- running one task ----------------------------------------------------------
 
     async def _run(self, task: Task) -> None:
-        """Run ``task``, then the pending tasks that wait for its slot (each in a trio
-        task of its own, so each keeps its own context)."""
+        """Run ``task``, then start the next pending task in its slot (in a trio task of
+        its own, so that each task keeps its own context)."""
         # The clock is read only for those who look: it costs as much as a checkpoint.
         observed = self._observed()
         started = trio.current_time() if observed else 0.0
@@ -278,11 +280,17 @@ class BackgroundNursery:
                 waited = None if task.accepted_at is None else started - task.accepted_at
                 self._emit("started", task, waited=waited)
             if task.timeout is None:
-                await self._call(task)
+                if task.is_async:
+                    await task.func(*task.args, **task.kwargs)
+                else:
+                    await self._run_in_thread(task)
                 outcome = "completed"
             else:
                 with trio.move_on_after(task.timeout) as timeout_scope:
-                    await self._call(task)
+                    if task.is_async:
+                        await task.func(*task.args, **task.kwargs)
+                    else:
+                        await self._run_in_thread(task)
                 outcome = "timed_out" if timeout_scope.cancelled_caught else "completed"
         except BaseException as exc:
             if _is_cancellation(exc):
@@ -294,13 +302,16 @@ class BackgroundNursery:
                 raise  # KeyboardInterrupt, SystemExit: not ours to stop
         finally:
             self._running -= 1
-            self._end(task, outcome, duration=trio.current_time() - started if observed else None)
+            duration = trio.current_time() - started if observed else None
+            self._end(task, outcome, observed, duration)
             if self._queue and not self._nursery.cancel_scope.cancel_called:
                 self._pending -= 1
                 self._running += 1
                 self._spawn(self._queue.popleft())
 
-    def _end(self, task: Task, outcome: Outcome, duration: float | None = None) -> None:
+    def _end(
+        self, task: Task, outcome: Outcome, observed: bool, duration: float | None = None
+    ) -> None:
         if outcome == "completed":
             self._completed += 1
         elif outcome == "failed":
@@ -314,21 +325,14 @@ class BackgroundNursery:
                 self._cancelled += 1
             else:
                 self._abandoned += 1
-        with self._load_lock:
-            self._load -= 1
-        if self._observed():
+        self._released += 1
+        if observed:
             self._emit("finished", task, outcome=outcome, duration=duration)
         self._set_idle_if_idle()
 
     def _set_idle_if_idle(self) -> None:
         if self._idle is not None and not (self._pending or self._running):
             self._idle.set()
-
-    async def _call(self, task: Task) -> None:
-        if task.is_async:
-            await task.func(*task.args, **task.kwargs)
-        else:
-            await self._run_in_thread(task)
 
     async def _run_in_thread(self, task: Task) -> None:
         def call() -> object:

@@ -1,0 +1,1 @@
+"""trio_bg's benchmark suite: run ``bash benchmarks/run`` from the repository root."""

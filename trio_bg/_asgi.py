@@ -114,10 +114,15 @@ class BackgroundTaskMiddleware:
         async def send_then_hand_off(message: Message) -> None:
             nonlocal response_started, trailers
             kind = message["type"]
-            if kind == "http.response.start":
+            if kind == "http.response.body":
+                final = not (trailers or message.get("more_body", False))
+            elif kind == "http.response.start":
                 response_started = True
                 trailers = bool(message.get("trailers", False))
-            if not _completes_response(kind, message, trailers):
+                final = False
+            else:
+                final = _completes_response(kind, message)
+            if not final:
                 await send(message)
                 return
             try:
@@ -129,35 +134,41 @@ class BackgroundTaskMiddleware:
                 raise
             tasks._hand_off()
 
+        token = _current_tasks.set(tasks)
         try:
-            await self._call_app(scope, receive, send_then_hand_off, tasks)
+            await self.app({**scope, SCOPE_KEY: tasks}, receive, send_then_hand_off)
         except Overloaded:
             if response_started:
+                self._discard_on_error(scope, tasks, Overloaded())
                 raise
+            tasks._discard(f"{_describe(scope)} answered 503: background task capacity is full")
             await send(self._unavailable[0])
             await send(self._unavailable[1])
             return
+        except BaseException as exc:
+            self._discard_on_error(scope, tasks, exc)
+            raise
+        finally:
+            _current_tasks.reset(token)
         if len(tasks):
             tasks._discard(f"{_describe(scope)} returned without completing its response")
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         tasks = BackgroundTasks(self.nursery)
-        await self._call_app(scope, receive, send, tasks)
-        tasks._hand_off()  # the session ended without an error
-
-    async def _call_app(
-        self, scope: Scope, receive: Receive, send: Send, tasks: BackgroundTasks
-    ) -> None:
         token = _current_tasks.set(tasks)
         try:
             await self.app({**scope, SCOPE_KEY: tasks}, receive, send)
         except BaseException as exc:
-            if len(tasks):
-                what = "was cancelled" if isinstance(exc, trio.Cancelled) else f"raised {exc!r}"
-                tasks._discard(f"{_describe(scope)} {what} before its response completed")
+            self._discard_on_error(scope, tasks, exc)
             raise
         finally:
             _current_tasks.reset(token)
+        tasks._hand_off()  # the session ended without an error
+
+    def _discard_on_error(self, scope: Scope, tasks: BackgroundTasks, exc: BaseException) -> None:
+        if len(tasks):
+            what = "was cancelled" if isinstance(exc, trio.Cancelled) else f"raised {exc!r}"
+            tasks._discard(f"{_describe(scope)} {what} before its response completed")
 
     # -- lifespan ------------------------------------------------------------------
 
@@ -223,10 +234,9 @@ def _unavailable_response(retry_after: int | None) -> tuple[Message, Message]:
     )
 
 
-def _completes_response(kind: str, message: Message, trailers: bool) -> bool:
-    """Whether handing ``message`` to the server completes the HTTP response."""
-    if kind == "http.response.body":
-        return not trailers and not message.get("more_body", False)
+def _completes_response(kind: str, message: Message) -> bool:
+    """Whether handing ``message`` (not a start or body message) to the server
+    completes the HTTP response."""
     if kind == "http.response.trailers":
         return not message.get("more_trailers", False)
     return kind in ("http.response.pathsend", "http.response.zerocopysend") and not (

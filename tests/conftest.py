@@ -111,3 +111,37 @@ async def run_hypercorn(app: ASGIApp, **config: Any) -> AsyncIterator[Server]:
 @pytest.fixture
 def hypercorn() -> Callable[..., AbstractAsyncContextManager[Server]]:
     return run_hypercorn
+
+
+@asynccontextmanager
+async def served(app: Any, **config: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """``app`` served by a real Hypercorn (see run_hypercorn), and a client for it."""
+    async with (
+        run_hypercorn(app, **config) as server,
+        httpx.AsyncClient(base_url=server.url) as client,
+    ):
+        yield client
+
+
+class Recorder:
+    """Names of the tasks that ran; ``wait_for(n)`` returns once ``n`` of them did.
+
+    ``note`` is for trio's thread only (a thread task goes through
+    ``trio.from_thread.run_sync``); ``record`` is the same as an ``async def`` task.
+    """
+
+    def __init__(self) -> None:
+        self.ran: list[str] = []
+        self._changed = trio.Event()
+
+    def note(self, name: str) -> None:
+        self.ran.append(name)
+        self._changed.set()
+
+    async def record(self, name: str) -> None:
+        self.note(name)
+
+    async def wait_for(self, count: int) -> None:
+        while len(self.ran) < count:
+            self._changed = trio.Event()
+            await self._changed.wait()

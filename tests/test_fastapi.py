@@ -13,10 +13,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import get_args
 
-import httpx
 import pytest
 import trio
-from conftest import run_hypercorn
+from conftest import Recorder, served
 
 pytest.importorskip("fastapi")
 
@@ -32,29 +31,6 @@ from trio_bg.fastapi import Tasks
 
 BOUND = 10.0
 """Seconds any single wait may take before the test fails (generous: a noisy CI box)."""
-
-
-@asynccontextmanager
-async def served(app: ASGIApp) -> AsyncIterator[httpx.AsyncClient]:
-    async with run_hypercorn(app) as server, httpx.AsyncClient(base_url=server.url) as client:
-        yield client
-
-
-class Recorder:
-    """Names of the tasks that ran; ``wait_for(n)`` returns once ``n`` of them did."""
-
-    def __init__(self) -> None:
-        self.ran: list[str] = []
-        self._changed = trio.Event()
-
-    async def record(self, name: str) -> None:
-        self.ran.append(name)
-        self._changed.set()
-
-    async def wait_for(self, count: int) -> None:
-        while len(self.ran) < count:
-            self._changed = trio.Event()
-            await self._changed.wait()
 
 
 async def test_tasks_dependency_in_endpoints_and_dependencies() -> None:

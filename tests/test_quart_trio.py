@@ -17,7 +17,7 @@ from typing import cast
 import httpx
 import pytest
 import trio
-from conftest import run_hypercorn
+from conftest import Recorder, run_hypercorn, served
 
 pytest.importorskip("quart_trio")
 
@@ -38,12 +38,8 @@ def asgi(app: QuartTrio) -> ASGIApp:
 
 
 @asynccontextmanager
-async def served(app: QuartTrio | ASGIApp) -> AsyncIterator[httpx.AsyncClient]:
-    served_app = asgi(app) if isinstance(app, QuartTrio) else app
-    async with (
-        run_hypercorn(served_app) as server,
-        httpx.AsyncClient(base_url=server.url) as client,
-    ):
+async def served_quart(app: QuartTrio | ASGIApp) -> AsyncIterator[httpx.AsyncClient]:
+    async with served(asgi(app) if isinstance(app, QuartTrio) else app) as client:
         yield client
 
 
@@ -56,23 +52,6 @@ def recording_returns(app: QuartTrio, returned: trio.Event) -> ASGIApp:
             returned.set()
 
     return recorder
-
-
-class Recorder:
-    """Names of the tasks that ran; ``wait_for(n)`` returns once ``n`` of them did."""
-
-    def __init__(self) -> None:
-        self.ran: list[str] = []
-        self._changed = trio.Event()
-
-    def record(self, name: str) -> None:
-        self.ran.append(name)
-        self._changed.set()
-
-    async def wait_for(self, count: int) -> None:
-        while len(self.ran) < count:
-            self._changed = trio.Event()
-            await self._changed.wait()
 
 
 async def test_add_background_task_runs_after_the_response_in_an_app_context() -> None:
@@ -100,12 +79,12 @@ async def test_add_background_task_runs_after_the_response_in_an_app_context() -
         # A fresh app context, as in Quart-Trio: not the request's ``g``.
         assert current_app.name == app.name
         assert ("set_by_the_route" not in g) is fresh_app_context
-        recorder.record(name)
+        recorder.note(name)
 
     def sync_job(name: str) -> None:
         thread_of_sync_task.append(threading.current_thread())
         assert current_app.name == app.name
-        trio.from_thread.run_sync(recorder.record, name)
+        trio.from_thread.run_sync(recorder.note, name)
 
     @app.route("/async")
     async def async_route() -> str:
@@ -124,7 +103,7 @@ async def test_add_background_task_runs_after_the_response_in_an_app_context() -
         app.add_background_task(sync_job, "from a sync route")
         return "sync"
 
-    async with served(recording_returns(app, call_returned)) as client:
+    async with served_quart(recording_returns(app, call_returned)) as client:
         with trio.fail_after(BOUND):
             assert (await client.get("/async")).text == "async"
             await recorder.wait_for(3)
@@ -167,7 +146,7 @@ async def test_errors_isolated_failed_requests_discard_and_overloaded_answers_50
         raise ValueError("boom")
 
     async def job(name: str) -> None:
-        recorder.record(name)
+        recorder.note(name)
 
     async def blocker() -> None:
         blocker_started.set()
@@ -195,7 +174,7 @@ async def test_errors_isolated_failed_requests_discard_and_overloaded_answers_50
         app.add_background_task(job, "second")  # Overloaded
         return "never"
 
-    async with served(app) as client:
+    async with served_quart(app) as client:
         with trio.fail_after(BOUND):
             assert (await client.get("/fail-then-ok")).text == "ok"
             await recorder.wait_for(1)
@@ -280,7 +259,7 @@ async def test_a_task_past_the_grace_period_is_cancelled_and_reported() -> None:
         return "ok"
 
     with trio.fail_after(BOUND):
-        async with served(app) as client:
+        async with served_quart(app) as client:
             assert (await client.get("/")).text == "ok"
             await started.wait()
     report = middleware.report
@@ -342,7 +321,7 @@ async def test_the_example(monkeypatch: pytest.MonkeyPatch) -> None:
         sent_event.set()
 
     monkeypatch.setattr(example, "send_welcome_email", send_welcome_email)
-    async with served(example.app) as client:
+    async with served_quart(example.app) as client:
         with trio.fail_after(BOUND):
             response = await client.post("/signup", params={"email": "ada@example.com"})
             assert response.json() == {"status": "welcome", "email": "ada@example.com"}

@@ -12,10 +12,9 @@ import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import httpx
 import pytest
 import trio
-from conftest import run_hypercorn
+from conftest import served
 
 pytest.importorskip("starlette")
 
@@ -34,12 +33,6 @@ from trio_bg._asgi import ASGIApp, Receive, Scope, Send
 
 BOUND = 10.0
 """Seconds any single wait may take before the test fails (generous: a noisy CI box)."""
-
-
-@asynccontextmanager
-async def served(app: ASGIApp) -> AsyncIterator[httpx.AsyncClient]:
-    async with run_hypercorn(app) as server, httpx.AsyncClient(base_url=server.url) as client:
-        yield client
 
 
 def recording_returns(app: ASGIApp, returned: dict[str, trio.Event]) -> ASGIApp:

@@ -477,3 +477,27 @@ async def test_start_soon_works_from_a_worker_thread() -> None:
         await nursery.wait_idle()
     assert seen == ["from-thread"]
     assert nursery.report.completed == 1
+
+
+async def test_a_task_handed_off_after_the_cancel_is_cancelled_not_lost() -> None:
+    """Past the grace period nothing starts any more; a late hand-off (a request that
+    completed just then) is counted, not left waiting in the queue forever."""
+    late_added = trio.Event()
+
+    async def stubborn() -> None:
+        # Ignores cancellation long enough for the late hand-off below.
+        with trio.CancelScope(shield=True):
+            await late_added.wait()
+
+    async with trio_bg.open_background_nursery(max_running=1, grace_period=0) as nursery:
+        nursery.start_soon(stubborn)
+        late = trio_bg.BackgroundTasks(nursery)
+        late.add_task(work, 1)  # admitted before the shutdown
+        async with trio.open_nursery() as shutting_down:
+            shutting_down.start_soon(nursery.shutdown)
+            await trio.testing.wait_all_tasks_blocked()
+            late._hand_off()  # the slot is still taken, and the tasks are cancelled
+            late_added.set()
+    report = nursery.report
+    assert (report.accepted, report.completed, report.cancelled) == (2, 1, 1)
+    assert_report_balances(report)

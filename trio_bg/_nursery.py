@@ -112,7 +112,9 @@ class BackgroundNursery:
             if observed:
                 task.accepted_at = trio.current_time()
                 self._emit("accepted", task)
-            if not self._queue and self._running < self._settings.max_running:
+            if self._nursery.cancel_scope.cancel_called:
+                self._end(task, "cancelled", observed)  # past the grace period: never runs
+            elif not self._queue and self._running < self._settings.max_running:
                 self._running += 1  # the slot is the task's from now on
                 self._spawn(task)
             else:

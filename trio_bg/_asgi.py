@@ -137,9 +137,9 @@ class BackgroundTaskMiddleware:
         token = _current_tasks.set(tasks)
         try:
             await self.app({**scope, SCOPE_KEY: tasks}, receive, send_then_hand_off)
-        except Overloaded:
+        except Overloaded as exc:
             if response_started:
-                self._discard_on_error(scope, tasks, Overloaded())
+                self._discard_on_error(scope, tasks, exc)
                 raise
             tasks._discard(f"{_describe(scope)} answered 503: background task capacity is full")
             await send(self._unavailable[0])

@@ -328,3 +328,96 @@ async def test_an_app_without_lifespan_support_is_still_served(behaviour: str) -
     async with run_lifespan(middleware), asgi_client(middleware) as client:
         assert (await client.get("/")).status_code == 200
     assert middleware.report.completed == 1
+
+
+# -- found in review -------------------------------------------------------------------
+
+
+async def test_an_app_that_crashes_in_its_startup_fails_the_startup(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """It read lifespan.startup and raised (the database is down): not "no lifespan
+    support" (that is raising before reading anything), a failed startup."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        raise ConnectionError("database is down")
+
+    with pytest.raises(StartupFailed, match="database is down"):
+        async with run_lifespan(trio_bg.BackgroundTaskMiddleware(app)):
+            pass
+    crash = next(r for r in caplog.records if r.exc_info)
+    assert crash.levelno == logging.ERROR and "startup raised" in crash.getMessage()
+
+
+async def test_overloaded_from_a_handlers_own_nursery_is_answered_503() -> None:
+    """The handler adds its task in a nursery of its own: Overloaded comes in a group."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio_bg.current_tasks().add_task, send_welcome, "x")
+        await respond(send)
+
+    middleware = trio_bg.BackgroundTaskMiddleware(app, max_running=1, max_pending=0)
+    gate = trio.Event()
+    async with run_lifespan(middleware), asgi_client(middleware) as client:
+        middleware.nursery.start_soon(gate.wait)  # the only slot
+        refused = await client.get("/")
+        gate.set()
+    assert (refused.status_code, refused.headers["retry-after"]) == (503, "1")
+
+
+async def test_a_task_added_after_its_request_failed_is_discarded_not_leaked() -> None:
+    """A straggler (a task the handler left behind) adds to a request that is over."""
+    request_over = trio.Event()
+    straggler_done = trio.Event()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        tasks = trio_bg.current_tasks()
+
+        async def straggler() -> None:
+            await request_over.wait()
+            tasks.add_task(send_welcome, "late")
+            straggler_done.set()
+
+        scope["trio_bg.tasks"]
+        trio.lowlevel.spawn_system_task(straggler)
+        raise ValueError("the handler broke")
+
+    middleware = trio_bg.BackgroundTaskMiddleware(app)
+    transport = httpx.ASGITransport(app=middleware, raise_app_exceptions=False)
+    async with run_lifespan(middleware), httpx.AsyncClient(transport=transport) as client:
+        await client.get("http://test/")
+        request_over.set()
+        await straggler_done.wait()
+        stats = middleware.nursery.stats
+        assert (stats.reserved, stats.discarded, stats.accepted) == (0, 1, 0)
+
+
+async def test_with_trailers_the_tasks_wait_for_the_last_trailers() -> None:
+    ran = trio.Event()
+    sent: list[str] = []
+
+    async def job() -> None:
+        ran.set()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        trio_bg.current_tasks().add_task(job)
+        start = {"type": "http.response.start", "status": 200, "headers": [], "trailers": True}
+        await send(start)
+        await send({"type": "http.response.body", "body": b"ok"})
+        await trio.testing.wait_all_tasks_blocked()
+        sent.append(f"body sent, task ran: {ran.is_set()}")
+        await send({"type": "http.response.trailers", "headers": [], "more_trailers": False})
+
+    async def server_send(message: Message) -> None:
+        pass
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    middleware = trio_bg.BackgroundTaskMiddleware(app)
+    async with run_lifespan(middleware):
+        await middleware({"type": "http", "path": "/", "headers": []}, receive, server_send)
+        await ran.wait()
+    assert sent == ["body sent, task ran: False"]

@@ -501,3 +501,95 @@ async def test_a_task_handed_off_after_the_cancel_is_cancelled_not_lost() -> Non
     report = nursery.report
     assert (report.accepted, report.completed, report.cancelled) == (2, 1, 1)
     assert_report_balances(report)
+
+
+# -- found in review -------------------------------------------------------------------
+
+
+async def task_with_a_cleanup_bug() -> None:
+    """At shutdown its nursery ends in [Cancelled, ValueError]: it fails while cancelled."""
+
+    async def cleanup_fails() -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            raise ValueError("cleanup failed")
+
+    async with trio.open_nursery() as inner:
+        inner.start_soon(trio.sleep_forever)
+        inner.start_soon(cleanup_fails)
+
+
+async def test_a_task_failing_while_cancelled_is_failed_and_the_nursery_lives(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with trio_bg.open_background_nursery(grace_period=1) as nursery:
+        nursery.start_soon(task_with_a_cleanup_bug)
+        nursery.start_soon(work, 0.5)
+    report = nursery.report
+    assert (report.failed, report.completed, report.cancelled) == (1, 1, 0)
+    assert "cleanup failed" in caplog.text
+    assert_report_balances(report)
+
+
+async def test_a_keyboard_interrupt_in_a_task_is_counted_and_propagates() -> None:
+    async def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    with pytest.RaisesGroup(KeyboardInterrupt, flatten_subgroups=True):
+        async with trio_bg.open_background_nursery() as nursery:
+            nursery.start_soon(interrupted)
+            await trio.sleep_forever()
+    assert nursery.report.failed == 1
+
+
+async def test_a_thread_task_reported_cancelled_never_runs_even_if_its_thread_is_late(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """trio may hand the call to a worker thread that starts only after the grace
+    period is over; the task is then reported cancelled, and must not run."""
+    thread_may_go = threading.Event()
+    original = trio._threads.start_thread_soon  # type: ignore[attr-defined]
+
+    def late_start(fn: Any, deliver: Any, name: Any = None) -> None:
+        def late() -> Any:
+            thread_may_go.wait(5)
+            return fn()
+
+        original(late, deliver, name)
+
+    monkeypatch.setattr(trio._threads, "start_thread_soon", late_start)
+    ran = threading.Event()
+    async with trio_bg.open_background_nursery(grace_period=0) as nursery:
+        nursery.start_soon(ran.set)
+        await trio.testing.wait_all_tasks_blocked()
+    thread_may_go.set()
+    assert nursery.report.cancelled == 1
+    # The late thread finds the task refused (bounded wait: it would set `ran` at once).
+    assert not await trio.to_thread.run_sync(ran.wait, 0.5)
+
+
+async def test_the_accepted_event_sees_balanced_books() -> None:
+    seen: list[trio_bg.TaskStats] = []
+    nursery: trio_bg.BackgroundNursery
+
+    def look(event: trio_bg.TaskEvent) -> None:
+        seen.append(nursery.stats)
+
+    async with trio_bg.open_background_nursery(on_event=look) as nursery:
+        nursery.start_soon(work, 0)
+    for stats in seen:
+        assert_books_balance(stats)
+
+
+async def test_an_error_in_the_block_keeps_its_own_cause() -> None:
+    class AppError(Exception):
+        pass
+
+    with pytest.raises(AppError) as raised:
+        async with trio_bg.open_background_nursery():
+            try:
+                raise LookupError("db")
+            except LookupError as db_error:
+                raise AppError("lookup failed") from db_error
+    assert isinstance(raised.value.__cause__, LookupError)

@@ -190,3 +190,23 @@ def test_through_the_plugin_a_failing_task_fails_the_users_test(
     result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
     result.assert_outcomes(failed=1)  # the test's own lines passed; its fixture failed it
     result.stdout.fnmatch_lines(["*ValueError: the e-mail never went out*"])
+
+
+async def test_a_task_failing_during_the_apps_startup_fails_the_test() -> None:
+    async def warm_cache() -> None:
+        raise ValueError("cache warm-up is broken")
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await receive()
+            scope["state"]["trio_bg.middleware"].nursery.start_soon(warm_cache)
+            await trio.testing.wait_all_tasks_blocked()  # it has failed by now
+            await send({"type": "lifespan.startup.complete"})
+            await receive()
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        await shop(scope, receive, send)
+
+    with pytest.raises(ValueError, match="cache warm-up is broken"):
+        async with open_test_client(trio_bg.BackgroundTaskMiddleware(app)) as client:
+            await client.drain()

@@ -28,6 +28,10 @@ SCOPE_KEY = "trio_bg.tasks"
 STATE_KEY = "trio_bg.middleware"
 """The lifespan state key under which the middleware publishes itself at startup."""
 
+FAILURE_WATCHERS_KEY = "trio_bg.failure_watchers"
+"""Private: a list of ``watcher(name, exc)`` in the lifespan state, attached to the
+nursery before the app's own startup runs (how trio_bg.testing sees every failure)."""
+
 logger = logging.getLogger("trio_bg")
 
 
@@ -137,20 +141,17 @@ class BackgroundTaskMiddleware:
         token = _current_tasks.set(tasks)
         try:
             await self.app({**scope, SCOPE_KEY: tasks}, receive, send_then_hand_off)
-        except Overloaded as exc:
-            if response_started:
+        except BaseException as exc:
+            if response_started or not _is_overload(exc):
                 self._discard_on_error(scope, tasks, exc)
                 raise
             tasks._discard(f"{_describe(scope)} answered 503: background task capacity is full")
             await send(self._unavailable[0])
             await send(self._unavailable[1])
             return
-        except BaseException as exc:
-            self._discard_on_error(scope, tasks, exc)
-            raise
         finally:
             _current_tasks.reset(token)
-        if len(tasks):
+        if not tasks._handed_off:  # (also marks it: a straggler's add_task is discarded too)
             tasks._discard(f"{_describe(scope)} returned without completing its response")
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -166,7 +167,7 @@ class BackgroundTaskMiddleware:
         tasks._hand_off()  # the session ended without an error
 
     def _discard_on_error(self, scope: Scope, tasks: BackgroundTasks, exc: BaseException) -> None:
-        if len(tasks):
+        if not tasks._handed_off:
             what = "was cancelled" if isinstance(exc, trio.Cancelled) else f"raised {exc!r}"
             tasks._discard(f"{_describe(scope)} {what} before its response completed")
 
@@ -196,6 +197,7 @@ class BackgroundTaskMiddleware:
                 # Found here by trio_bg.testing, and by the app's own requests (the
                 # server copies the lifespan state into each request's scope).
                 state[STATE_KEY] = self
+                nursery._failure_watchers.extend(state.get(FAILURE_WATCHERS_KEY, ()))
             failure = await app.startup()
             if failure is not None:
                 return {"type": "lifespan.startup.failed", "message": failure}
@@ -207,6 +209,13 @@ class BackgroundTaskMiddleware:
         if failure is not None:
             return {"type": "lifespan.shutdown.failed", "message": failure}
         return {"type": "lifespan.shutdown.complete"}
+
+
+def _is_overload(exc: BaseException) -> bool:
+    """Whether ``exc`` is `Overloaded`, alone or in a group (a handler's own nursery)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split(Overloaded)[1] is None
+    return isinstance(exc, Overloaded)
 
 
 async def _expect(receive: Receive, kind: str) -> None:
@@ -254,10 +263,16 @@ class _WrappedLifespan:
         self._from_app, self._replies = trio.open_memory_channel[Message](math.inf)
         self._supported = True
         self._error: Exception | None = None
+        self._received = 0  # lifespan messages the app has read
+
+    async def _receive(self) -> Message:
+        message = await self._app_inbox.receive()
+        self._received += 1
+        return message
 
     async def run(self) -> None:
         try:
-            await self._app(self._scope, self._app_inbox.receive, self._from_app.send)
+            await self._app(self._scope, self._receive, self._from_app.send)
         except Exception as exc:
             self._error = exc
         finally:
@@ -267,6 +282,11 @@ class _WrappedLifespan:
         """Start the app; return its failure message, or None when it started (or
         does not speak lifespan)."""
         reply = await self._ask({"type": "lifespan.startup"})
+        if reply is None and self._error is not None and self._received:
+            # It read lifespan.startup, then crashed: its startup failed (the ASGI
+            # "raise to decline lifespan" happens before reading anything).
+            logger.error("the wrapped app's lifespan startup raised", exc_info=self._error)
+            return f"the app's startup raised {self._error!r}"
         if reply is None:
             self._supported = False
             logger.info(

@@ -51,6 +51,7 @@ class BackgroundNursery:
         # admission that reads it a moment early only errs on the safe side).
         self._admitted = self._released = 0
         self._admission_lock = threading.Lock()
+        self._thread_start_lock = threading.Lock()
         self._queue: deque[Task] = deque()
         self._closed = False
         self._all_ended = trio.Event()
@@ -108,10 +109,10 @@ class BackgroundNursery:
             raise NurseryClosed("the background nursery has shut down")
         observed = self._observed()
         for task in tasks:
-            self._accepted += 1
-            if observed:
+            if observed:  # before the counts change: a hook reading stats sees them balance
                 task.accepted_at = trio.current_time()
                 self._emit("accepted", task)
+            self._accepted += 1
             if self._nursery.cancel_scope.cancel_called:
                 self._end(task, "cancelled", observed)  # past the grace period: never runs
             elif not self._queue and self._running < self._settings.max_running:
@@ -295,13 +296,17 @@ class BackgroundNursery:
                         await self._run_in_thread(task)
                 outcome = "timed_out" if timeout_scope.cancelled_caught else "completed"
         except BaseException as exc:
-            if _is_cancellation(exc):
+            cancellation, error = _split_cancellation(exc)
+            if error is None:
                 outcome = "abandoned" if task.thread_started else "cancelled"
                 raise  # trio's cancellation is never swallowed
+            # It failed, perhaps while being cancelled (cleanup code that raised).
             outcome = "failed"
-            self._report_failure(task, exc)
-            if not isinstance(exc, Exception):
+            self._report_failure(task, error)
+            if not isinstance(error, Exception):
                 raise  # KeyboardInterrupt, SystemExit: not ours to stop
+            if cancellation is not None:
+                raise cancellation from None  # the cancellation goes on; the error stays here
         finally:
             self._running -= 1
             duration = trio.current_time() - started if observed else None
@@ -337,13 +342,25 @@ class BackgroundNursery:
             self._idle.set()
 
     async def _run_in_thread(self, task: Task) -> None:
+        # A thread cannot be interrupted: when cancelled (the grace period or the task's
+        # timeout is over) we stop waiting for it (abandon_on_cancel). Whether it had
+        # started is settled under a lock, so that a task reported as cancelled, never
+        # run, really never runs, even if its thread comes up a moment later.
         def call() -> object:
-            task.thread_started = True
+            with self._thread_start_lock:
+                if task.thread_refused:
+                    return None
+                task.thread_started = True
             return task.func(*task.args, **task.kwargs)
 
-        # abandon_on_cancel: a thread cannot be interrupted; at the end of the grace
-        # period (or its timeout) we stop waiting for it.
-        result = await trio.to_thread.run_sync(call, limiter=self._limiter, abandon_on_cancel=True)
+        try:
+            result = await trio.to_thread.run_sync(
+                call, limiter=self._limiter, abandon_on_cancel=True
+            )
+        except trio.Cancelled:
+            with self._thread_start_lock:
+                task.thread_refused = not task.thread_started
+            raise
         if inspect.isawaitable(result):
             if inspect.iscoroutine(result):
                 result.close()
@@ -397,11 +414,13 @@ class BackgroundNursery:
             self._all_ended.set()
 
 
-def _is_cancellation(exc: BaseException) -> bool:
-    """Whether ``exc`` is trio's cancellation (alone, or a group of nothing else)."""
+def _split_cancellation(exc: BaseException) -> tuple[BaseException | None, BaseException | None]:
+    """``exc`` as (trio's cancellation in it, everything else), either part None."""
     if isinstance(exc, BaseExceptionGroup):
-        return exc.split(trio.Cancelled)[1] is None
-    return isinstance(exc, trio.Cancelled)
+        return exc.split(trio.Cancelled)
+    if isinstance(exc, trio.Cancelled):
+        return exc, None
+    return None, exc
 
 
 @asynccontextmanager
@@ -433,7 +452,7 @@ async def open_background_nursery(
         # trio wraps an error of the block in a group; when it is the only error,
         # give the caller their own exception back.
         if body_error is not None and group.exceptions == (body_error,):
-            raise body_error from None
+            raise body_error from body_error.__cause__  # (keeps the caller's own cause)
         raise
     finally:
         if nursery._all_ended.is_set():

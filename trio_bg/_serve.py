@@ -67,7 +67,7 @@ async def serve(
         except BaseExceptionGroup as group:
             # Raise what hypercorn.trio.serve raised, not our nursery's group around it.
             if len(group.exceptions) == 1:
-                raise group.exceptions[0] from None
+                raise group.exceptions[0] from group.exceptions[0].__cause__
             raise
     return middleware.report
 

@@ -25,6 +25,7 @@ class Task:
         "is_async",
         "kwargs",
         "name",
+        "thread_refused",
         "thread_started",
         "timeout",
     )
@@ -42,9 +43,10 @@ class Task:
         # request, or queued); None while it may still be spawned from the caller.
         self.context: contextvars.Context | None = None
         self.accepted_at: float | None = None  # set when queued, or when events are observed
-        # Set by the worker thread as it calls `func`: a cancelled thread task that
-        # had started is "abandoned", one still waiting for a thread is "cancelled".
+        # A cancelled thread task that had started is "abandoned"; one that had not is
+        # "cancelled", and refused should its thread come up later (see _run_in_thread).
         self.thread_started = False
+        self.thread_refused = False
 
     def __repr__(self) -> str:
         # Never show the arguments: they may hold personal data.
@@ -79,12 +81,13 @@ class BackgroundTasks:
     completed. A task added after that hand-off goes to the nursery at once.
     """
 
-    __slots__ = ("_handed_off", "_sink", "_tasks")
+    __slots__ = ("_discarded_because", "_handed_off", "_sink", "_tasks")
 
     def __init__(self, sink: TaskSink) -> None:
         self._sink = sink
         self._tasks: list[Task] = []
         self._handed_off = False
+        self._discarded_because: str | None = None
 
     def add_task(self, func: Callable[P, Any], /, *args: P.args, **kwargs: P.kwargs) -> None:
         """Run ``func(*args, **kwargs)`` in the background once the response is sent.
@@ -100,6 +103,8 @@ class BackgroundTasks:
         task.context = contextvars.copy_context()
         if self._handed_off:
             self._sink.accept((task,))
+        elif self._discarded_because is not None:  # the request failed already
+            self._sink.discard((task,), self._discarded_because)
         else:
             self._tasks.append(task)
 
@@ -132,7 +137,9 @@ class BackgroundTasks:
             self._sink.discard(tasks, "the background nursery had already shut down")
 
     def _discard(self, reason: str) -> None:
-        """The response did not complete: the collected tasks will never run."""
+        """The response did not complete: the collected tasks, and any added later,
+        will never run."""
+        self._discarded_because = reason
         tasks, self._tasks = self._tasks, []
         if tasks:
             self._sink.discard(tasks, reason)

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import trio
 
-from ._asgi import STATE_KEY, ASGIApp, BackgroundTaskMiddleware, Message
+from ._asgi import FAILURE_WATCHERS_KEY, STATE_KEY, ASGIApp, BackgroundTaskMiddleware, Message
 from ._nursery import BackgroundNursery
 from ._report import ShutdownReport, TaskStats
 
@@ -24,6 +24,20 @@ __all__ = ["TaskFailures", "TestClient", "open_test_client"]
 
 class TaskFailures(ExceptionGroup[Exception]):
     """Several background tasks failed; each is one of the group's exceptions."""
+
+
+class _Failures:
+    """The background tasks' failures, watched from the moment the nursery opens (so
+    a task started by the app's own startup is caught too)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, Exception]] = []
+        self.unraised: list[Exception] = []
+
+    def __call__(self, name: str, exc: BaseException) -> None:
+        if isinstance(exc, Exception):  # the rest (KeyboardInterrupt...) propagates anyway
+            self.seen.append((name, exc))
+            self.unraised.append(exc)
 
 
 class TestClient(httpx.AsyncClient):
@@ -41,6 +55,7 @@ class TestClient(httpx.AsyncClient):
         self,
         app: ASGIApp,
         middleware: BackgroundTaskMiddleware,
+        failures: _Failures,
         *,
         raise_task_errors: bool,
         **kwargs: Any,
@@ -49,9 +64,13 @@ class TestClient(httpx.AsyncClient):
         super().__init__(transport=httpx.ASGITransport(app=app), **kwargs)
         self.middleware = middleware
         self.raise_task_errors = raise_task_errors
-        self.task_errors: list[tuple[str, Exception]] = []
-        """``(task name, exception)`` for every background task that failed."""
-        self._unraised: list[Exception] = []
+        self._failures = failures
+
+    @property
+    def task_errors(self) -> list[tuple[str, Exception]]:
+        """``(task name, exception)`` for every background task that failed, from the
+        app's startup on."""
+        return self._failures.seen
 
     @property
     def nursery(self) -> BackgroundNursery:
@@ -74,13 +93,8 @@ class TestClient(httpx.AsyncClient):
         await self.middleware.nursery._wait_drained()
         self._raise_failures()
 
-    def _on_failure(self, name: str, exc: BaseException) -> None:
-        if isinstance(exc, Exception):  # the rest (KeyboardInterrupt...) propagates anyway
-            self.task_errors.append((name, exc))
-            self._unraised.append(exc)
-
     def _raise_failures(self) -> None:
-        failures, self._unraised = self._unraised, []
+        failures, self._failures.unraised = self._failures.unraised, []
         if not self.raise_task_errors or not failures:
             return
         if len(failures) == 1:
@@ -104,7 +118,8 @@ async def open_test_client(
     and then raises any background failure not raised yet. Extra keyword arguments
     go to `httpx.AsyncClient`.
     """
-    state: dict[str, Any] = {}
+    failures = _Failures()
+    state: dict[str, Any] = {FAILURE_WATCHERS_KEY: [failures]}
     to_app, app_inbox = trio.open_memory_channel[Message](math.inf)
     from_app, replies = trio.open_memory_channel[Message](math.inf)
     scope = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"}, "state": state}
@@ -138,11 +153,11 @@ async def open_test_client(
             client = TestClient(
                 app,
                 middleware,
+                failures,
                 raise_task_errors=raise_task_errors,
                 base_url=base_url,
                 **client_options,
             )
-            middleware.nursery._failure_watchers.append(client._on_failure)
             async with client:
                 yield client
             await ask("shutdown")
@@ -151,6 +166,6 @@ async def open_test_client(
         # The lifespan task does not fail on its own: one error is the test's (or the
         # start-up's); give it back as it was raised.
         if len(group.exceptions) == 1:
-            raise group.exceptions[0] from None
+            raise group.exceptions[0] from group.exceptions[0].__cause__
         raise
     client._raise_failures()

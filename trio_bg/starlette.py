@@ -73,6 +73,11 @@ def _overloaded_handler(retry_after: int | None) -> OverloadedHandler:
         return PlainTextResponse(_UNAVAILABLE, status_code=503, headers=headers)
 
     handle_overloaded.__qualname__ = handle_overloaded.__name__ = "overloaded_handler"
+    handle_overloaded.__doc__ = (
+        "A Starlette exception handler for trio_bg.Overloaded: 503 Service Unavailable"
+        + ("" if retry_after is None else f" with Retry-After: {retry_after}")
+        + ", the tasks the request had collected discarded."
+    )
     return handle_overloaded
 
 

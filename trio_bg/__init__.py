@@ -31,5 +31,3 @@ __all__ = [
     "serve",
     "task",
 ]
-
-__version__ = "0.1.0"

@@ -61,12 +61,7 @@ class BackgroundTaskMiddleware:
         options are those of `open_background_nursery`."""
         if not callable(app):
             raise TypeError(f"BackgroundTaskMiddleware wraps an ASGI app, not {app!r}")
-        if retry_after is not None and (
-            isinstance(retry_after, bool) or not isinstance(retry_after, int) or retry_after < 0
-        ):
-            raise TypeError(
-                f"retry_after must be a whole number of seconds >= 0, not {retry_after!r}"
-            )
+        check_retry_after(retry_after)
         self._settings = Settings.from_options(options)  # fails here, not at server start
         self.app = app
         self._unavailable = _unavailable_response(retry_after)
@@ -229,14 +224,32 @@ def _describe(scope: Scope) -> str:
     return f"the {scope['type']} request to {scope.get('path', '?')}"
 
 
+UNAVAILABLE_TEXT = "Service Unavailable: background task capacity is exhausted\n"
+"""The body of every 503 trio_bg answers (the middleware's, and the integrations')."""
+
+
+def check_retry_after(retry_after: object) -> None:
+    """`TypeError` unless ``retry_after`` is None or a whole number of seconds >= 0."""
+    if retry_after is not None and (
+        isinstance(retry_after, bool) or not isinstance(retry_after, int) or retry_after < 0
+    ):
+        raise TypeError(f"retry_after must be a whole number of seconds >= 0, not {retry_after!r}")
+
+
+def retry_after_headers(retry_after: int | None) -> dict[str, str]:
+    """The headers of a 503 besides its content type: ``Retry-After``, if any."""
+    return {} if retry_after is None else {"Retry-After": str(retry_after)}
+
+
 def _unavailable_response(retry_after: int | None) -> tuple[Message, Message]:
-    body = b"Service Unavailable: background task capacity is exhausted\n"
+    body = UNAVAILABLE_TEXT.encode()
     headers = [
         (b"content-type", b"text/plain; charset=utf-8"),
         (b"content-length", str(len(body)).encode()),
     ]
-    if retry_after is not None:
-        headers.append((b"retry-after", str(retry_after).encode()))
+    headers += [
+        (k.lower().encode(), v.encode()) for k, v in retry_after_headers(retry_after).items()
+    ]
     return (
         {"type": "http.response.start", "status": 503, "headers": headers},
         {"type": "http.response.body", "body": body},

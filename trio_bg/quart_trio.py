@@ -28,7 +28,7 @@ from quart import Response, has_request_context, has_websocket_context
 from quart.signals import got_request_exception
 from quart_trio import QuartTrio
 
-from ._asgi import ASGIApp, BackgroundTaskMiddleware
+from ._asgi import UNAVAILABLE_TEXT, ASGIApp, BackgroundTaskMiddleware, retry_after_headers
 from ._callables import spec_of, task
 from ._errors import Overloaded
 from ._options import NurseryOptions
@@ -40,8 +40,6 @@ P = ParamSpec("P")
 
 EXTENSION_KEY = "trio_bg"
 """The key of the `BackgroundTaskMiddleware` in ``app.extensions``."""
-
-_UNAVAILABLE = "Service Unavailable: background task capacity is exhausted\n"
 
 
 def init_app(
@@ -73,11 +71,11 @@ def init_app(
     # Quart's documented way to add ASGI middleware: the app stays a QuartTrio.
     app.asgi_app = middleware  # type: ignore[method-assign, assignment]
     app.extensions[EXTENSION_KEY] = middleware
-    headers = {} if retry_after is None else {"Retry-After": str(retry_after)}
+    headers = retry_after_headers(retry_after)
 
     async def overloaded(error: Overloaded) -> Response:
         _discard_collected("it answered 503")
-        return Response(_UNAVAILABLE, status=503, headers=headers, mimetype="text/plain")
+        return Response(UNAVAILABLE_TEXT, status=503, headers=headers, mimetype="text/plain")
 
     app.register_error_handler(Overloaded, overloaded)
 

@@ -24,7 +24,13 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
-from ._asgi import SCOPE_KEY, BackgroundTaskMiddleware
+from ._asgi import (
+    SCOPE_KEY,
+    UNAVAILABLE_TEXT,
+    BackgroundTaskMiddleware,
+    check_retry_after,
+    retry_after_headers,
+)
 from ._errors import Overloaded
 from ._options import NurseryOptions, Settings
 from ._tasks import BackgroundTasks
@@ -33,8 +39,6 @@ __all__ = ["install", "middleware_of", "overloaded_handler"]
 
 OverloadedHandler = Callable[[Request, Exception], Awaitable[Response]]
 """The type of `overloaded_handler`: a Starlette HTTP exception handler."""
-
-_UNAVAILABLE = "Service Unavailable: background task capacity is exhausted\n"
 
 
 def install(
@@ -58,11 +62,8 @@ def install(
 
 
 def _overloaded_handler(retry_after: int | None) -> OverloadedHandler:
-    if retry_after is not None and (
-        isinstance(retry_after, bool) or not isinstance(retry_after, int) or retry_after < 0
-    ):
-        raise TypeError(f"retry_after must be a whole number of seconds >= 0, not {retry_after!r}")
-    headers = {} if retry_after is None else {"Retry-After": str(retry_after)}
+    check_retry_after(retry_after)
+    headers = retry_after_headers(retry_after)
 
     async def handle_overloaded(request: Request, exc: Exception) -> Response:
         tasks = request.scope.get(SCOPE_KEY)
@@ -70,7 +71,7 @@ def _overloaded_handler(retry_after: int | None) -> OverloadedHandler:
             # The client is told to retry: the work this request collected must not
             # run now as well.
             tasks._discard(f"the {request.method} request to {request.url.path} answered 503")
-        return PlainTextResponse(_UNAVAILABLE, status_code=503, headers=headers)
+        return PlainTextResponse(UNAVAILABLE_TEXT, status_code=503, headers=headers)
 
     handle_overloaded.__qualname__ = handle_overloaded.__name__ = "overloaded_handler"
     handle_overloaded.__doc__ = (

@@ -11,7 +11,8 @@ from typing import Any, Unpack
 import trio
 
 from ._errors import Overloaded
-from ._nursery import BackgroundNursery, open_background_nursery
+from ._hypercorn_worker import hypercorn_worker_config, ignore_sigterm
+from ._nursery import BackgroundNursery, open_nursery
 from ._options import NurseryOptions, Settings
 from ._report import ShutdownReport
 from ._tasks import BackgroundTasks, _current_tasks
@@ -65,9 +66,13 @@ class BackgroundTaskMiddleware:
         self._settings = Settings.from_options(options)  # fails here, not at server start
         self.app = app
         self._unavailable = _unavailable_response(retry_after)
-        self._options = options
         self._nursery: BackgroundNursery | None = None
         self._report: ShutdownReport | None = None
+        # What went wrong in the lifespan, for trio_bg.serve: the wrapped app's failed
+        # startup or shutdown ("startup: message"), and how to stop the server when a
+        # task raises KeyboardInterrupt or SystemExit (None: raise it from the lifespan).
+        self._lifespan_failure: str | None = None
+        self._stop_server: Callable[[], object] | None = None
 
     @property
     def nursery(self) -> BackgroundNursery:
@@ -108,13 +113,23 @@ class BackgroundTaskMiddleware:
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         tasks = BackgroundTasks(self.nursery)
+        client = _ClientWatch(receive)
         response_started = trailers = False
+
+        def complete(client_gone: bool) -> None:
+            if client_gone:  # the server dropped the response's last messages
+                tasks._discard(f"{_describe(scope)} lost its client before its response completed")
+            else:
+                tasks._hand_off()
 
         async def send_then_hand_off(message: Message) -> None:
             nonlocal response_started, trailers
             kind = message["type"]
             if kind == "http.response.body":
-                final = not (trailers or message.get("more_body", False))
+                more_body = message.get("more_body", False)
+                if more_body:  # streaming: the client may leave before the end
+                    client.listen()
+                final = not (trailers or more_body)
             elif kind == "http.response.start":
                 response_started = True
                 trailers = bool(message.get("trailers", False))
@@ -124,18 +139,21 @@ class BackgroundTaskMiddleware:
             if not final:
                 await send(message)
                 return
+            # Whether the client had left before the final message: a disconnect that
+            # comes while (or after) the server sends it ends a complete response.
+            client_gone = client.gone
             try:
                 await send(message)
             except trio.Cancelled:
                 # Some frameworks (Quart-Trio) cancel their own request after the final
                 # bytes were handed over: the response is complete all the same.
-                tasks._hand_off()
+                complete(client_gone)
                 raise
-            tasks._hand_off()
+            complete(client_gone)
 
         token = _current_tasks.set(tasks)
         try:
-            await self.app({**scope, SCOPE_KEY: tasks}, receive, send_then_hand_off)
+            await self.app({**scope, SCOPE_KEY: tasks}, client.receive, send_then_hand_off)
         except BaseException as exc:
             if response_started or not _is_overload(exc):
                 self._discard_on_error(scope, tasks, exc)
@@ -146,7 +164,8 @@ class BackgroundTaskMiddleware:
             return
         finally:
             _current_tasks.reset(token)
-        if not tasks._handed_off:  # (also marks it: a straggler's add_task is discarded too)
+            client.close()
+        if not tasks._settled:  # (marks it: a straggler's add_task is discarded too)
             tasks._discard(f"{_describe(scope)} returned without completing its response")
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -162,7 +181,7 @@ class BackgroundTaskMiddleware:
         tasks._hand_off()  # the session ended without an error
 
     def _discard_on_error(self, scope: Scope, tasks: BackgroundTasks, exc: BaseException) -> None:
-        if not tasks._handed_off:
+        if not tasks._settled:
             what = "was cancelled" if isinstance(exc, trio.Cancelled) else f"raised {exc!r}"
             tasks._discard(f"{_describe(scope)} {what} before its response completed")
 
@@ -173,12 +192,19 @@ class BackgroundTaskMiddleware:
         if self._nursery is not None and not self._nursery.closed:
             raise RuntimeError("this BackgroundTaskMiddleware is already running a lifespan")
         async with trio.open_nursery() as app_nursery:
+            if (worker_config := hypercorn_worker_config()) is not None:
+                await app_nursery.start(ignore_sigterm, worker_config, self.grace_period)
             app = _WrappedLifespan(self.app, scope)
             app_nursery.start_soon(app.run)
             try:
                 last_message = await self._run_lifespan(scope, app, receive, send)
             finally:
                 app_nursery.cancel_scope.cancel()
+        fatal = self.nursery._fatal
+        if fatal is not None and self._stop_server is None:
+            # A task's KeyboardInterrupt or SystemExit, after the drain and the app's
+            # shutdown: it stops the server (and the process) as trio means it to.
+            raise fatal
         # Hypercorn cancels this task as soon as it has this message: everything is done.
         await send(last_message)
 
@@ -186,7 +212,7 @@ class BackgroundTaskMiddleware:
         self, scope: Scope, app: _WrappedLifespan, receive: Receive, send: Send
     ) -> Message:
         """Run the lifespan up to its last message, and return that message."""
-        async with open_background_nursery(**self._options) as nursery:
+        async with open_nursery(self._settings, raise_fatal=False) as nursery:
             self._nursery = nursery
             if isinstance(state := scope.get("state"), dict):
                 # Found here by trio_bg.testing, and by the app's own requests (the
@@ -195,15 +221,40 @@ class BackgroundTaskMiddleware:
                 nursery._failure_watchers.extend(state.get(FAILURE_WATCHERS_KEY, ()))
             failure = await app.startup()
             if failure is not None:
-                return {"type": "lifespan.startup.failed", "message": failure}
+                return self._failed("startup", failure)
             await send({"type": "lifespan.startup.complete"})
-            await _expect(receive, "lifespan.shutdown")
+            await self._until_shutdown(receive, nursery)
             # The tasks may use what the app's own shutdown closes: drain them first.
             self._report = await nursery.shutdown()
         failure = await app.shutdown()
         if failure is not None:
-            return {"type": "lifespan.shutdown.failed", "message": failure}
+            return self._failed("shutdown", failure)
         return {"type": "lifespan.shutdown.complete"}
+
+    async def _until_shutdown(self, receive: Receive, nursery: BackgroundNursery) -> None:
+        """Wait for lifespan.shutdown; or, should a task raise KeyboardInterrupt or
+        SystemExit, ask the server to stop (then wait for it), or stop waiting."""
+
+        async def on_fatal(waiting: trio.CancelScope) -> None:
+            await nursery._stopping.wait()  # the nursery is draining itself meanwhile
+            if nursery._fatal is None:
+                return
+            if self._stop_server is None:
+                waiting.cancel()
+            else:
+                self._stop_server()  # trio_bg.serve: stop serving gracefully
+
+        async with trio.open_nursery() as waiting:
+            waiting.start_soon(on_fatal, waiting.cancel_scope)
+            await _expect(receive, "lifespan.shutdown")
+            waiting.cancel_scope.cancel()
+
+    def _failed(self, phase: str, message: str) -> Message:
+        """The wrapped app's lifespan ``phase`` failed: log it (Hypercorn drops the
+        message), keep it for `trio_bg.serve`, and tell the server."""
+        logger.error("the app's lifespan %s failed: %s", phase, message)
+        self._lifespan_failure = f"{phase}: {message}"
+        return {"type": f"lifespan.{phase}.failed", "message": message}
 
 
 def _is_overload(exc: BaseException) -> bool:
@@ -266,6 +317,74 @@ def _completes_response(kind: str, message: Message) -> bool:
     )
 
 
+_READ_AHEAD = 16
+"""Messages a `_ClientWatch` reads ahead of the app: enough for the request body of
+a streaming endpoint that never reads it; a larger upload waits for the app."""
+
+
+class _ClientWatch:
+    """Whether the client of one HTTP request has gone away, as far as can be known.
+
+    Hypercorn drops what an app sends after its client disconnected, silently; only
+    ``receive`` tells, with ``http.disconnect``. The app's own reads are watched; and
+    while a response streams and the app is not reading, a system task reads in its
+    stead (a few messages ahead at most) and passes on what it read when the app asks.
+    """
+
+    __slots__ = ("_listener", "_reading", "_receive", "_relay", "gone")
+
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self.gone = False
+        self._reading = False
+        self._listener: trio.CancelScope | None = None
+        self._relay: trio.MemoryReceiveChannel[Message | Exception] | None = None
+
+    async def receive(self) -> Message:
+        """The ``receive`` the app gets."""
+        if self._relay is not None:  # the listener reads in the app's stead
+            try:
+                message = await self._relay.receive()
+            except trio.EndOfChannel:  # it heard the disconnect, and passed it on
+                return {"type": "http.disconnect"}
+            if isinstance(message, Exception):
+                raise message
+            return message
+        self._reading = True
+        try:
+            message = await self._receive()
+        finally:
+            self._reading = False
+        self.gone = message["type"] == "http.disconnect"
+        return message
+
+    def listen(self) -> None:
+        """A response is streaming: listen for the disconnect, unless the app does."""
+        if self._relay is None and not (self._reading or self.gone):
+            relay, self._relay = trio.open_memory_channel[Message | Exception](_READ_AHEAD)
+            self._listener = trio.CancelScope()
+            # A system task: no nursery on every request's path for this rare need.
+            trio.lowlevel.spawn_system_task(self._listen, self._listener, relay)
+
+    def close(self) -> None:
+        """The request is over: stop listening."""
+        if self._listener is not None:
+            self._listener.cancel()
+
+    async def _listen(
+        self, scope: trio.CancelScope, relay: trio.MemorySendChannel[Message | Exception]
+    ) -> None:
+        with scope, relay:
+            while not self.gone:
+                try:
+                    message = await self._receive()
+                except Exception as exc:  # a system task must not raise: the app will see it
+                    await relay.send(exc)
+                    return
+                self.gone = message["type"] == "http.disconnect"
+                await relay.send(message)
+
+
 class _WrappedLifespan:
     """Drives the wrapped app's own lifespan handler, for apps that have one."""
 
@@ -317,9 +436,10 @@ class _WrappedLifespan:
             return None
         reply = await self._ask({"type": "lifespan.shutdown"})
         if reply is None:
-            if self._error is not None:
-                logger.error("the wrapped app's lifespan shutdown raised", exc_info=self._error)
-            return None
+            if self._error is None:
+                return None
+            logger.error("the wrapped app's lifespan shutdown raised", exc_info=self._error)
+            return f"the app's shutdown raised {self._error!r}"
         if reply["type"] == "lifespan.shutdown.failed":
             return str(reply.get("message", ""))
         return None

@@ -76,11 +76,9 @@ class CallSpec:
     def __init__(self, func: object) -> None:
         _refuse_what_cannot_run(func)
         target = _unwrap_partial(func)
-        self.is_async = inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(
-            getattr(target, "__call__", None)  # noqa: B004 -- an object with async __call__
-        )
+        self.is_async = is_async_callable(target)
         options = _options_of(func)
-        self.name = options.name if options and options.name else _name_of(target)
+        self.name = options.name if options and options.name else name_of(target)
         self.timeout = options.timeout if options else None
         self._probe = _make_probe(func, self.name)
 
@@ -115,6 +113,20 @@ def spec_of(func: object) -> CallSpec:
     return spec
 
 
+def is_async_callable(func: object) -> bool:
+    """Whether calling ``func`` returns a coroutine: an ``async def`` function (or a
+    partial of one), or an instance whose class defines ``async def __call__``.
+
+    A class is never async, whatever its ``__call__``: calling a class constructs an
+    instance. That is why the call is looked up on the type, as Python does.
+    """
+    target = _unwrap_partial(func)
+    return inspect.iscoroutinefunction(target) or (
+        not inspect.isroutine(target)
+        and inspect.iscoroutinefunction(getattr(type(target), "__call__", None))  # noqa: B004
+    )
+
+
 def _refuse_what_cannot_run(func: object) -> None:
     if inspect.isawaitable(func):
         name = getattr(func, "__qualname__", type(func).__name__)
@@ -132,7 +144,7 @@ def _refuse_what_cannot_run(func: object) -> None:
     target = _unwrap_partial(func)
     if inspect.isasyncgenfunction(target) or inspect.isgeneratorfunction(target):
         raise TypeError(
-            f"{_name_of(target)} is a generator function: calling it runs none of its body; "
+            f"{name_of(target)} is a generator function: calling it runs none of its body; "
             f"pass an async def or a plain function"
         )
 
@@ -181,6 +193,7 @@ def _unwrap_partial(func: object) -> object:
     return func
 
 
-def _name_of(target: object) -> str:
+def name_of(target: object) -> str:
+    """The name a callable reports under by default: its qualified name."""
     name = getattr(target, "__qualname__", None)
     return name if isinstance(name, str) else type(target).__qualname__

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import inspect
 import logging
@@ -9,6 +10,7 @@ import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any, ParamSpec, Unpack
 
 import trio
@@ -44,6 +46,7 @@ class BackgroundNursery:
         self._limiter = trio.CapacityLimiter(settings.thread_limit)
         self._trio_token = trio.lowlevel.current_trio_token()
         self._trio_thread = threading.get_ident()
+        self._clock = trio.lowlevel.current_clock()  # readable from any thread
         self._capacity = settings.max_running + settings.max_pending
         # Tasks admitted and not yet ended or discarded: _admitted - _released.
         # Admission may happen in worker threads (sync handlers), so _admitted changes
@@ -55,13 +58,19 @@ class BackgroundNursery:
         self._queue: deque[Task] = deque()
         self._closed = False
         self._all_ended = trio.Event()
+        # Set when every task has ended, or a task or hook raised KeyboardInterrupt or
+        # SystemExit (then _fatal holds it): see _shut_down_when_stopped.
+        self._stopping = trio.Event()
+        self._fatal: BaseException | None = None
         self._idle: trio.Event | None = None
         self._shutdown_started: float | None = None
         self._report: ShutdownReport | None = None
         self._unfinished: list[str] = []
         # Private: trio_bg.testing listens here to fail the test on a task's error.
         self._failure_watchers: list[Callable[[str, BaseException], object]] = []
-        self._accepted = self._pending = self._running = 0
+        # _running counts the tasks holding a running slot; of those, _awaiting_thread
+        # are thread tasks still waiting for a worker thread (shown as pending).
+        self._accepted = self._pending = self._running = self._awaiting_thread = 0
         self._completed = self._failed = self._timed_out = 0
         self._cancelled = self._abandoned = self._discarded = self._rejected = 0
 
@@ -127,7 +136,10 @@ class BackgroundNursery:
 
     def discard(self, tasks: Sequence[Task], reason: str) -> None:
         """Release admitted tasks that will never run; count and log them (part of
-        `TaskSink`)."""
+        `TaskSink`). From another thread, the call is carried out in trio's thread."""
+        if threading.get_ident() != self._trio_thread:
+            trio.from_thread.run_sync(self.discard, tasks, reason, trio_token=self._trio_token)
+            return
         self._released += len(tasks)
         self._discarded += len(tasks)
         self._set_idle_if_idle()
@@ -153,11 +165,18 @@ class BackgroundNursery:
 
     @property
     def stats(self) -> TaskStats:
-        """The number of tasks in each state, now."""
+        """The number of tasks in each state, now. Readable from any thread: from a
+        worker thread the counts are read in trio's thread, so they always balance."""
+        if threading.get_ident() != self._trio_thread:
+            with contextlib.suppress(trio.RunFinishedError):  # then nothing changes them
+                return trio.from_thread.run_sync(self._stats, trio_token=self._trio_token)
+        return self._stats()
+
+    def _stats(self) -> TaskStats:
         return TaskStats(
             accepted=self._accepted,
-            pending=self._pending,
-            running=self._running,
+            pending=self._pending + self._awaiting_thread,
+            running=self._running - self._awaiting_thread,
             completed=self._completed,
             failed=self._failed,
             timed_out=self._timed_out,
@@ -167,7 +186,9 @@ class BackgroundNursery:
             reserved=self._admitted - self._released - self._pending - self._running,
             rejected=self._rejected,
             oldest_pending_age=(
-                trio.current_time() - (self._queue[0].accepted_at or 0.0) if self._queue else 0.0
+                self._clock.current_time() - (self._queue[0].accepted_at or 0.0)
+                if self._queue
+                else 0.0
             ),
             threads_in_use=self._limiter.borrowed_tokens,
         )
@@ -274,47 +295,52 @@ class BackgroundNursery:
         its own, so that each task keeps its own context)."""
         # The clock is read only for those who look: it costs as much as a checkpoint.
         observed = self._observed()
-        started = trio.current_time() if observed else 0.0
         outcome: Outcome = "cancelled"
         try:
             # A task the shutdown cancelled before it was scheduled never starts.
             await trio.lowlevel.checkpoint_if_cancelled()
-            if observed:
-                waited = None if task.accepted_at is None else started - task.accepted_at
-                self._emit("started", task, waited=waited)
-            if task.timeout is None:
-                if task.is_async:
-                    await task.func(*task.args, **task.kwargs)
-                else:
-                    await self._run_in_thread(task)
+            if not task.is_async:
+                outcome = await self._run_in_thread(task, observed)
+            elif task.timeout is None:
+                self._started(task, observed)
+                await task.func(*task.args, **task.kwargs)
                 outcome = "completed"
             else:
+                self._started(task, observed)
                 with trio.move_on_after(task.timeout) as timeout_scope:
-                    if task.is_async:
-                        await task.func(*task.args, **task.kwargs)
-                    else:
-                        await self._run_in_thread(task)
+                    await task.func(*task.args, **task.kwargs)
                 outcome = "timed_out" if timeout_scope.cancelled_caught else "completed"
         except BaseException as exc:
             cancellation, error = _split_cancellation(exc)
             if error is None:
                 outcome = "abandoned" if task.thread_started else "cancelled"
                 raise  # trio's cancellation is never swallowed
-            # It failed, perhaps while being cancelled (cleanup code that raised).
+            # It failed, perhaps while being cancelled (cleanup code that raised). Any
+            # BaseException is the task's failure; KeyboardInterrupt and SystemExit
+            # also stop the nursery (see _stop_for), never just this one task's trio task.
             outcome = "failed"
             self._report_failure(task, error)
-            if not isinstance(error, Exception):
-                raise  # KeyboardInterrupt, SystemExit: not ours to stop
             if cancellation is not None:
                 raise cancellation from None  # the cancellation goes on; the error stays here
         finally:
             self._running -= 1
-            duration = trio.current_time() - started if observed else None
+            duration = (
+                trio.current_time() - task.started_at
+                if observed and task.started_at is not None
+                else None
+            )
             self._end(task, outcome, observed, duration)
             if self._queue and not self._nursery.cancel_scope.cancel_called:
                 self._pending -= 1
                 self._running += 1
                 self._spawn(self._queue.popleft())
+
+    def _started(self, task: Task, observed: bool) -> None:
+        """The task's own run begins (for a thread task: it has its worker thread)."""
+        if observed:
+            task.started_at = now = trio.current_time()
+            waited = None if task.accepted_at is None else now - task.accepted_at
+            self._emit("started", task, waited=waited)
 
     def _end(
         self, task: Task, outcome: Outcome, observed: bool, duration: float | None = None
@@ -341,7 +367,10 @@ class BackgroundNursery:
         if self._idle is not None and not (self._pending or self._running):
             self._idle.set()
 
-    async def _run_in_thread(self, task: Task) -> None:
+    async def _run_in_thread(self, task: Task, observed: bool) -> Outcome:
+        """Run a plain-function task in a worker thread; its timeout (if any) starts
+        once it has the thread, not while it waits for one (it is pending until then)."""
+
         # A thread cannot be interrupted: when cancelled (the grace period or the task's
         # timeout is over) we stop waiting for it (abandon_on_cancel). Whether it had
         # started is settled under a lock, so that a task reported as cancelled, never
@@ -353,14 +382,35 @@ class BackgroundNursery:
                 task.thread_started = True
             return task.func(*task.args, **task.kwargs)
 
+        timeout_scope = trio.CancelScope()
+        has_thread = False
+
+        def on_thread_token() -> None:
+            nonlocal has_thread
+            has_thread = True
+            self._awaiting_thread -= 1
+            self._started(task, observed)
+            if task.timeout is not None:
+                timeout_scope.deadline = trio.current_time() + task.timeout
+
+        self._awaiting_thread += 1
         try:
-            result = await trio.to_thread.run_sync(
-                call, limiter=self._limiter, abandon_on_cancel=True
-            )
+            with timeout_scope:
+                result = await trio.to_thread.run_sync(
+                    call,
+                    # trio takes any object with these two methods (typed narrower)
+                    limiter=_ThreadToken(self._limiter, on_thread_token),  # type: ignore[arg-type]
+                    abandon_on_cancel=True,
+                )
         except trio.Cancelled:
-            with self._thread_start_lock:
-                task.thread_refused = not task.thread_started
+            self._refuse_thread_unless_started(task)
             raise
+        finally:
+            if not has_thread:
+                self._awaiting_thread -= 1
+        if timeout_scope.cancelled_caught:
+            self._refuse_thread_unless_started(task)
+            return "timed_out"
         if inspect.isawaitable(result):
             if inspect.iscoroutine(result):
                 result.close()
@@ -368,18 +418,50 @@ class BackgroundNursery:
                 f"{task.name} returned an awaitable from a worker thread, so nothing awaited "
                 f"it; define it with async def to run it as a trio task"
             )
+        return "completed"
+
+    def _refuse_thread_unless_started(self, task: Task) -> None:
+        with self._thread_start_lock:
+            task.thread_refused = not task.thread_started
 
     def _report_failure(self, task: Task, exc: BaseException) -> None:
         logger.error("background task %s failed", task.name, exc_info=exc)
         for watcher in self._failure_watchers:
             watcher(task.name, exc)
+        if _stops_the_process(exc):
+            self._stop_for(exc, f"background task {task.name}")
         hook = self._settings.on_error
         if hook is None:
             return
         try:
             hook(task.name, exc)
-        except Exception:
-            logger.exception("the on_error hook failed for background task %s", task.name)
+        except BaseException as error:  # a hook never breaks the nursery
+            self._hook_failed("on_error", task, error)
+
+    def _hook_failed(self, hook: str, task: Task, error: BaseException) -> None:
+        logger.error("the %s hook failed for background task %s", hook, task.name, exc_info=error)
+        if _stops_the_process(error):
+            self._stop_for(error, f"the {hook} hook")
+
+    def _stop_for(self, exc: BaseException, culprit: str) -> None:
+        """A task or hook raised KeyboardInterrupt or SystemExit: shut the nursery down
+        (stop admitting, drain, cancel, report), then let it go on up (see
+        _shut_down_when_stopped). A second one cancels what is left at once."""
+        if self._fatal is not None:
+            logger.critical("%s raised %s as well: cancelling the rest now", culprit, _kind(exc))
+            self._cancel_rest()
+            return
+        self._fatal = exc
+        logger.critical(
+            "%s raised %s: shutting the background tasks down (drain for up to %ss, cancel, "
+            "report); it is raised again after that",
+            culprit,
+            _kind(exc),
+            self._settings.grace_period,
+        )
+        with self._admission_lock:  # at once; the shutdown itself starts in a moment
+            self._closed = True
+        self._stopping.set()
 
     def _observed(self) -> bool:
         """Whether anyone looks at task events (a hook, or the debug log)."""
@@ -401,8 +483,8 @@ class BackgroundNursery:
             return
         try:
             hook(event)
-        except Exception:
-            logger.exception("the on_event hook failed for background task %s", task.name)
+        except BaseException as error:  # a hook never breaks the nursery
+            self._hook_failed("on_event", task, error)
 
     async def _host(self, *, task_status: trio.TaskStatus[None]) -> None:
         """Own the tasks' nursery, so that its cancel scope covers the tasks only."""
@@ -412,6 +494,35 @@ class BackgroundNursery:
                 await trio.sleep_forever()
         finally:
             self._all_ended.set()
+            self._stopping.set()
+
+    async def _shut_down_when_stopped(self, *, raise_fatal: bool) -> None:
+        """Once a task raised KeyboardInterrupt or SystemExit, shut down; then raise it
+        if asked (it cancels the code around the nursery, as trio would)."""
+        await self._stopping.wait()
+        if self._fatal is None:
+            return  # every task ended: the nursery is closing the ordinary way
+        await self.shutdown()
+        if raise_fatal:
+            raise self._fatal
+
+
+class _ThreadToken:
+    """The limiter that trio's ``to_thread`` sees for one task: the nursery's own, and a
+    call back as the task gets its token (its thread starts right after)."""
+
+    __slots__ = ("_limiter", "_on_acquired")
+
+    def __init__(self, limiter: trio.CapacityLimiter, on_acquired: Callable[[], None]) -> None:
+        self._limiter = limiter
+        self._on_acquired = on_acquired
+
+    async def acquire_on_behalf_of(self, borrower: object) -> None:
+        await self._limiter.acquire_on_behalf_of(borrower)
+        self._on_acquired()
+
+    def release_on_behalf_of(self, borrower: object) -> None:
+        self._limiter.release_on_behalf_of(borrower)
 
 
 def _split_cancellation(exc: BaseException) -> tuple[BaseException | None, BaseException | None]:
@@ -421,6 +532,20 @@ def _split_cancellation(exc: BaseException) -> tuple[BaseException | None, BaseE
     if isinstance(exc, trio.Cancelled):
         return exc, None
     return None, exc
+
+
+_PROCESS_STOPPERS = (KeyboardInterrupt, SystemExit)
+
+
+def _stops_the_process(exc: BaseException) -> bool:
+    """Whether ``exc`` is (or holds) a KeyboardInterrupt or SystemExit."""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.subgroup(_PROCESS_STOPPERS) is not None
+    return isinstance(exc, _PROCESS_STOPPERS)
+
+
+def _kind(exc: BaseException) -> str:
+    return repr(exc) if isinstance(exc, SystemExit) else type(exc).__name__
 
 
 @asynccontextmanager
@@ -435,12 +560,28 @@ async def open_background_nursery(
     ``on_error`` (``hook(name, exc)``), ``on_event`` (``hook(TaskEvent)``).
     A normal exit runs `BackgroundNursery.shutdown`; an exception in the block
     cancels the tasks at once. Either way `BackgroundNursery.report` is set after.
+    A task (or hook) that raises KeyboardInterrupt or SystemExit shuts the nursery
+    down (drain, cancel, report) and then has it raised out of the block.
     """
-    nursery = BackgroundNursery(Settings.from_options(options))
+    async with open_nursery(Settings.from_options(options), raise_fatal=True) as nursery:
+        yield nursery
+
+
+@asynccontextmanager
+async def open_nursery(
+    settings: Settings, *, raise_fatal: bool
+) -> AsyncIterator[BackgroundNursery]:
+    """`open_background_nursery` with checked settings. Without ``raise_fatal``, a
+    KeyboardInterrupt or SystemExit from a task shuts the nursery down and is left in
+    ``nursery._fatal`` for the owner (the middleware) to raise when it sees fit."""
+    nursery = BackgroundNursery(settings)
     body_error: BaseException | None = None
     try:
         async with trio.open_nursery() as host_nursery:
             await host_nursery.start(nursery._host)
+            host_nursery.start_soon(
+                partial(nursery._shut_down_when_stopped, raise_fatal=raise_fatal)
+            )
             try:
                 yield nursery
             except BaseException as exc:
@@ -449,10 +590,11 @@ async def open_background_nursery(
                 raise
             await nursery.shutdown()
     except BaseExceptionGroup as group:
-        # trio wraps an error of the block in a group; when it is the only error,
-        # give the caller their own exception back.
-        if body_error is not None and group.exceptions == (body_error,):
-            raise body_error from body_error.__cause__  # (keeps the caller's own cause)
+        # trio wraps an error of the block (or the KeyboardInterrupt / SystemExit of a
+        # task) in a group; when it is the only error, raise it as itself.
+        for own in (body_error, nursery._fatal):
+            if own is not None and group.exceptions == (own,):
+                raise own from own.__cause__  # (keeps the original cause)
         raise
     finally:
         if nursery._all_ended.is_set():

@@ -7,6 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, TypedDict
 
+from ._callables import is_async_callable, name_of
+
 if TYPE_CHECKING:
     from ._events import TaskEvent
 
@@ -81,6 +83,14 @@ class Settings:
             hook = getattr(self, name)
             if hook is not None and not callable(hook):
                 raise TypeError(f"{name} must be callable, not {hook!r}")
+            if is_async_callable(hook):
+                # Called synchronously in trio's thread, a coroutine would never run.
+                raise TypeError(
+                    f"{name} must be a plain function, not an async one: hooks are called "
+                    f"synchronously in trio's thread, so {name_of(hook)}() would never run. "
+                    f"Record what you need in the hook; for async work, start a task "
+                    f"(BackgroundNursery.start_soon) from it"
+                )
 
 
 def _check_count(name: str, value: object, *, minimum: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any, ParamSpec, Protocol, final
 
@@ -25,6 +26,7 @@ class Task:
         "is_async",
         "kwargs",
         "name",
+        "started_at",
         "thread_refused",
         "thread_started",
         "timeout",
@@ -43,6 +45,7 @@ class Task:
         # request, or queued); None while it may still be spawned from the caller.
         self.context: contextvars.Context | None = None
         self.accepted_at: float | None = None  # set when queued, or when events are observed
+        self.started_at: float | None = None  # set when events are observed
         # A cancelled thread task that had started is "abandoned"; one that had not is
         # "cancelled", and refused should its thread come up later (see _run_in_thread).
         self.thread_started = False
@@ -66,11 +69,12 @@ class TaskSink(Protocol):
 
     def accept(self, tasks: Sequence[Task]) -> None:
         """Take ``tasks`` for running; from here on each is reported. Raise
-        `NurseryClosed`, having taken none, once shutdown has begun."""
+        `NurseryClosed`, having taken none, once shutdown has begun. May be called
+        from a worker thread."""
 
     def discard(self, tasks: Sequence[Task], reason: str) -> None:
         """Release the room of ``tasks`` that were admitted but will never run, and
-        count and log them."""
+        count and log them. May be called from a worker thread."""
 
 
 class BackgroundTasks:
@@ -81,13 +85,16 @@ class BackgroundTasks:
     completed. A task added after that hand-off goes to the nursery at once.
     """
 
-    __slots__ = ("_discarded_because", "_handed_off", "_sink", "_tasks")
+    __slots__ = ("_discarded_because", "_handed_off", "_lock", "_sink", "_tasks")
 
     def __init__(self, sink: TaskSink) -> None:
         self._sink = sink
         self._tasks: list[Task] = []
         self._handed_off = False
         self._discarded_because: str | None = None
+        # add_task may run in a worker thread (a sync handler, or a thread it left
+        # behind) while trio's thread hands the tasks off or discards them.
+        self._lock = threading.Lock()
 
     def add_task(self, func: Callable[P, Any], /, *args: P.args, **kwargs: P.kwargs) -> None:
         """Run ``func(*args, **kwargs)`` in the background once the response is sent.
@@ -101,12 +108,16 @@ class BackgroundTasks:
         task = Task(func, args, kwargs)
         self._sink.admit(task)
         task.context = contextvars.copy_context()
-        if self._handed_off:
-            self._sink.accept((task,))
-        elif self._discarded_because is not None:  # the request failed already
-            self._sink.discard((task,), self._discarded_because)
-        else:
-            self._tasks.append(task)
+        with self._lock:
+            discarded_because = self._discarded_because
+            if not self._handed_off and discarded_because is None:
+                self._tasks.append(task)
+                return
+        # Too late to collect it (the sink hops to trio's thread if need be).
+        if discarded_because is None:
+            self._pass_on((task,))
+        else:  # the request failed already
+            self._sink.discard((task,), discarded_because)
 
     async def __call__(self) -> None:
         """Hand the collected tasks to the nursery now, without running them here.
@@ -125,12 +136,20 @@ class BackgroundTasks:
         state = "handed off" if self._handed_off else f"{len(self._tasks)} collected"
         return f"<trio_bg.BackgroundTasks {state}>"
 
+    @property
+    def _settled(self) -> bool:
+        """Whether the collected tasks were handed off or discarded already."""
+        return self._handed_off or self._discarded_because is not None
+
     def _hand_off(self) -> None:
         """The response completed: pass the collected tasks on to the sink."""
-        self._handed_off = True
-        tasks, self._tasks = self._tasks, []
-        if not tasks:
-            return
+        with self._lock:
+            self._handed_off = True
+            tasks, self._tasks = self._tasks, []
+        if tasks:
+            self._pass_on(tasks)
+
+    def _pass_on(self, tasks: Sequence[Task]) -> None:
         try:
             self._sink.accept(tasks)
         except NurseryClosed:
@@ -139,8 +158,9 @@ class BackgroundTasks:
     def _discard(self, reason: str) -> None:
         """The response did not complete: the collected tasks, and any added later,
         will never run."""
-        self._discarded_because = reason
-        tasks, self._tasks = self._tasks, []
+        with self._lock:
+            self._discarded_because = reason
+            tasks, self._tasks = self._tasks, []
         if tasks:
             self._sink.discard(tasks, reason)
 

@@ -8,9 +8,9 @@ Needs httpx (in trio_bg's ``test`` extra). The pytest fixtures live in
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar, overload
 
 import httpx
 import trio
@@ -22,8 +22,23 @@ from ._report import ShutdownReport, TaskStats
 __all__ = ["TaskFailures", "TestClient", "open_test_client"]
 
 
+_E = TypeVar("_E", bound=Exception)
+_BE = TypeVar("_BE", bound=BaseException)
+
+
 class TaskFailures(ExceptionGroup[Exception]):
     """Several background tasks failed; each is one of the group's exceptions."""
+
+    @overload
+    def derive(self, excs: Sequence[_E], /) -> ExceptionGroup[_E]: ...
+    @overload
+    def derive(self, excs: Sequence[_BE], /) -> BaseExceptionGroup[_BE]: ...
+    def derive(self, excs: Sequence[BaseException], /) -> BaseExceptionGroup[BaseException]:
+        """Keep the type when the group is split (as trio's nurseries do on the way
+        out of the test client's block), so ``pytest.raises(TaskFailures)`` holds."""
+        if all(isinstance(exc, Exception) for exc in excs):
+            return TaskFailures(self.message, excs)  # type: ignore[arg-type]
+        return BaseExceptionGroup(self.message, excs)
 
 
 class _Failures:

@@ -1,0 +1,121 @@
+"""``hypercorn --worker-class trio -w 2`` itself: on SIGTERM, Hypercorn's parent waits for
+the first worker to exit and then SIGTERMs the other mid-drain. trio_bg keeps that
+SIGTERM from killing a draining worker, so every task within the grace period completes.
+
+Real processes and real signals: the app is ``worker_app:app`` (one worker's tasks
+short, the other's long). Every wait is bounded; the process group is killed whatever
+happens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+TESTS = Path(__file__).parent
+BOUND = 30.0
+
+
+class Output:
+    """What a process group writes, as it arrives."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self._changed = trio.Event()
+        self.ended = False
+
+    async def collect(self, stream: trio.abc.ReceiveStream) -> None:
+        try:
+            while data := await stream.receive_some():
+                self.text += data.decode(errors="replace")
+                self._changed.set()
+                self._changed = trio.Event()
+        finally:
+            self.ended = True
+            self._changed.set()
+
+    async def wait_for(self, pattern: str, count: int = 1) -> list[re.Match[str]]:
+        while len(found := list(re.finditer(pattern, self.text, re.MULTILINE))) < count:
+            if self.ended:
+                raise AssertionError(f"no {count} x {pattern!r} in:\n{self.text}")
+            await self._changed.wait()
+        return found
+
+
+async def load_both_workers(url: str, enough: int) -> Counter[str]:
+    """Requests (a new connection each, so both workers take some) until each role has
+    answered ``enough`` of them; bounded in count."""
+    answered: Counter[str] = Counter()
+    limits = httpx.Limits(max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=url, limits=limits, trust_env=False) as client:
+        for _ in range(400):
+            if min(answered["long"], answered["short"]) >= enough:
+                return answered
+            response = await client.get("/")
+            assert response.status_code == 200
+            answered[json.loads(response.text)["role"]] += 1
+    raise AssertionError(f"both workers never answered {enough} requests: {answered}")
+
+
+@pytest.mark.parametrize("target", ["parent", "process group"])
+async def test_sigterm_drains_every_worker_of_hypercorn_w_2(tmp_path: Path, target: str) -> None:
+    command = [sys.executable, "-m", "hypercorn", "--worker-class", "trio", "-w", "2"]
+    command += ["--bind", "127.0.0.1:0", "worker_app:app"]
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "TRIO_BG_TEST_ROLES": str(tmp_path),
+        "TRIO_BG_TEST_LONG": "2.5",
+        "TRIO_BG_TEST_SHORT": "0.05",
+    }
+    output = Output()
+    process = await trio.lowlevel.open_process(
+        command,
+        cwd=TESTS,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # a process group of its own: the parent and its workers
+    )
+    assert process.stdout is not None
+    try:
+        with trio.fail_after(BOUND):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(output.collect, process.stdout)
+                await output.wait_for(r"worker pid=\d+ role=", count=2)
+                running = await output.wait_for(r"Running on http://127\.0\.0\.1:(\d+)")
+                answered = await load_both_workers(f"http://127.0.0.1:{running[0][1]}", 5)
+                if target == "parent":
+                    process.send_signal(signal.SIGTERM)
+                else:  # systemd's KillMode=control-group, `kill -TERM -PGID`
+                    os.killpg(process.pid, signal.SIGTERM)
+                status = await process.wait()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # a no-op unless the test failed
+        with trio.move_on_after(5):
+            await process.wait()
+
+    log = output.text
+    assert status == 0, log
+    reports = re.findall(
+        r"background tasks shut down: (\d+) accepted \((\d+) completed\)", log, re.MULTILINE
+    )
+    assert len(reports) == 2, log  # the long worker's report too: it was not killed
+    assert sum(int(accepted) for accepted, _ in reports) == sum(answered.values()), log
+    assert all(accepted == completed for accepted, completed in reports), log
+    done = Counter(re.findall(r"task done: pid=\d+ role=(\w+)", log))
+    assert done == answered, log
+    assert "SIGTERM to Hypercorn worker" in log  # the parent's terminate(), ignored

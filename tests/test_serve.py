@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +45,8 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
 
     ``tasks=N&sleep=S`` N async sleeps of S seconds; ``threads=N`` as many blocking
     sleeps in worker threads; ``delay=S`` waits S seconds between the response's
-    headers and its body, so a client can hold a request in flight.
+    headers and its body, so a client can hold a request in flight; ``exit=1`` a task
+    that calls ``sys.exit(0)``.
     """
     if scope["type"] == "lifespan":
         while True:
@@ -60,9 +61,31 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
         tasks.add_task(trio.sleep, seconds)
     for _ in range(int(query.get("threads", 0))):
         tasks.add_task(time.sleep, seconds)
+    if query.get("exit"):
+        tasks.add_task(sys.exit, 0)
     await send({"type": "http.response.start", "status": 200, "headers": []})
     await trio.sleep(float(query.get("delay", 0)))
     await send({"type": "http.response.body", "body": b"ok"})
+
+
+def app_failing_in(phase: str) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+    """An app whose lifespan ``phase`` (startup or shutdown) answers ``failed``."""
+
+    async def failing(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            return await app(scope, receive, send)
+        while True:
+            kind = (await receive())["type"].removeprefix("lifespan.")
+            if kind == phase:
+                await send({"type": f"lifespan.{kind}.failed", "message": "the pool is broken"})
+                return
+            await send({"type": f"lifespan.{kind}.complete"})
+
+    return failing
+
+
+failing_startup = app_failing_in("startup")
+failing_shutdown = app_failing_in("shutdown")
 
 
 # -- a server in a child process -------------------------------------------------------
@@ -89,8 +112,8 @@ class Child:
 
 
 @asynccontextmanager
-async def serving(tmp_path: Path, *options: str) -> AsyncIterator[Child]:
-    """Start ``python -m trio_bg serve test_serve:app`` on a free port; wait (bounded)
+async def serving(tmp_path: Path, *options: str, app: str = "app") -> AsyncIterator[Child]:
+    """Start ``python -m trio_bg serve test_serve:APP`` on a free port; wait (bounded)
     until it accepts connections; kill it on the way out if it still runs."""
     port = free_port()
     log_path = tmp_path / "server.log"
@@ -101,7 +124,7 @@ async def serving(tmp_path: Path, *options: str) -> AsyncIterator[Child]:
                 "-m",
                 "trio_bg",
                 "serve",
-                "test_serve:app",
+                f"test_serve:{app}",
                 f"--bind=127.0.0.1:{port}",
                 f"--report-json={tmp_path / 'report.json'}",
                 *options,
@@ -189,6 +212,56 @@ async def test_a_second_signal_cancels_the_drain_at_once_and_exits_1(tmp_path: P
     assert (report["cancelled"], report["abandoned"]) == (4, 1)
     assert report["unfinished"] == ["sleep"] * 5  # trio.sleep x4, time.sleep x1
     assert "SIGINT received again: cancelling the background tasks now" in log
+
+
+async def test_a_task_raising_system_exit_stops_the_server_after_the_drain_and_exits_3(
+    tmp_path: Path,
+) -> None:
+    """Before: the nursery died, the server served on and answered 503 for ever; a
+    later SIGTERM exited 3 with no report."""
+    async with serving(tmp_path, "--grace-period=5") as server, client(server.url) as http:
+        with trio.fail_after(BOUND):
+            assert (await http.get("/?tasks=2&sleep=0.3&exit=1")).status_code == 200
+            status = await server.process.wait()  # no signal: the task stopped it
+        report = await server.report()
+        log = await trio.Path(server.log_path).read_text()
+
+    assert status == 3, log
+    assert (report["accepted"], report["completed"], report["failed"]) == (3, 2, 1)
+    assert report["failure"] == "a background task raised SystemExit(0)"
+    assert "raised SystemExit(0): shutting the background tasks down" in log
+
+
+@pytest.mark.parametrize("phase", ["startup", "shutdown"])
+async def test_an_app_whose_lifespan_fails_exits_3_and_says_so(tmp_path: Path, phase: str) -> None:
+    """Before: a failed shutdown vanished (Hypercorn drops it), exit status 0."""
+    port = free_port()
+    report_path = tmp_path / "report.json"
+    command = [sys.executable, "-m", "trio_bg", "serve", f"test_serve:failing_{phase}"]
+    command += [f"--bind=127.0.0.1:{port}", f"--report-json={report_path}"]
+    with trio.fail_after(BOUND):
+        process = await trio.lowlevel.open_process(
+            command, cwd=TESTS, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        try:
+            assert process.stderr is not None
+            log = b""
+            while b"Running on" not in log and b"lifespan startup failed" not in log:
+                log += await process.stderr.receive_some() or b"(ended)"
+            if phase == "shutdown":
+                process.send_signal(signal.SIGTERM)
+            while chunk := await process.stderr.receive_some():
+                log += chunk
+            status = await process.wait()
+        finally:
+            if process.returncode is None:
+                process.kill()
+    text = log.decode()
+    assert status == 3, text
+    assert f"the app's lifespan {phase} failed: the pool is broken" in text
+    report = json.loads(report_path.read_text())
+    assert report["failure"] == f"the app's lifespan {phase}: the pool is broken"
+    assert report["accepted"] == 0
 
 
 async def test_an_app_that_cannot_be_loaded_is_a_usage_error() -> None:

@@ -220,12 +220,13 @@ class BackgroundTaskMiddleware:
                 state[STATE_KEY] = self
                 nursery._failure_watchers.extend(state.get(FAILURE_WATCHERS_KEY, ()))
             failure = await app.startup()
-            if failure is not None:
-                return self._failed("startup", failure)
-            await send({"type": "lifespan.startup.complete"})
-            await self._until_shutdown(receive, nursery)
+            if failure is None:
+                await send({"type": "lifespan.startup.complete"})
+                await self._until_shutdown(receive, nursery)
             # The tasks may use what the app's own shutdown closes: drain them first.
             self._report = await nursery.shutdown()
+        if failure is not None:
+            return self._failed("startup", failure)
         failure = await app.shutdown()
         if failure is not None:
             return self._failed("shutdown", failure)

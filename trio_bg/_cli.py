@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib
+import inspect
 import json
 import logging
 import math
 import os
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -26,7 +29,8 @@ from ._options import (
     NurseryOptions,
 )
 from ._report import ShutdownReport
-from ._serve import SHUTDOWN_MARGIN, default_config, serve, wrap
+from ._serve import SHUTDOWN_MARGIN, default_config, serve, serve_worker, wrap
+from ._supervisor import WorkerExit, combined, describe_exit, supervise
 
 EXIT_OK = 0
 EXIT_CUT_SHORT = 1
@@ -39,12 +43,25 @@ exit status:
      or timed out (failures are logged; they are the tasks' outcome, not the drain's)
   {EXIT_CUT_SHORT}  the shutdown cut tasks short: cancelled or abandoned after the grace
      period (or a second signal); the log and the report name each one
-  {EXIT_USAGE}  usage error: a bad option, or the app cannot be loaded
-  {EXIT_SERVER_FAILED}  the server failed: it could not bind, the app's startup failed, ...
+  {EXIT_USAGE}  usage error: a bad option, the app cannot be loaded or is not an ASGI 3
+     app, the --report-json path is not writable
+  {EXIT_SERVER_FAILED}  the server failed: it could not bind, the app's startup failed, the
+     report could not be written; with --workers: a worker failed to start, died, or
+     left no report (its tasks are unaccounted for)
+  With --workers the worst status of any worker wins (3 over 1 over 0).
 
 SIGTERM or SIGINT (Ctrl+C) starts a graceful shutdown: stop listening, give in-flight
 requests --graceful-timeout seconds, then the background tasks --grace-period seconds.
 A second signal cancels the background tasks at once.
+
+With --workers N (N >= 2) this process binds the sockets and runs N worker processes
+that share them. A signal to it, or to its whole process group (Ctrl+C, kill -TERM
+-PGID, systemd's KillMode=control-group), stops every worker gracefully; a second
+signal cancels their background tasks. It waits for every worker's drain, then reports
+each worker and the total; --report-json gets the total's fields plus "workers", one
+object per worker process: pid, exit_status (negative: killed by that signal), and
+report (null: it left none). A worker that dies while serving is logged and replaced
+(not if it dies within a second of its start, or before it serves: the server stops).
 """
 
 DRILL_EPILOG = """\
@@ -134,6 +151,16 @@ def _parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="write the shutdown report there as JSON (the fields of trio_bg.ShutdownReport)",
     )
+    serve_parser.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="worker processes; from 2, run them under a supervisor in this process "
+        "(default 1: serve in this process)",
+    )
+    # A worker of --workers: commands from the supervisor on stdin (see serve_worker).
+    serve_parser.add_argument("--supervised", action="store_true", help=argparse.SUPPRESS)
 
     drill_parser = commands.add_parser(
         "drill",
@@ -219,11 +246,18 @@ def _add_nursery_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _serve_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if args.supervised:
+        # Until serve_worker takes them over: the supervisor got the signal too (Ctrl+C,
+        # kill -TERM -PGID), and its stop command waits on stdin meanwhile.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(
         stream=sys.stderr,
         level=args.log_level.upper(),
         format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s",
     )
+    if args.report_json is not None and (problem := _unwritable(args.report_json)):
+        parser.error(f"--report-json {args.report_json}: {problem}")
     options = NurseryOptions()  # only those given: an app that is already wrapped takes none
     if args.grace_period is not None:
         options["grace_period"] = args.grace_period
@@ -252,19 +286,96 @@ def _serve_command(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         parser.error(str(error))
 
     config = _config(args, app)
+    if args.workers > 1:
+        return _supervise_command(args, config)
+    # Besides the report: why the server failed, when the app or a task made it fail
+    # (both were logged already, with their tracebacks).
+    failure: str | None = None
     try:
-        report = trio.run(partial(serve, app, config))
-    except Exception as error:
-        logger = logging.getLogger("trio_bg")
-        errors = _leaves(error)
-        if all(isinstance(leaf, OSError) for leaf in errors):  # no traceback for "port in use"
-            logger.error("the server failed: %s", "; ".join(map(str, errors)))
+        if args.supervised:
+            report = trio.run(serve_worker, app, config)
         else:
-            logger.exception("the server failed")
+            report = trio.run(serve, app, config)
+    except (KeyboardInterrupt, SystemExit) as stop:
+        if not _raised_by_a_task(app, stop):
+            raise  # as Python would
+        failure, report = f"a background task raised {stop!r}", app.report
+    except Exception as error:
+        if app._lifespan_failure is None:
+            return _server_failed(error)
+        # Hypercorn raises for a failed startup: what the nursery saw is reported still.
+        failure, report = f"the app's lifespan {app._lifespan_failure}", app.report
+    else:
+        if app._lifespan_failure is not None:  # a failed shutdown: Hypercorn drops it
+            failure = f"the app's lifespan {app._lifespan_failure}"
+    data = dataclasses.asdict(report) | ({"failure": failure} if failure else {})
+    written = args.report_json is None or _write_report(args.report_json, data)
+    if failure is not None:
+        print(f"trio_bg: the server failed: {failure}; background tasks: {report}", file=sys.stderr)
         return EXIT_SERVER_FAILED
-    if args.report_json is not None:
-        _write_json(args.report_json, dataclasses.asdict(report))
-    return _exit_status(report)
+    # A worker's supervisor reports it, with its pid.
+    status = _status(report) if args.supervised else _exit_status(report)
+    return status if written else EXIT_SERVER_FAILED
+
+
+def _raised_by_a_task(app: BackgroundTaskMiddleware, stop: BaseException) -> bool:
+    try:
+        return stop is app.nursery._fatal
+    except RuntimeError:  # no nursery: it never started
+        return False
+
+
+def _supervise_command(args: argparse.Namespace, config: Config) -> int:
+    command = _worker_command(args)
+    try:
+        exits = trio.run(partial(supervise, command, config, args.workers, name=args.app))
+    except Exception as error:
+        return _server_failed(error)
+    for worker in exits:
+        outcome = "no report: its tasks are unaccounted for"
+        if worker.report is not None:
+            outcome = str(worker.report)
+        print(
+            f"trio_bg: worker {worker.pid} ({describe_exit(worker.exit_status)}): {outcome}",
+            file=sys.stderr,
+        )
+    total = combined(exits)
+    data = dataclasses.asdict(total) | {"workers": [dataclasses.asdict(w) for w in exits]}
+    written = args.report_json is None or _write_report(args.report_json, data)
+    if failed := [worker for worker in exits if not _accounted_for(worker)]:
+        print(
+            f"trio_bg: {len(failed)} of {len(exits)} worker(s) failed, their tasks "
+            f"unaccounted for; the others: {total}",
+            file=sys.stderr,
+        )
+        return EXIT_SERVER_FAILED
+    status = _exit_status(total)
+    return status if written else EXIT_SERVER_FAILED
+
+
+def _worker_command(args: argparse.Namespace) -> list[str]:
+    """A worker's command line: the app and the options given; the supervisor adds the
+    sockets and the report path."""
+    command = [sys.executable, "-m", "trio_bg", "serve", args.app, "--supervised"]
+    command.append(f"--log-level={args.log_level}")
+    for name in ("grace_period", "max_running", "max_pending", "graceful_timeout", "thread_limit"):
+        if (value := getattr(args, name)) is not None:
+            command.append(f"--{name.replace('_', '-')}={value}")
+    return command
+
+
+def _accounted_for(worker: WorkerExit) -> bool:
+    return worker.report is not None and worker.exit_status in (EXIT_OK, EXIT_CUT_SHORT)
+
+
+def _server_failed(error: Exception) -> int:
+    logger = logging.getLogger("trio_bg")
+    errors = _leaves(error)
+    if all(isinstance(leaf, OSError) for leaf in errors):  # no traceback for "port in use"
+        logger.error("the server failed: %s", "; ".join(map(str, errors)))
+    else:
+        logger.error("the server failed", exc_info=error)
+    return EXIT_SERVER_FAILED
 
 
 def _leaves(error: BaseException) -> list[BaseException]:
@@ -297,7 +408,46 @@ def _load_app(spec: str) -> ASGIApp:
             raise LookupError(f"cannot load {spec!r}: {module_name} has no {attribute!r}") from None
     if not callable(target):
         raise LookupError(f"cannot serve {spec!r}: it is {type(target).__name__}, not an ASGI app")
-    return target  # callable; that it speaks ASGI is the user's promise
+    if found := _not_asgi3(target):
+        raise LookupError(
+            f"cannot serve {spec!r}: it is {found}, not an ASGI 3 app (an async function, or "
+            f"an object with an async __call__, taking scope, receive, send)"
+        )
+    return target
+
+
+def _not_asgi3(app: Callable[..., object]) -> str | None:
+    """What ``app`` is if it cannot be an ASGI 3 app; None if it is one, or may be: a
+    callable whose signature cannot be inspected has the benefit of the doubt."""
+    if isinstance(app, BackgroundTaskMiddleware):
+        return None
+    try:
+        signature = inspect.signature(app)  # of __call__ for an object, of __init__ for a class
+    except (TypeError, ValueError):
+        return None
+    parameters = signature.parameters.values()
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = sum(p.default is p.empty for p in positional)
+    if inspect.isclass(app):
+        return "an ASGI 2 app (a class taking the scope)" if required == 1 else "a class"
+    is_function = inspect.isroutine(app) or isinstance(app, functools.partial)
+    call = app if is_function else type(app).__call__
+    # A sync wrapper (functools.wraps) around an async def returns its awaitable: fine.
+    is_async = any(map(inspect.iscoroutinefunction, (call, inspect.unwrap(call))))
+    takes_three = (
+        required <= 3
+        and (len(positional) >= 3 or any(p.kind is p.VAR_POSITIONAL for p in parameters))
+        and not any(p.kind is p.KEYWORD_ONLY and p.default is p.empty for p in parameters)
+    )
+    if is_async and takes_three:
+        return None
+    if not is_async and len(positional) == required == 2:
+        return "a WSGI app (environ, start_response)"
+    if not is_async and len(positional) == required == 1:
+        return "an ASGI 2 app (it takes the scope alone)"
+    if not is_async and takes_three:
+        return "a sync function" if is_function else "an object whose __call__ is not async"
+    return f"{'an async' if is_async else 'a'} callable with the signature {signature}"
 
 
 def _config(args: argparse.Namespace, app: BackgroundTaskMiddleware) -> Config:
@@ -312,8 +462,12 @@ def _config(args: argparse.Namespace, app: BackgroundTaskMiddleware) -> Config:
     return config
 
 
+def _status(report: ShutdownReport) -> int:
+    return EXIT_CUT_SHORT if report.cancelled or report.abandoned else EXIT_OK
+
+
 def _exit_status(report: ShutdownReport) -> int:
-    if report.cancelled or report.abandoned:
+    if _status(report) == EXIT_CUT_SHORT:
         print(
             f"trio_bg: {report.cancelled + report.abandoned} background task(s) cut short by "
             f"the shutdown: {report}",
@@ -324,11 +478,37 @@ def _exit_status(report: ShutdownReport) -> int:
     return EXIT_OK
 
 
+def _unwritable(path: Path) -> str | None:
+    """Why the report could not be written to ``path``: checked before serving."""
+    if path.is_dir():
+        return "is a directory"
+    if not path.parent.is_dir():
+        return f"no directory {path.parent}"
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        return f"cannot write in {path.parent}"
+    return None
+
+
+def _write_report(path: Path, data: object) -> bool:
+    try:
+        _write_json(path, data)
+    except OSError as error:
+        logging.getLogger("trio_bg").error("cannot write the report: %s", error)
+        return False
+    return True
+
+
 def _write_json(path: Path, data: object) -> None:
-    """Write ``data`` to ``path`` whole or not at all (a reader never sees half a file)."""
-    partial_path = path.with_name(path.name + ".partial")
-    partial_path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    partial_path.replace(path)
+    """Write ``data`` to ``path`` whole or not at all: a reader never sees half a file,
+    and a failure leaves no other file behind."""
+    # Next to it, for os.replace; named after this process, which writes it once.
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 # -- argument types ------------------------------------------------------------------

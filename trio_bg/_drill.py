@@ -18,7 +18,7 @@ import httpx
 import trio
 
 from ._options import DEFAULT_GRACE_PERIOD
-from ._report import ShutdownReport
+from ._report import ShutdownReport, report_from_json
 from ._serve import SHUTDOWN_MARGIN
 
 TASKS_HEADER = "x-trio-bg-tasks"
@@ -486,7 +486,7 @@ def _read_report(path: Path, problems: list[str]) -> ShutdownReport | None:
         problems.append(f"the server's shutdown report is not JSON: {error}")
         return None
     try:
-        return ShutdownReport(**{**data, "unfinished": tuple(data["unfinished"])})
+        return report_from_json(data)
     except (KeyError, TypeError) as error:
         problems.append(f"the server's shutdown report is malformed: {error}")
         return None

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,3 +86,11 @@ class ShutdownReport:
         if self.discarded:
             text += f", {self.discarded} discarded"
         return f"{text} in {self.duration:.3f}s"
+
+
+def report_from_json(data: Mapping[str, Any]) -> ShutdownReport:
+    """The `ShutdownReport` in a JSON report (``python -m trio_bg serve --report-json``),
+    whose other keys (a supervisor's ``workers``, say) are left out. `KeyError` or
+    `TypeError` when it is not one."""
+    values = {field.name: data[field.name] for field in fields(ShutdownReport)}
+    return ShutdownReport(**values | {"unfinished": tuple(values["unfinished"])})

@@ -368,8 +368,13 @@ class BackgroundNursery:
             self._idle.set()
 
     async def _run_in_thread(self, task: Task, observed: bool) -> Outcome:
-        """Run a plain-function task in a worker thread; its timeout (if any) starts
-        once it has the thread, not while it waits for one (it is pending until then)."""
+        """Run a plain-function task in a worker thread. While it waits for a thread it
+        is pending; its timeout (if any) starts when its thread has started it."""
+        timeout_scope = trio.CancelScope()
+
+        def start_the_timeout() -> None:
+            assert task.timeout is not None
+            timeout_scope.deadline = trio.current_time() + task.timeout
 
         # A thread cannot be interrupted: when cancelled (the grace period or the task's
         # timeout is over) we stop waiting for it (abandon_on_cancel). Whether it had
@@ -380,9 +385,10 @@ class BackgroundNursery:
                 if task.thread_refused:
                     return None
                 task.thread_started = True
+            if task.timeout is not None:  # one hop to trio, for tasks with a timeout only
+                trio.from_thread.run_sync(start_the_timeout)
             return task.func(*task.args, **task.kwargs)
 
-        timeout_scope = trio.CancelScope()
         has_thread = False
 
         def on_thread_token() -> None:
@@ -390,8 +396,6 @@ class BackgroundNursery:
             has_thread = True
             self._awaiting_thread -= 1
             self._started(task, observed)
-            if task.timeout is not None:
-                timeout_scope.deadline = trio.current_time() + task.timeout
 
         self._awaiting_thread += 1
         try:
@@ -408,8 +412,7 @@ class BackgroundNursery:
         finally:
             if not has_thread:
                 self._awaiting_thread -= 1
-        if timeout_scope.cancelled_caught:
-            self._refuse_thread_unless_started(task)
+        if timeout_scope.cancelled_caught:  # (its thread had started the clock)
             return "timed_out"
         if inspect.isawaitable(result):
             if inspect.iscoroutine(result):

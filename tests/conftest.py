@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
@@ -121,6 +122,33 @@ async def served(app: Any, **config: Any) -> AsyncIterator[httpx.AsyncClient]:
         httpx.AsyncClient(base_url=server.url) as client,
     ):
         yield client
+
+
+class Output:
+    """Everything a process (or a process group) writes to one pipe, as it arrives."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.ended = False
+        self._changed = trio.Event()
+
+    async def collect(self, stream: trio.abc.ReceiveStream) -> None:
+        try:
+            while data := await stream.receive_some():
+                self.text += data.decode(errors="replace")
+                self._changed.set()
+                self._changed = trio.Event()
+        finally:
+            self.ended = True
+            self._changed.set()
+
+    async def wait_for(self, pattern: str, count: int = 1) -> list[re.Match[str]]:
+        """Wait until ``pattern`` appears ``count`` times (the caller bounds the wait)."""
+        while len(found := list(re.finditer(pattern, self.text, re.MULTILINE))) < count:
+            if self.ended:
+                raise AssertionError(f"no {count} x {pattern!r} in the output:\n{self.text}")
+            await self._changed.wait()
+        return found
 
 
 class Recorder:

@@ -19,36 +19,10 @@ from pathlib import Path
 
 import httpx
 import trio
+from conftest import Output
 
 REPO = Path(__file__).resolve().parent.parent
 NAMES = ("ada", "bob", "cy")
-
-
-class Output:
-    """Everything a process writes to its stdout, as it arrives."""
-
-    def __init__(self) -> None:
-        self.text = ""
-        self.ended = False
-        self._changed = trio.Event()
-
-    async def collect(self, stream: trio.abc.ReceiveStream) -> None:
-        try:
-            while data := await stream.receive_some():
-                self.text += data.decode(errors="replace")
-                self._changed.set()
-                self._changed = trio.Event()
-        finally:
-            self.ended = True
-            self._changed.set()
-
-    async def wait_for(self, pattern: str) -> re.Match[str]:
-        """Wait until ``pattern`` appears (the caller bounds the wait)."""
-        while (match := re.search(pattern, self.text, re.MULTILINE)) is None:
-            if self.ended:
-                raise AssertionError(f"the process ended without logging {pattern!r}")
-            await self._changed.wait()
-        return match
 
 
 async def test_sigterm_to_hypercorn_drains_and_reports_the_background_tasks() -> None:
@@ -71,7 +45,7 @@ async def test_sigterm_to_hypercorn_drains_and_reports_the_background_tasks() ->
                 nursery.start_soon(output.collect, process.stdout)
                 # Port 0: Hypercorn binds a free port and logs it once it listens
                 # (after the lifespan startup completed).
-                running = await output.wait_for(r"Running on http://127\.0\.0\.1:(\d+)")
+                (running,) = await output.wait_for(r"Running on http://127\.0\.0\.1:(\d+)")
                 async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{running[1]}") as client:
                     for name in NAMES:
                         response = await client.get("/", params={"name": name})

@@ -22,35 +22,10 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+from conftest import Output
 
 TESTS = Path(__file__).parent
 BOUND = 30.0
-
-
-class Output:
-    """What a process group writes, as it arrives."""
-
-    def __init__(self) -> None:
-        self.text = ""
-        self._changed = trio.Event()
-        self.ended = False
-
-    async def collect(self, stream: trio.abc.ReceiveStream) -> None:
-        try:
-            while data := await stream.receive_some():
-                self.text += data.decode(errors="replace")
-                self._changed.set()
-                self._changed = trio.Event()
-        finally:
-            self.ended = True
-            self._changed.set()
-
-    async def wait_for(self, pattern: str, count: int = 1) -> list[re.Match[str]]:
-        while len(found := list(re.finditer(pattern, self.text, re.MULTILINE))) < count:
-            if self.ended:
-                raise AssertionError(f"no {count} x {pattern!r} in:\n{self.text}")
-            await self._changed.wait()
-        return found
 
 
 async def load_both_workers(url: str, enough: int) -> Counter[str]:

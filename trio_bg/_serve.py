@@ -8,7 +8,7 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Unpack
 
 import hypercorn.trio
@@ -206,20 +206,28 @@ class _Shutdown:
         nursery.cancel()
 
 
+async def on_signals(
+    signals: AsyncIterator[int], first: Callable[[str], object], again: Callable[[str], object]
+) -> None:
+    """Call ``first(name)`` for the first signal, ``again(name)`` for each later one (the
+    rule of `serve` and of the ``--workers`` supervisor: graceful, then at once)."""
+    handle = first
+    async for number in signals:
+        handle(signal.Signals(number).name)
+        handle = again
+
+
 async def _on_signals(signals: AsyncIterator[int], shutdown: _Shutdown) -> None:
     """First signal: graceful shutdown. Any later one: cancel the background tasks now."""
-    first = True
-    async for number in signals:
-        name = signal.Signals(number).name
-        if first:
-            first = False
-            logger.info(
-                "%s received: %s (send it again to cancel the background tasks at once)",
-                name,
-                "shutting down gracefully" if shutdown.graceful() else "already shutting down",
-            )
-        else:
-            shutdown.cancel(f"{name} received again")
+
+    def first(name: str) -> None:
+        logger.info(
+            "%s received: %s (send it again to cancel the background tasks at once)",
+            name,
+            "shutting down gracefully" if shutdown.graceful() else "already shutting down",
+        )
+
+    await on_signals(signals, first, lambda name: shutdown.cancel(f"{name} received again"))
 
 
 async def _on_commands(control: trio.abc.ReceiveStream, shutdown: _Shutdown) -> None:

@@ -24,7 +24,7 @@ from hypercorn.config import Config
 from hypercorn.utils import repr_socket_addr
 
 from ._report import ShutdownReport, report_from_json
-from ._serve import CANCEL, READY, SIGNALS, STOP
+from ._serve import CANCEL, READY, SIGNALS, STOP, on_signals
 
 MIN_UPTIME = 1.0
 """Seconds a worker must have lived for a replacement when it dies while serving; one
@@ -129,21 +129,20 @@ class _Supervisor:
         self._cancelling = False
 
     async def on_signals(self, signals: AsyncIterator[int]) -> None:
-        first = True
-        async for number in signals:
-            name = signal.Signals(number).name
-            if first:
-                first = False
-                logger.info(
-                    "%s received: stopping the workers gracefully (send it again to cancel "
-                    "their background tasks at once)",
-                    name,
-                )
-                self._stop()
-            else:
-                logger.warning("%s received again: the workers cancel their background tasks", name)
-                self._cancelling = True
-                self._command_all(CANCEL)
+        await on_signals(signals, self._first_signal, self._signal_again)
+
+    def _first_signal(self, name: str) -> None:
+        logger.info(
+            "%s received: stopping the workers gracefully (send it again to cancel their "
+            "background tasks at once)",
+            name,
+        )
+        self._stop()
+
+    def _signal_again(self, name: str) -> None:
+        logger.warning("%s received again: the workers cancel their background tasks", name)
+        self._cancelling = True
+        self._command_all(CANCEL)
 
     async def run_slot(self) -> None:
         """Run one worker, and its replacements while serving."""

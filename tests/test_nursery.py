@@ -322,7 +322,10 @@ async def test_a_full_nursery_refuses_with_overloaded_and_counts_it() -> None:
 
 async def test_collected_tasks_hold_their_room_until_handed_off_or_discarded() -> None:
     async with trio_bg.open_background_nursery(max_running=1, max_pending=1) as nursery:
-        first, second = trio_bg.BackgroundTasks(nursery), trio_bg.BackgroundTasks(nursery)
+        first, second = (
+            trio_bg.BackgroundTasks._of_request(nursery, ordered=False),
+            trio_bg.BackgroundTasks._of_request(nursery, ordered=False),
+        )
         first.add_task(trio.sleep, 0)
         first.add_task(trio.sleep, 0)
         assert nursery.stats.reserved == 2
@@ -344,7 +347,9 @@ async def test_admission_from_worker_threads_is_exact() -> None:
         await gate.wait()
 
     async with trio_bg.open_background_nursery(max_running=10, max_pending=40) as nursery:
-        collections = [trio_bg.BackgroundTasks(nursery) for _ in range(8)]
+        collections = [
+            trio_bg.BackgroundTasks._of_request(nursery, ordered=False) for _ in range(8)
+        ]
 
         def add_many(tasks: trio_bg.BackgroundTasks) -> int:
             refused = 0
@@ -491,7 +496,7 @@ async def test_a_task_handed_off_after_the_cancel_is_cancelled_not_lost() -> Non
 
     async with trio_bg.open_background_nursery(max_running=1, grace_period=0) as nursery:
         nursery.start_soon(stubborn)
-        late = trio_bg.BackgroundTasks(nursery)
+        late = trio_bg.BackgroundTasks._of_request(nursery, ordered=False)
         late.add_task(work, 1)  # admitted before the shutdown
         async with trio.open_nursery() as shutting_down:
             shutting_down.start_soon(nursery.shutdown)

@@ -148,7 +148,7 @@ def test_current_tasks_outside_a_request_names_the_middleware() -> None:
 
 async def test_add_task_checks_at_once_and_collects_until_the_hand_off() -> None:
     async with trio_bg.open_background_nursery() as nursery:
-        tasks = trio_bg.BackgroundTasks(nursery)
+        tasks = trio_bg.BackgroundTasks._of_request(nursery, ordered=False)
         ran = trio.Event()
 
         async def job() -> None:
@@ -176,7 +176,7 @@ async def test_awaiting_the_collection_hands_it_off_like_a_starlette_background(
         ran.set()
 
     async with trio_bg.open_background_nursery() as nursery:
-        tasks = trio_bg.BackgroundTasks(nursery)
+        tasks = trio_bg.BackgroundTasks._of_request(nursery, ordered=False)
         tasks.add_task(job)
         await tasks()
         assert len(tasks) == 0

@@ -12,10 +12,11 @@ import trio
 
 from ._errors import Overloaded
 from ._hypercorn_worker import hypercorn_worker_config, ignore_sigterm
+from ._inline import InlineSink, on_trio
 from ._nursery import BackgroundNursery, open_nursery
 from ._options import NurseryOptions, Settings
 from ._report import ShutdownReport
-from ._tasks import BackgroundTasks, _current_tasks
+from ._tasks import BackgroundTasks, TaskSink, _current_tasks
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -55,14 +56,19 @@ class BackgroundTaskMiddleware:
         app: ASGIApp,
         *,
         retry_after: int | None = 1,
+        ordered: bool = False,
         **options: Unpack[NurseryOptions],
     ) -> None:
         """Wrap ``app``. ``retry_after`` is the ``Retry-After`` (seconds) of the 503
-        answer when `Overloaded` escapes the app (None: no header); the other
-        options are those of `open_background_nursery`."""
+        answer when `Overloaded` escapes the app (None: no header); ``ordered`` makes
+        each request's tasks run one after another (`BackgroundTasks.ordered`); the
+        other options are those of `open_background_nursery`."""
         if not callable(app):
             raise TypeError(f"BackgroundTaskMiddleware wraps an ASGI app, not {app!r}")
         check_retry_after(retry_after)
+        if not isinstance(ordered, bool):
+            raise TypeError(f"ordered must be True or False, not {ordered!r}")
+        self._ordered = ordered
         self._settings = Settings.from_options(options)  # fails here, not at server start
         self.app = app
         self._unavailable = _unavailable_response(retry_after)
@@ -73,6 +79,7 @@ class BackgroundTaskMiddleware:
         # task raises KeyboardInterrupt or SystemExit (None: raise it from the lifespan).
         self._lifespan_failure: str | None = None
         self._stop_server: Callable[[], object] | None = None
+        self._warned_inline = False
 
     @property
     def nursery(self) -> BackgroundNursery:
@@ -112,8 +119,12 @@ class BackgroundTaskMiddleware:
     # -- requests ------------------------------------------------------------------
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        tasks = BackgroundTasks(self.nursery)
-        client = _ClientWatch(receive)
+        sink: TaskSink | None = self._nursery
+        inline = None
+        if sink is None:
+            sink = inline = self._inline_sink()
+        tasks = BackgroundTasks._of_request(sink, ordered=self._ordered)
+        client = _ClientWatch(receive, listening=inline is None)
         response_started = trailers = False
 
         def complete(client_gone: bool) -> None:
@@ -167,9 +178,26 @@ class BackgroundTaskMiddleware:
             client.close()
         if not tasks._settled:  # (marks it: a straggler's add_task is discarded too)
             tasks._discard(f"{_describe(scope)} returned without completing its response")
+        if inline is not None:
+            await inline.run()
+
+    def _inline_sink(self) -> InlineSink:
+        """Where a request's tasks go when no lifespan ever started: they run inline,
+        after the response, in the request's own call, as Starlette's would."""
+        if not self._warned_inline:
+            self._warned_inline = True
+            logger.warning(
+                "no ASGI lifespan started%s, so BackgroundTaskMiddleware has no nursery: "
+                "background tasks run inline after each response, one after another, as "
+                "Starlette's do. Servers run the lifespan (hypercorn --worker-class trio, "
+                'trio_bg.serve); in tests use `with TestClient(app, backend="trio")`, '
+                "trio_bg.testing.open_test_client, or asgi-lifespan",
+                "" if on_trio() else " and this is not trio",
+            )
+        return InlineSink()
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
-        tasks = BackgroundTasks(self.nursery)
+        tasks = BackgroundTasks._of_request(self.nursery, ordered=self._ordered)
         token = _current_tasks.set(tasks)
         try:
             await self.app({**scope, SCOPE_KEY: tasks}, receive, send)
@@ -189,6 +217,9 @@ class BackgroundTaskMiddleware:
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         await _expect(receive, "lifespan.startup")
+        if not on_trio():
+            await send({"type": "lifespan.startup.failed", "message": NOT_TRIO})
+            raise RuntimeError(NOT_TRIO)  # as Starlette's router does: test clients expect it
         if self._nursery is not None and not self._nursery.closed:
             raise RuntimeError("this BackgroundTaskMiddleware is already running a lifespan")
         async with trio.open_nursery() as app_nursery:
@@ -256,6 +287,14 @@ class BackgroundTaskMiddleware:
         logger.error("the app's lifespan %s failed: %s", phase, message)
         self._lifespan_failure = f"{phase}: {message}"
         return {"type": f"lifespan.{phase}.failed", "message": message}
+
+
+NOT_TRIO = (
+    "trio_bg's background nursery runs on trio, and this lifespan does not: serve the app "
+    "with `hypercorn --worker-class trio` (or trio_bg.serve); in tests, "
+    '`TestClient(app, backend="trio")` (Starlette, FastAPI), `anyio_backend = "trio"` '
+    "(pytest with anyio or asgi-lifespan), or trio_bg.testing.open_test_client"
+)
 
 
 def _is_overload(exc: BaseException) -> bool:
@@ -332,10 +371,11 @@ class _ClientWatch:
     stead (a few messages ahead at most) and passes on what it read when the app asks.
     """
 
-    __slots__ = ("_listener", "_reading", "_receive", "_relay", "gone")
+    __slots__ = ("_listener", "_listening", "_reading", "_receive", "_relay", "gone")
 
-    def __init__(self, receive: Receive) -> None:
+    def __init__(self, receive: Receive, *, listening: bool) -> None:
         self._receive = receive
+        self._listening = listening  # False: only the app's own reads are watched
         self.gone = False
         self._reading = False
         self._listener: trio.CancelScope | None = None
@@ -361,7 +401,7 @@ class _ClientWatch:
 
     def listen(self) -> None:
         """A response is streaming: listen for the disconnect, unless the app does."""
-        if self._relay is None and not (self._reading or self.gone):
+        if self._listening and self._relay is None and not (self._reading or self.gone):
             relay, self._relay = trio.open_memory_channel[Message | Exception](_READ_AHEAD)
             self._listener = trio.CancelScope()
             # A system task: no nursery on every request's path for this rare need.

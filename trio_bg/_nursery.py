@@ -123,7 +123,7 @@ class BackgroundNursery:
                 self._emit("accepted", task)
             self._accepted += 1
             if self._nursery.cancel_scope.cancel_called:
-                self._end(task, "cancelled", observed)  # past the grace period: never runs
+                self._cancel_unstarted(task, observed)  # past the grace period: never runs
             elif not self._queue and self._running < self._settings.max_running:
                 self._running += 1  # the slot is the task's from now on
                 self._spawn(task)
@@ -133,6 +133,20 @@ class BackgroundNursery:
                 if task.context is None:
                     task.context = contextvars.copy_context()
                 self._queue.append(task)
+
+    def _cancel_unstarted(self, task: Task, observed: bool) -> None:
+        """``task``, accepted past the grace period, and the tasks ordered after it:
+        cancelled without running (in a loop: a chain can be long)."""
+        while True:
+            then, task.then = task.then, None
+            self._end(task, "cancelled", observed)
+            if then is None:
+                return
+            task = then
+            if observed:
+                task.accepted_at = trio.current_time()
+                self._emit("accepted", task)
+            self._accepted += 1
 
     def discard(self, tasks: Sequence[Task], reason: str) -> None:
         """Release admitted tasks that will never run; count and log them (part of
@@ -361,6 +375,8 @@ class BackgroundNursery:
         self._released += 1
         if observed:
             self._emit("finished", task, outcome=outcome, duration=duration)
+        if task.then is not None:  # an ordered request's next task: its turn now
+            self.accept((task.then,))
         self._set_idle_if_idle()
 
     def _set_idle_if_idle(self) -> None:

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import contextvars
+import itertools
+import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ParamSpec, Protocol, final
 
 from ._callables import spec_of
 from ._errors import NurseryClosed
+from ._inline import run_inline
 
 P = ParamSpec("P")
+
+logger = logging.getLogger("trio_bg")
 
 
 @final
@@ -27,6 +32,7 @@ class Task:
         "kwargs",
         "name",
         "started_at",
+        "then",
         "thread_refused",
         "thread_started",
         "timeout",
@@ -46,6 +52,7 @@ class Task:
         self.context: contextvars.Context | None = None
         self.accepted_at: float | None = None  # set when queued, or when events are observed
         self.started_at: float | None = None  # set when events are observed
+        self.then: Task | None = None  # the next of an ordered request's tasks
         # A cancelled thread task that had started is "abandoned"; one that had not is
         # "cancelled", and refused should its thread come up later (see _run_in_thread).
         self.thread_started = False
@@ -80,18 +87,54 @@ class TaskSink(Protocol):
 class BackgroundTasks:
     """The background tasks of one request or WebSocket session.
 
-    `BackgroundTaskMiddleware` makes one per request (get it with `current_tasks`)
-    and hands the collected tasks to the server's nursery once the response has
-    completed. A task added after that hand-off goes to the nursery at once.
+    `BackgroundTaskMiddleware` makes one per request (`current_tasks` returns it) and
+    hands the collected tasks to the server's nursery once the response has
+    completed; a task added after that goes to the nursery at once. A request's tasks
+    run concurrently, or, with `ordered`, one after another in the order added.
+
+    ``BackgroundTasks()`` also works as Starlette's does, so that changing the import
+    is enough: made during a request served through the middleware, it *is* that
+    request's collection (passed as a response's ``background`` or not); made where
+    the middleware serves no request, its tasks run inline, one after another, when it
+    is awaited as a response's ``background``, exactly as Starlette's would.
     """
 
-    __slots__ = ("_discarded_because", "_handed_off", "_lock", "_sink", "_tasks")
+    __slots__ = (
+        "_discarded_because",
+        "_handed_off",
+        "_lock",
+        "_ordered",
+        "_owner",
+        "_sink",
+        "_tasks",
+    )
 
-    def __init__(self, sink: TaskSink) -> None:
-        self._sink = sink
+    def __init__(self, tasks: Iterable[Any] | None = None) -> None:
+        """The current request's tasks, or a collection of its own outside requests.
+        ``tasks``: Starlette ``BackgroundTask`` objects (``func``, ``args``,
+        ``kwargs``) to add, as Starlette's ``BackgroundTasks(tasks=...)`` takes."""
+        request = _current_tasks.get(None)
+        if request is None:
+            self._start(None, ordered=False)
+        else:
+            self._owner = request
+        for task in tasks or ():
+            self.add_task(task.func, *task.args, **task.kwargs)
+
+    @classmethod
+    def _of_request(cls, sink: TaskSink, *, ordered: bool) -> BackgroundTasks:
+        """A request's collection, feeding ``sink`` (the middleware's way in)."""
+        tasks = cls.__new__(cls)
+        tasks._start(sink, ordered=ordered)
+        return tasks
+
+    def _start(self, sink: TaskSink | None, *, ordered: bool) -> None:
+        self._owner = self  # others made in the same request point here
+        self._sink = sink  # None: no middleware; run inline when awaited
         self._tasks: list[Task] = []
         self._handed_off = False
         self._discarded_because: str | None = None
+        self._ordered = ordered
         # add_task may run in a worker thread (a sync handler, or a thread it left
         # behind) while trio's thread hands the tasks off or discards them.
         self._lock = threading.Lock()
@@ -105,8 +148,60 @@ class BackgroundTasks:
         a nursery that cannot take more work raises `Overloaded` (`NurseryClosed`
         once it is shutting down).
         """
-        task = Task(func, args, kwargs)
-        self._sink.admit(task)
+        self._owner._take(Task(func, args, kwargs))
+
+    @property
+    def ordered(self) -> bool:
+        """Whether this request's tasks run one after another, in the order they were
+        added (each still after the response, in the nursery, a failure not stopping
+        the next), rather than concurrently. Set it before the response completes;
+        tasks added after that run as soon as they are added."""
+        return self._owner._ordered
+
+    @ordered.setter
+    def ordered(self, ordered: bool) -> None:
+        if not isinstance(ordered, bool):
+            raise TypeError(f"ordered must be True or False, not {ordered!r}")
+        self._owner._ordered = ordered
+
+    async def __call__(self) -> None:
+        """Hand the collected tasks to the nursery now, without running them here.
+
+        This makes a `BackgroundTasks` usable where a framework expects a response's
+        ``background`` callable (Starlette's ``Response(background=...)``): called
+        after the body was sent, it passes the tasks on instead of running them inline.
+        Outside the middleware, it runs them inline, as Starlette's would.
+        """
+        owner = self._owner
+        if owner._sink is not None:
+            owner._hand_off()
+            return
+        with owner._lock:
+            tasks, owner._tasks = owner._tasks, []
+        if (request := _current_tasks.get(None)) is not None:
+            for task in tasks:  # made outside the request, awaited in one: it takes them
+                request._take(task)
+            return
+        logger.debug("no BackgroundTaskMiddleware: running %d task(s) inline", len(tasks))
+        await run_inline(tasks)
+
+    def __len__(self) -> int:
+        """The number of tasks collected and not yet handed off."""
+        return len(self._owner._tasks)
+
+    def __repr__(self) -> str:
+        owner = self._owner
+        state = "handed off" if owner._handed_off else f"{len(owner._tasks)} collected"
+        return f"<trio_bg.BackgroundTasks {state}>"
+
+    def _take(self, task: Task) -> None:
+        """Collect ``task``, or pass it on if the response completed already."""
+        sink = self._sink
+        if sink is None:  # no middleware: run inline when awaited
+            with self._lock:
+                self._tasks.append(task)
+            return
+        sink.admit(task)
         task.context = contextvars.copy_context()
         with self._lock:
             discarded_because = self._discarded_because
@@ -115,26 +210,9 @@ class BackgroundTasks:
                 return
         # Too late to collect it (the sink hops to trio's thread if need be).
         if discarded_because is None:
-            self._pass_on((task,))
+            self._pass_on([task])
         else:  # the request failed already
-            self._sink.discard((task,), discarded_because)
-
-    async def __call__(self) -> None:
-        """Hand the collected tasks to the nursery now, without running them here.
-
-        This makes a `BackgroundTasks` usable where a framework expects a response's
-        ``background`` callable (Starlette's ``Response(background=...)``): called
-        after the body was sent, it passes the tasks on instead of running them inline.
-        """
-        self._hand_off()
-
-    def __len__(self) -> int:
-        """The number of tasks collected and not yet handed off."""
-        return len(self._tasks)
-
-    def __repr__(self) -> str:
-        state = "handed off" if self._handed_off else f"{len(self._tasks)} collected"
-        return f"<trio_bg.BackgroundTasks {state}>"
+            sink.discard((task,), discarded_because)
 
     @property
     def _settled(self) -> bool:
@@ -149,9 +227,15 @@ class BackgroundTasks:
         if tasks:
             self._pass_on(tasks)
 
-    def _pass_on(self, tasks: Sequence[Task]) -> None:
+    def _pass_on(self, tasks: list[Task]) -> None:
+        assert self._sink is not None
+        heads = tasks
+        if self._ordered and len(tasks) > 1:
+            for task, successor in itertools.pairwise(tasks):
+                task.then = successor  # the sink starts it once ``task`` has ended
+            heads = tasks[:1]
         try:
-            self._sink.accept(tasks)
+            self._sink.accept(heads)
         except NurseryClosed:
             self._sink.discard(tasks, "the background nursery had already shut down")
 
@@ -161,7 +245,7 @@ class BackgroundTasks:
         with self._lock:
             self._discarded_because = reason
             tasks, self._tasks = self._tasks, []
-        if tasks:
+        if tasks and self._sink is not None:
             self._sink.discard(tasks, reason)
 
 

@@ -11,7 +11,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
-from typing import Any, ParamSpec, Unpack
+from typing import TYPE_CHECKING, Any, ParamSpec, Unpack
 
 import trio
 
@@ -20,6 +20,9 @@ from ._events import EventKind, Outcome, TaskEvent
 from ._options import NurseryOptions, Settings
 from ._report import ShutdownReport, TaskStats
 from ._tasks import Task
+
+if TYPE_CHECKING:
+    from ._tracing import TaskTracer
 
 P = ParamSpec("P")
 
@@ -68,6 +71,11 @@ class BackgroundNursery:
         self._unfinished: list[str] = []
         # Private: trio_bg.testing listens here to fail the test on a task's error.
         self._failure_watchers: list[Callable[[str, BaseException], object]] = []
+        self._tracer: TaskTracer | None = None
+        if settings.tracing:
+            from ._tracing import TaskTracer  # OpenTelemetry: only when asked for
+
+            self._tracer = TaskTracer()
         # _running counts the tasks holding a running slot; of those, _awaiting_thread
         # are thread tasks still waiting for a worker thread (shown as pending).
         self._accepted = self._pending = self._running = self._awaiting_thread = 0
@@ -173,7 +181,8 @@ class BackgroundNursery:
             task.context.run(self._start_soon, task)
 
     def _start_soon(self, task: Task) -> None:
-        self._nursery.start_soon(self._run, task, name=task.name)
+        run = self._run if self._tracer is None else self._run_traced
+        self._nursery.start_soon(run, task, name=task.name)
 
     # -- looking on ----------------------------------------------------------------
 
@@ -349,6 +358,11 @@ class BackgroundNursery:
                 self._running += 1
                 self._spawn(self._queue.popleft())
 
+    async def _run_traced(self, task: Task) -> None:
+        assert self._tracer is not None
+        with self._tracer.span(task):
+            await self._run(task)
+
     def _started(self, task: Task, observed: bool) -> None:
         """The task's own run begins (for a thread task: it has its worker thread)."""
         if observed:
@@ -445,6 +459,8 @@ class BackgroundNursery:
 
     def _report_failure(self, task: Task, exc: BaseException) -> None:
         logger.error("background task %s failed", task.name, exc_info=exc)
+        if self._tracer is not None:
+            self._tracer.record_failure(task, exc)
         for watcher in self._failure_watchers:
             watcher(task.name, exc)
         if _stops_the_process(exc):
@@ -483,8 +499,11 @@ class BackgroundNursery:
         self._stopping.set()
 
     def _observed(self) -> bool:
-        """Whether anyone looks at task events (a hook, or the debug log)."""
-        return self._settings.on_event is not None or logger.isEnabledFor(logging.DEBUG)
+        """Whether anyone looks at task events (a hook, tracing, or the debug log)."""
+        settings = self._settings
+        return (
+            settings.on_event is not None or settings.tracing or logger.isEnabledFor(logging.DEBUG)
+        )
 
     def _emit(
         self,
@@ -498,6 +517,8 @@ class BackgroundNursery:
         hook = self._settings.on_event
         event = TaskEvent(kind, task.name, waited=waited, outcome=outcome, duration=duration)
         logger.debug("background task %s", event)
+        if self._tracer is not None:
+            self._tracer.record(task, event)
         if hook is None:
             return
         try:

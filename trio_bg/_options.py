@@ -45,6 +45,7 @@ class NurseryOptions(TypedDict, total=False):
     max_pending: int
     on_error: ErrorHook | None
     on_event: EventHook | None
+    tracing: bool
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -57,6 +58,7 @@ class Settings:
     max_pending: int = DEFAULT_MAX_PENDING
     on_error: ErrorHook | None = None
     on_event: EventHook | None = None
+    tracing: bool = False
 
     @classmethod
     def from_options(cls, options: NurseryOptions) -> Settings:
@@ -79,6 +81,11 @@ class Settings:
         _check_count("thread_limit", self.thread_limit, minimum=1)
         _check_count("max_running", self.max_running, minimum=1)
         _check_count("max_pending", self.max_pending, minimum=0)
+        if not isinstance(self.tracing, bool):
+            raise TypeError(f"tracing must be True or False, not {self.tracing!r}")
+        if self.tracing:
+            from . import _tracing  # noqa: F401 -- an ImportError naming the extra, now
+
         for name in ("on_error", "on_event"):
             hook = getattr(self, name)
             if hook is not None and not callable(hook):

@@ -1,0 +1,79 @@
+"""OpenTelemetry tracing (the ``tracing`` option): a span for each background task,
+current while the task runs, so that the spans the task makes are its children.
+
+The span is a child of what was current when the task was added (the request's span,
+say): one trace shows the request and the work it left behind. It carries the task's
+name, how long it waited, its outcome and how long it ran; a failed or timed-out task
+sets the span's status to error (a failure is recorded as an exception event). Only the
+API package is needed (``pip install "trio-bg[opentelemetry]"``); with no SDK set up
+the spans cost next to nothing.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+try:
+    from opentelemetry import trace
+except ImportError as error:  # pragma: no cover -- the extra is not installed
+    raise ImportError(
+        'tracing=True needs OpenTelemetry\'s API: pip install "trio-bg[opentelemetry]"'
+    ) from error
+
+if TYPE_CHECKING:
+    from ._events import TaskEvent
+    from ._tasks import Task
+
+# The span of the background task running in this context (its task, to tell apart).
+_current: contextvars.ContextVar[tuple[Task, trace.Span]] = contextvars.ContextVar(
+    "trio_bg.task_span"
+)
+
+
+class TaskTracer:
+    """Makes and annotates the spans of one nursery's tasks."""
+
+    def __init__(self) -> None:
+        self._tracer = trace.get_tracer("trio_bg")
+
+    @contextmanager
+    def span(self, task: Task) -> Iterator[None]:
+        """The span of ``task``, current for the code run in this block."""
+        with self._tracer.start_as_current_span(
+            f"background task {task.name}",
+            kind=trace.SpanKind.INTERNAL,
+            attributes={"trio_bg.task.name": task.name},
+            record_exception=False,  # the nursery records the task's own failure
+            set_status_on_exception=False,
+        ) as span:
+            token = _current.set((task, span))
+            try:
+                yield
+            finally:
+                _current.reset(token)
+
+    def record(self, task: Task, event: TaskEvent) -> None:
+        """Put ``event`` on ``task``'s span, if this is the task's own context."""
+        if (span := _span_of(task)) is None:
+            return
+        if event.kind == "started" and event.waited is not None:
+            span.set_attribute("trio_bg.task.waited", event.waited)
+        elif event.kind == "finished":
+            span.set_attribute("trio_bg.task.outcome", str(event.outcome))
+            if event.duration is not None:
+                span.set_attribute("trio_bg.task.duration", event.duration)
+            if event.outcome in ("failed", "timed_out"):
+                span.set_status(trace.StatusCode.ERROR, str(event.outcome))
+
+    def record_failure(self, task: Task, exc: BaseException) -> None:
+        """Record the exception ``task`` failed with on its span."""
+        if (span := _span_of(task)) is not None:
+            span.record_exception(exc)
+
+
+def _span_of(task: Task) -> trace.Span | None:
+    current = _current.get(None)
+    return current[1] if current is not None and current[0] is task else None

@@ -8,6 +8,12 @@ then ``curl -X POST 'http://127.0.0.1:8000/signup?email=ada@example.com'`` and s
 server with Ctrl+C. With Quart-Trio's own ``add_background_task`` the 3-second task
 would be cancelled the moment the server shuts down; through trio_bg it is given the
 grace period (10 s) to finish, then ``after_serving`` runs.
+
+Quart's own test tooling works unchanged (``tests/test_quart_test_app.py`` does this)::
+
+    async with app.test_app() as test_app:  # shuts down within the grace period
+        await test_app.test_client().post("/signup?email=ada@example.com")
+        await test_app.drain()  # the e-mail task has ended; a failure is raised here
 """
 
 from __future__ import annotations

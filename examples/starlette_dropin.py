@@ -1,4 +1,5 @@
-"""Moving a Starlette app's ``BackgroundTasks`` to trio_bg: a two-line change.
+"""Moving a Starlette app's ``BackgroundTasks`` to trio_bg: change the import, install
+the middleware.
 
 Before -- Starlette runs the tasks inline, one after another, inside the request's
 ASGI call; the first error skips the rest, and a redeploy cuts them off::
@@ -11,9 +12,11 @@ ASGI call; the first error skips the rest, and a redeploy cuts them off::
         tasks.add_task(notify_warehouse, order_id)
         return JSONResponse({"order": order_id}, background=tasks)
 
-After -- the same code with ``trio_bg.current_tasks()``: the tasks run concurrently in
-the server's nursery once the response is complete, a failing one skips nothing, and a
-graceful shutdown drains them for the grace period (see ``order`` below).
+After -- the same code, importing ``BackgroundTasks`` from trio_bg (see ``order``
+below): the tasks run concurrently in the server's nursery once the response is
+complete, a failing one skips nothing, and a graceful shutdown drains them for the grace
+period. Made in a request, ``BackgroundTasks()`` is that request's collection (the same
+object as ``trio_bg.current_tasks()``); passing it as ``background`` is optional.
 
 Run it from the repository root with Hypercorn's trio worker::
 
@@ -21,6 +24,14 @@ Run it from the repository root with Hypercorn's trio worker::
 
 then ``curl -X POST http://127.0.0.1:8000/orders/42`` and stop the server with Ctrl+C:
 the log shows the tasks drained before the app's own shutdown.
+
+Tests change one import too (``tests/test_starlette_testclient.py`` does this)::
+
+    from trio_bg.starlette import TestClient  # was: from starlette.testclient import ...
+
+    with TestClient(app) as client:  # the lifespan: the real nursery, on trio
+        client.post("/orders/42")
+        # both tasks have ended here; had one failed, post() would have raised it
 """
 
 from __future__ import annotations
@@ -34,9 +45,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-import trio_bg
 import trio_bg.starlette
 from examples._logging import show_logs
+from trio_bg import BackgroundTasks  # was: from starlette.background import BackgroundTasks
 
 logger = logging.getLogger("examples.starlette_dropin")
 
@@ -57,7 +68,7 @@ def notify_warehouse(order_id: int) -> None:
 
 async def order(request: Request) -> JSONResponse:
     order_id = int(request.path_params["order_id"])
-    tasks = trio_bg.current_tasks()  # was: tasks = BackgroundTasks()
+    tasks = BackgroundTasks()
     tasks.add_task(send_receipt, order_id)
     tasks.add_task(notify_warehouse, order_id)
     # Passing it as `background` keeps the code's shape, and is optional: the middleware

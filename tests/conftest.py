@@ -41,8 +41,16 @@ async def run_lifespan(app: ASGIApp) -> AsyncIterator[Lifespan]:
         lifespan.sent.append(message)
         answered.set()
 
+    async def serve_lifespan() -> None:
+        try:
+            await app({"type": "lifespan", "state": {}}, app_inbox.receive, send)
+        except Exception:
+            if lifespan.sent and lifespan.sent[-1]["type"] == "lifespan.startup.failed":
+                return  # a failed startup may raise after saying so, as Starlette's does
+            raise
+
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(app, {"type": "lifespan", "state": {}}, app_inbox.receive, send)
+        nursery.start_soon(serve_lifespan)
         await to_app.send({"type": "lifespan.startup"})
         await answered.wait()
         started = lifespan.sent[-1]["type"] == "lifespan.startup.complete"

@@ -190,14 +190,18 @@ class BackgroundTaskMiddleware:
                 "no ASGI lifespan started%s, so BackgroundTaskMiddleware has no nursery: "
                 "background tasks run inline after each response, one after another, as "
                 "Starlette's do. Servers run the lifespan (hypercorn --worker-class trio, "
-                'trio_bg.serve); in tests use `with TestClient(app, backend="trio")`, '
-                "trio_bg.testing.open_test_client, or asgi-lifespan",
+                "trio_bg.serve); in tests, `with trio_bg.starlette.TestClient(app)`, "
+                "Quart's `async with app.test_app()`, or trio_bg.testing.open_test_client",
                 "" if on_trio() else " and this is not trio",
             )
         return InlineSink()
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
-        tasks = BackgroundTasks._of_request(self.nursery, ordered=self._ordered)
+        sink: TaskSink | None = self._nursery
+        inline = None
+        if sink is None:
+            sink = inline = self._inline_sink()
+        tasks = BackgroundTasks._of_request(sink, ordered=self._ordered)
         token = _current_tasks.set(tasks)
         try:
             await self.app({**scope, SCOPE_KEY: tasks}, receive, send)
@@ -207,6 +211,8 @@ class BackgroundTaskMiddleware:
         finally:
             _current_tasks.reset(token)
         tasks._hand_off()  # the session ended without an error
+        if inline is not None:
+            await inline.run()
 
     def _discard_on_error(self, scope: Scope, tasks: BackgroundTasks, exc: BaseException) -> None:
         if not tasks._settled:
@@ -238,24 +244,31 @@ class BackgroundTaskMiddleware:
             raise fatal
         # Hypercorn cancels this task as soon as it has this message: everything is done.
         await send(last_message)
+        if last_message["type"] == "lifespan.startup.failed":
+            # After a failed startup the lifespan raises, as Starlette's router does:
+            # test clients wait for that (Hypercorn's send has raised already).
+            raise RuntimeError(f"the app's lifespan startup failed: {last_message['message']}")
 
     async def _run_lifespan(
         self, scope: Scope, app: _WrappedLifespan, receive: Receive, send: Send
     ) -> Message:
         """Run the lifespan up to its last message, and return that message."""
-        async with open_nursery(self._settings, raise_fatal=False) as nursery:
-            self._nursery = nursery
-            if isinstance(state := scope.get("state"), dict):
-                # Found here by trio_bg.testing, and by the app's own requests (the
-                # server copies the lifespan state into each request's scope).
-                state[STATE_KEY] = self
-                nursery._failure_watchers.extend(state.get(FAILURE_WATCHERS_KEY, ()))
-            failure = await app.startup()
-            if failure is None:
-                await send({"type": "lifespan.startup.complete"})
-                await self._until_shutdown(receive, nursery)
-            # The tasks may use what the app's own shutdown closes: drain them first.
-            self._report = await nursery.shutdown()
+        try:
+            async with open_nursery(self._settings, raise_fatal=False) as nursery:
+                self._nursery = nursery
+                if isinstance(state := scope.get("state"), dict):
+                    # Found here by trio_bg.testing, and by the app's own requests (the
+                    # server copies the lifespan state into each request's scope).
+                    state[STATE_KEY] = self
+                    nursery._failure_watchers.extend(state.get(FAILURE_WATCHERS_KEY, ()))
+                failure = await app.startup()
+                if failure is None:
+                    await send({"type": "lifespan.startup.complete"})
+                    await self._until_shutdown(receive, nursery)
+                # The tasks may use what the app's own shutdown closes: drain them first.
+                await nursery.shutdown()
+        finally:  # (also when the lifespan itself is cancelled mid-drain)
+            self._report = nursery._report
         if failure is not None:
             return self._failed("startup", failure)
         failure = await app.shutdown()
@@ -292,8 +305,9 @@ class BackgroundTaskMiddleware:
 NOT_TRIO = (
     "trio_bg's background nursery runs on trio, and this lifespan does not: serve the app "
     "with `hypercorn --worker-class trio` (or trio_bg.serve); in tests, "
-    '`TestClient(app, backend="trio")` (Starlette, FastAPI), `anyio_backend = "trio"` '
-    "(pytest with anyio or asgi-lifespan), or trio_bg.testing.open_test_client"
+    'trio_bg.starlette.TestClient (or Starlette\'s `TestClient(app, backend="trio")`), '
+    '`anyio_backend = "trio"` (pytest with anyio, asgi-lifespan), or '
+    "trio_bg.testing.open_test_client"
 )
 
 

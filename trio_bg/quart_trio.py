@@ -17,24 +17,44 @@ owns the lifespan: at shutdown it drains the background tasks for the grace peri
 ``add_background_task`` cannot do that under Hypercorn: its tasks are cancelled as
 soon as the app answers ``lifespan.shutdown.complete``, whatever
 ``BACKGROUND_TASK_SHUTDOWN_TIMEOUT`` says.
+
+`init_app` also makes ``app.test_app()`` a `TestApp`: Quart's test tooling, with a
+shutdown timeout that covers the grace period, ``drain()``, and background
+failures raised in the test.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from types import TracebackType
 from typing import Any, ParamSpec, Unpack, cast
 
-from quart import Response, has_request_context, has_websocket_context
+import trio
+from quart import Quart, Response, has_request_context, has_websocket_context
 from quart.signals import got_request_exception
+from quart.testing.app import DEFAULT_TIMEOUT, LifespanError
+from quart.typing import TestClientProtocol
 from quart_trio import QuartTrio
+from quart_trio.testing import TrioTestApp
 
-from ._asgi import UNAVAILABLE_TEXT, ASGIApp, BackgroundTaskMiddleware, retry_after_headers
+from ._asgi import (
+    UNAVAILABLE_TEXT,
+    ASGIApp,
+    BackgroundTaskMiddleware,
+    Message,
+    retry_after_headers,
+)
 from ._callables import spec_of, task
 from ._errors import Overloaded
+from ._failures import FailureWatch
+from ._nursery import BackgroundNursery
 from ._options import NurseryOptions
+from ._report import ShutdownReport, TaskStats
 from ._tasks import BackgroundTasks, _current_tasks
 
-__all__ = ["EXTENSION_KEY", "add_background_task", "init_app", "middleware_of"]
+__all__ = ["EXTENSION_KEY", "TestApp", "add_background_task", "init_app", "middleware_of"]
 
 P = ParamSpec("P")
 
@@ -46,20 +66,23 @@ def init_app(
     app: QuartTrio,
     *,
     retry_after: int | None = 1,
+    ordered: bool = False,
     replace_add_background_task: bool = True,
     **options: Unpack[NurseryOptions],
 ) -> BackgroundTaskMiddleware:
     """Give ``app`` trio_bg's background nursery; return the middleware.
 
     Wraps ``app.asgi_app`` in `BackgroundTaskMiddleware` (``options`` are those of
-    `trio_bg.open_background_nursery`), registers it as
-    ``app.extensions["trio_bg"]``, answers `Overloaded` with ``503`` (``Retry-After:
-    retry_after``), and discards the collected tasks of a request that ends in an
-    unhandled exception (Quart renders it as a 500; the tasks must not run as if it
-    had succeeded). With ``replace_add_background_task`` (the default),
-    ``app.add_background_task`` becomes `add_background_task`, so existing code moves
-    to trio_bg unchanged. The returned middleware gives the live ``nursery`` and,
-    after shutdown, the ``report``.
+    `trio_bg.open_background_nursery`; ``ordered=True`` runs each request's tasks
+    one after another), registers it as ``app.extensions["trio_bg"]``, answers
+    `Overloaded` with ``503`` (``Retry-After: retry_after``), and discards the
+    collected tasks of a request that ends in an unhandled exception (Quart renders
+    it as a 500; the tasks must not run as if it had succeeded). With
+    ``replace_add_background_task`` (the default), ``app.add_background_task``
+    becomes `add_background_task`, so existing code moves to trio_bg unchanged.
+    ``app.test_app()`` becomes a `TestApp` (unless the app has a test app class of
+    its own). The returned middleware gives the live ``nursery`` and, after
+    shutdown, the ``report``.
     """
     if not isinstance(app, QuartTrio):
         raise TypeError(f"trio_bg.quart_trio.init_app() takes a QuartTrio app, not {app!r}")
@@ -67,7 +90,9 @@ def init_app(
         raise RuntimeError("trio_bg.quart_trio.init_app() was already called for this app")
     # Quart types ASGI messages as hypercorn's TypedDicts; the middleware takes any mapping.
     inner = cast(ASGIApp, app.asgi_app)
-    middleware = BackgroundTaskMiddleware(inner, retry_after=retry_after, **options)
+    middleware = BackgroundTaskMiddleware(
+        inner, retry_after=retry_after, ordered=ordered, **options
+    )
     # Quart's documented way to add ASGI middleware: the app stays a QuartTrio.
     app.asgi_app = middleware  # type: ignore[method-assign, assignment]
     app.extensions[EXTENSION_KEY] = middleware
@@ -85,6 +110,9 @@ def init_app(
     got_request_exception.connect(request_failed, sender=app, weak=False)
     if replace_add_background_task:
         app.add_background_task = _method_for(app)  # type: ignore[method-assign]
+    if app.test_app_class is TrioTestApp:
+        # QuartTrio narrows the attribute's type to its class; Quart's is a protocol.
+        app.test_app_class = TestApp  # type: ignore[assignment]
     return middleware
 
 
@@ -138,11 +166,17 @@ def _add(
     app: QuartTrio, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> None:
     target = _in_app_context(app, func)
+    middleware = middleware_of(app)
     tasks = _current_tasks.get(None)
-    if tasks is not None and has_request_context() and not has_websocket_context():
+    if tasks is not None and (
+        (has_request_context() and not has_websocket_context())
+        # No lifespan (Quart's test client without test_app()): no nursery to start
+        # it in; the middleware runs the session's tasks inline once it ends.
+        or middleware._nursery is None
+    ):
         tasks.add_task(target, *args, **kwargs)
     else:
-        middleware_of(app).nursery.start_soon(target, *args, **kwargs)
+        middleware.nursery.start_soon(target, *args, **kwargs)
 
 
 def _in_app_context(app: QuartTrio, func: Callable[P, Any]) -> Callable[P, Any]:
@@ -170,3 +204,153 @@ def _discard_collected(why: str) -> None:
         from quart import request
 
         tasks._discard(f"the {request.method} request to {request.path} failed: {why}")
+
+
+class TestApp:
+    """What ``app.test_app()`` gives once `init_app` has run: Quart-Trio's test app
+    (the app's lifespan around the block, ``test_client()``), made for trio_bg.
+
+    - Its shutdown timeout covers the grace period: it is Quart's own 6 s (for
+      ``after_serving`` and the like) plus ``grace_period``, so the shutdown drains
+      the background tasks as a server would. With pytest-trio's ``autojump_clock``
+      the waiting takes no real time.
+    - `drain` waits until no background task is pending or running, nor collected
+      by a request still in flight; then it raises what failed meanwhile (one failure
+      as itself, several as `trio_bg.testing.TaskFailures`). Failures not raised yet
+      are raised when the block ends, unless ``raise_task_errors`` is false;
+      `task_errors` lists them all either way.
+    - A failed startup raises Quart's ``LifespanError``, and a timeout
+      `trio.TooSlowError`, with the lifespan cancelled cleanly.
+    """
+
+    __test__ = False  # not a test class, whatever pytest thinks of the name
+
+    def __init__(
+        self,
+        app: Quart,
+        startup_timeout: float = DEFAULT_TIMEOUT,
+        shutdown_timeout: float | None = None,
+        *,
+        raise_task_errors: bool = True,
+    ) -> None:
+        """``shutdown_timeout`` defaults to Quart's 6 s plus the grace period."""
+        if not isinstance(app, QuartTrio):
+            raise TypeError(f"trio_bg.quart_trio.TestApp takes a QuartTrio app, not {app!r}")
+        self.app = app
+        self.middleware = middleware_of(app)
+        self.startup_timeout = startup_timeout
+        self.shutdown_timeout = (
+            DEFAULT_TIMEOUT + self.middleware.grace_period
+            if shutdown_timeout is None
+            else shutdown_timeout
+        )
+        self._failures = FailureWatch(raise_task_errors=raise_task_errors)
+        self._to_app, self._app_inbox = trio.open_memory_channel[Message](math.inf)
+        self._from_app, self._replies = trio.open_memory_channel[Message](math.inf)
+        self._nursery_manager: AbstractAsyncContextManager[trio.Nursery] | None = None
+        self._nursery: trio.Nursery | None = None
+
+    @property
+    def raise_task_errors(self) -> bool:
+        """Whether a failed background task is raised at `drain` and at the end."""
+        return self._failures.raise_task_errors
+
+    @raise_task_errors.setter
+    def raise_task_errors(self, value: bool) -> None:
+        self._failures.raise_task_errors = value
+
+    @property
+    def task_errors(self) -> list[tuple[str, Exception]]:
+        """``(task name, exception)`` for every background task that failed, from the
+        app's startup on."""
+        return self._failures.seen
+
+    @property
+    def nursery(self) -> BackgroundNursery:
+        """The app's background nursery."""
+        return self.middleware.nursery
+
+    @property
+    def stats(self) -> TaskStats:
+        """The background nursery's `TaskStats`."""
+        return self.middleware.nursery.stats
+
+    @property
+    def report(self) -> ShutdownReport:
+        """The `ShutdownReport`, once the block has ended."""
+        return self.middleware.report
+
+    def test_client(self) -> TestClientProtocol:
+        """The app's test client (``app.test_client()``)."""
+        return self.app.test_client()
+
+    async def drain(self) -> None:
+        """Wait until no background task is pending or running, nor collected by a
+        request still in flight; then raise what failed meanwhile."""
+        await self.middleware.nursery._wait_drained()
+        self._failures.raise_unraised()
+
+    async def startup(self) -> None:
+        """Start the app's lifespan (in `__aenter__`'s nursery)."""
+        assert self._nursery is not None, "use `async with app.test_app() as test_app:`"
+        scope = {
+            "type": "lifespan",
+            "asgi": {"version": "3.0", "spec_version": "2.0"},
+            "state": self._failures.lifespan_state(),
+        }
+        self._nursery.start_soon(self._run_lifespan, scope)
+        with trio.fail_after(self.startup_timeout):
+            await self._ask("startup")
+
+    async def shutdown(self) -> None:
+        """Shut the app down: drain, cancel and report its tasks, then Quart's own."""
+        with trio.fail_after(self.shutdown_timeout):
+            await self._ask("shutdown")
+
+    async def __aenter__(self) -> TestApp:
+        self._nursery_manager = trio.open_nursery()
+        self._nursery = await self._nursery_manager.__aenter__()
+        try:
+            await self.startup()
+        except BaseException:
+            await self._close()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            await self.shutdown()
+        finally:
+            await self._close()
+        if exc_type is None:
+            self._failures.raise_unraised()
+
+    async def _run_lifespan(self, scope: dict[str, Any]) -> None:
+        async with self._from_app:
+            await cast(ASGIApp, self.app)(scope, self._app_inbox.receive, self._from_app.send)
+
+    async def _ask(self, phase: str) -> None:
+        await self._to_app.send({"type": f"lifespan.{phase}"})
+        try:
+            reply = await self._replies.receive()
+        except trio.EndOfChannel:
+            reply = {"type": f"lifespan.{phase}.failed", "message": "the app returned"}
+        if reply["type"] != f"lifespan.{phase}.complete":
+            raise LifespanError(f"Error during {phase} {reply.get('message', '')}")
+
+    async def _close(self) -> None:
+        """End the lifespan task (cancelled, as a server does once the shutdown is
+        complete, or when it timed out) and the nursery it ran in."""
+        assert self._nursery is not None and self._nursery_manager is not None
+        self._nursery.cancel_scope.cancel()
+        try:
+            await self._nursery_manager.__aexit__(None, None, None)
+        except BaseExceptionGroup as group:
+            if len(group.exceptions) == 1:  # the app's own error, as it was raised
+                raise group.exceptions[0] from group.exceptions[0].__cause__
+            raise

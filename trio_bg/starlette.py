@@ -13,12 +13,16 @@ Starlette runs on trio through AnyIO (serve it with Hypercorn's trio worker)::
 A `trio_bg.BackgroundTasks` is also a valid ``background`` of a Starlette
 ``Response``: Starlette calls it after the body was sent, and it hands its tasks
 to the server's nursery instead of running them inline.
+
+`TestClient` is Starlette's sync test client on trio, waiting for the background
+tasks after each request and raising their failures in the test (it needs httpx,
+as Starlette's does).
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Unpack
+from typing import TYPE_CHECKING, Unpack
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -35,14 +39,32 @@ from ._errors import Overloaded
 from ._options import NurseryOptions, Settings
 from ._tasks import BackgroundTasks
 
-__all__ = ["install", "middleware_of", "overloaded_handler"]
+if TYPE_CHECKING:
+    from ._starlette_testclient import TestClient
+
+__all__ = ["TestClient", "install", "middleware_of", "overloaded_handler"]
+
+
+def __getattr__(name: str) -> object:
+    # TestClient is imported on first use: starlette.testclient needs httpx, which
+    # an app that only serves does not.
+    if name == "TestClient":
+        from ._starlette_testclient import TestClient
+
+        return TestClient
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 OverloadedHandler = Callable[[Request, Exception], Awaitable[Response]]
 """The type of `overloaded_handler`: a Starlette HTTP exception handler."""
 
 
 def install(
-    app: Starlette, *, retry_after: int | None = 1, **options: Unpack[NurseryOptions]
+    app: Starlette,
+    *,
+    retry_after: int | None = 1,
+    ordered: bool = False,
+    **options: Unpack[NurseryOptions],
 ) -> None:
     """Add `BackgroundTaskMiddleware` to ``app`` (a Starlette or FastAPI app) and a
     handler that answers `Overloaded` with ``503 Service Unavailable``.
@@ -52,12 +74,18 @@ def install(
     ``ServerErrorMiddleware``: it still receives the lifespan, and an endpoint's
     unhandled exception reaches it before Starlette turns it into a 500 page, so the
     tasks of that request are discarded rather than run. ``retry_after`` (seconds,
-    None for no header) is the 503's ``Retry-After``; the other options are those of
+    None for no header) is the 503's ``Retry-After``; ``ordered=True`` runs each
+    request's tasks one after another, in the order added (as Starlette does, but
+    after the response, in the nursery); the other options are those of
     `trio_bg.open_background_nursery`.
     """
     Settings.from_options(options)  # a bad option fails here, not at server start
     handler = _overloaded_handler(retry_after)  # checks retry_after
-    app.add_middleware(BackgroundTaskMiddleware, retry_after=retry_after, **options)
+    if not isinstance(ordered, bool):
+        raise TypeError(f"ordered must be True or False, not {ordered!r}")
+    app.add_middleware(
+        BackgroundTaskMiddleware, retry_after=retry_after, ordered=ordered, **options
+    )
     app.add_exception_handler(Overloaded, handler)
 
 

@@ -8,51 +8,19 @@ Needs httpx (in trio_bg's ``test`` extra). The pytest fixtures live in
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar, overload
+from typing import Any
 
 import httpx
 import trio
 
-from ._asgi import FAILURE_WATCHERS_KEY, STATE_KEY, ASGIApp, BackgroundTaskMiddleware, Message
+from ._asgi import STATE_KEY, ASGIApp, BackgroundTaskMiddleware, Message
+from ._failures import FailureWatch, TaskFailures
 from ._nursery import BackgroundNursery
 from ._report import ShutdownReport, TaskStats
 
 __all__ = ["TaskFailures", "TestClient", "open_test_client"]
-
-
-_E = TypeVar("_E", bound=Exception)
-_BE = TypeVar("_BE", bound=BaseException)
-
-
-class TaskFailures(ExceptionGroup[Exception]):
-    """Several background tasks failed; each is one of the group's exceptions."""
-
-    @overload
-    def derive(self, excs: Sequence[_E], /) -> ExceptionGroup[_E]: ...
-    @overload
-    def derive(self, excs: Sequence[_BE], /) -> BaseExceptionGroup[_BE]: ...
-    def derive(self, excs: Sequence[BaseException], /) -> BaseExceptionGroup[BaseException]:
-        """Keep the type when the group is split (as trio's nurseries do on the way
-        out of the test client's block), so ``pytest.raises(TaskFailures)`` holds."""
-        if all(isinstance(exc, Exception) for exc in excs):
-            return TaskFailures(self.message, excs)  # type: ignore[arg-type]
-        return BaseExceptionGroup(self.message, excs)
-
-
-class _Failures:
-    """The background tasks' failures, watched from the moment the nursery opens (so
-    a task started by the app's own startup is caught too)."""
-
-    def __init__(self) -> None:
-        self.seen: list[tuple[str, Exception]] = []
-        self.unraised: list[Exception] = []
-
-    def __call__(self, name: str, exc: BaseException) -> None:
-        if isinstance(exc, Exception):  # the rest (KeyboardInterrupt...) propagates anyway
-            self.seen.append((name, exc))
-            self.unraised.append(exc)
 
 
 class TestClient(httpx.AsyncClient):
@@ -70,16 +38,22 @@ class TestClient(httpx.AsyncClient):
         self,
         app: ASGIApp,
         middleware: BackgroundTaskMiddleware,
-        failures: _Failures,
-        *,
-        raise_task_errors: bool,
+        failures: FailureWatch,
         **kwargs: Any,
     ) -> None:
         """Private: use `open_test_client`."""
         super().__init__(transport=httpx.ASGITransport(app=app), **kwargs)
         self.middleware = middleware
-        self.raise_task_errors = raise_task_errors
         self._failures = failures
+
+    @property
+    def raise_task_errors(self) -> bool:
+        """Whether a failed background task is raised at `drain` and at the end."""
+        return self._failures.raise_task_errors
+
+    @raise_task_errors.setter
+    def raise_task_errors(self, value: bool) -> None:
+        self._failures.raise_task_errors = value
 
     @property
     def task_errors(self) -> list[tuple[str, Exception]]:
@@ -106,15 +80,7 @@ class TestClient(httpx.AsyncClient):
         """Wait until no background task is pending or running, nor collected by a
         request still in flight; then raise what failed meanwhile (see the class)."""
         await self.middleware.nursery._wait_drained()
-        self._raise_failures()
-
-    def _raise_failures(self) -> None:
-        failures, self._failures.unraised = self._failures.unraised, []
-        if not self.raise_task_errors or not failures:
-            return
-        if len(failures) == 1:
-            raise failures[0]  # with the traceback it had in the task
-        raise TaskFailures(f"{len(failures)} background tasks failed", failures)
+        self._failures.raise_unraised()
 
 
 @asynccontextmanager
@@ -133,8 +99,8 @@ async def open_test_client(
     and then raises any background failure not raised yet. Extra keyword arguments
     go to `httpx.AsyncClient`.
     """
-    failures = _Failures()
-    state: dict[str, Any] = {FAILURE_WATCHERS_KEY: [failures]}
+    failures = FailureWatch(raise_task_errors=raise_task_errors)
+    state = failures.lifespan_state()
     to_app, app_inbox = trio.open_memory_channel[Message](math.inf)
     from_app, replies = trio.open_memory_channel[Message](math.inf)
     scope = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"}, "state": state}
@@ -169,7 +135,6 @@ async def open_test_client(
                 app,
                 middleware,
                 failures,
-                raise_task_errors=raise_task_errors,
                 base_url=base_url,
                 **client_options,
             )
@@ -183,4 +148,4 @@ async def open_test_client(
         if len(group.exceptions) == 1:
             raise group.exceptions[0] from group.exceptions[0].__cause__
         raise
-    client._raise_failures()
+    failures.raise_unraised()

@@ -1,4 +1,4 @@
-"""A FastAPI app whose endpoints start background work with trio_bg.
+"""A FastAPI app whose background tasks run in trio_bg's nursery.
 
 FastAPI runs on trio through AnyIO. Run it from the repository root with Hypercorn's
 trio worker::
@@ -6,8 +6,8 @@ trio worker::
     hypercorn --worker-class trio examples.fastapi_app:app
 
 then ``curl -X POST 'http://127.0.0.1:8000/signup?email=ada@example.com'`` and stop the
-server with Ctrl+C: the log shows the background tasks drained (up to the grace
-period) before the app's own lifespan shuts down.
+server with Ctrl+C: the log shows the background tasks run after each response, and
+drained (up to the grace period) before the app's own lifespan shuts down.
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Annotated
 
 import trio
-from fastapi import BackgroundTasks, FastAPI
+from fastapi import BackgroundTasks, Depends, FastAPI
 
 import trio_bg
 import trio_bg.fastapi
 from examples._logging import show_logs
-from trio_bg.fastapi import Tasks
 
 logger = logging.getLogger("examples.fastapi_app")
 
@@ -36,7 +36,7 @@ async def send_welcome_email(email: str) -> None:
 
 
 def write_audit_line(line: str) -> None:
-    """A plain function: FastAPI's own BackgroundTasks runs it inline, in a thread."""
+    """A plain function: it runs in one of trio_bg's worker threads."""
     logger.info("audit: %s", line)
 
 
@@ -49,21 +49,25 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 app = FastAPI(lifespan=lifespan)
+# Before the routes: from here on, FastAPI's own BackgroundTasks hand their tasks to
+# trio_bg (one after another per request with ordered=True, as FastAPI runs them).
+trio_bg.fastapi.install(app, grace_period=10.0, ordered=True)
+
+
+def audited(background_tasks: BackgroundTasks, email: str) -> str:
+    """A dependency: its task is added first, so (ordered) it runs first."""
+    background_tasks.add_task(write_audit_line, f"signup of {email}")
+    return email
 
 
 @app.post("/signup")
-async def signup(email: str, tasks: Tasks) -> dict[str, str]:
-    """``tasks`` is the request's trio_bg.BackgroundTasks: its tasks run in the
-    server's nursery once the response is complete."""
-    tasks.add_task(send_welcome_email, email)
+async def signup(
+    email: Annotated[str, Depends(audited)], background_tasks: BackgroundTasks
+) -> dict[str, str]:
+    """Plain FastAPI code: the tasks run in the server's nursery once the response is
+    complete, not inline in this request, and shutdown drains them."""
+    background_tasks.add_task(send_welcome_email, email)
     return {"status": "welcome", "email": email}
-
-
-@app.get("/legacy")
-def legacy(background_tasks: BackgroundTasks) -> dict[str, str]:
-    """FastAPI's own BackgroundTasks keeps working unchanged, with its own semantics."""
-    background_tasks.add_task(write_audit_line, "legacy endpoint called")
-    return {"status": "ok"}
 
 
 @app.get("/stats")
@@ -71,8 +75,3 @@ async def stats() -> dict[str, int]:
     """What the nursery is doing now (for a health or metrics endpoint)."""
     current = trio_bg.fastapi.middleware_of(app).nursery.stats
     return {"running": current.running, "pending": current.pending, "failed": current.failed}
-
-
-# Equivalent to app.add_middleware(trio_bg.BackgroundTaskMiddleware, grace_period=10.0)
-# plus an exception handler answering trio_bg.Overloaded with a 503.
-trio_bg.fastapi.install(app, grace_period=10.0)

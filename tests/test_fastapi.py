@@ -21,12 +21,10 @@ pytest.importorskip("fastapi")
 
 import fastapi
 from fastapi import Depends, FastAPI, HTTPException
-from fastapi.responses import PlainTextResponse
-from starlette.background import BackgroundTasks as StarletteBackgroundTasks
 
 import trio_bg
 import trio_bg.fastapi
-from trio_bg._asgi import ASGIApp, Receive, Scope, Send
+from trio_bg._asgi import ASGIApp
 from trio_bg.fastapi import Tasks
 
 BOUND = 10.0
@@ -45,6 +43,7 @@ async def test_tasks_dependency_in_endpoints_and_dependencies() -> None:
         tasks.add_task(recorder.record, "sync-dependency")
 
     app = FastAPI(dependencies=[Depends(async_dependency), Depends(sync_dependency)])
+    trio_bg.fastapi.install(app, grace_period=2.0)
 
     @app.get("/async")
     async def async_endpoint(tasks: Tasks) -> dict[str, str]:
@@ -58,7 +57,6 @@ async def test_tasks_dependency_in_endpoints_and_dependencies() -> None:
         tasks.add_task(recorder.record, "sync-endpoint")
         return {"endpoint": "sync"}
 
-    trio_bg.fastapi.install(app, grace_period=2.0)
     async with served(app) as client:
         with trio.fail_after(BOUND):
             assert (await client.get("/async")).json() == {"endpoint": "async"}
@@ -125,43 +123,6 @@ async def test_both_install_forms_see_the_lifespan_and_honour_the_grace_period(
     assert 0.5 <= report.duration < BOUND
 
 
-async def test_fastapi_background_tasks_keep_working_unchanged() -> None:
-    """FastAPI's own ``BackgroundTasks`` parameter still runs its task inline, inside the
-    request's ASGI call; ``Tasks`` in the same endpoint runs in the server nursery."""
-    call_returned = trio.Event()
-    fastapi_task_saw_call_returned: list[bool] = []
-    trio_bg_done = trio.Event()
-
-    async def fastapi_job() -> None:
-        fastapi_task_saw_call_returned.append(call_returned.is_set())
-
-    async def trio_bg_job() -> None:
-        await call_returned.wait()  # inline, this would never return
-        trio_bg_done.set()
-
-    app = FastAPI()
-
-    @app.get("/")
-    async def endpoint(background_tasks: fastapi.BackgroundTasks, tasks: Tasks) -> str:
-        assert type(background_tasks) is fastapi.BackgroundTasks
-        background_tasks.add_task(fastapi_job)
-        tasks.add_task(trio_bg_job)
-        return "ok"
-
-    trio_bg.fastapi.install(app, grace_period=2.0)
-
-    async def recorder(scope: Scope, receive: Receive, send: Send) -> None:
-        await app(scope, receive, send)
-        if scope["type"] == "http":
-            call_returned.set()
-
-    async with served(recorder) as client:
-        with trio.fail_after(BOUND):
-            assert (await client.get("/")).json() == "ok"
-            await trio_bg_done.wait()
-    assert fastapi_task_saw_call_returned == [False]
-
-
 async def test_errors_isolated_and_overloaded_answers_503() -> None:
     errors: list[str] = []
     recorder = Recorder()
@@ -175,6 +136,9 @@ async def test_errors_isolated_and_overloaded_answers_503() -> None:
         await release.wait()
 
     app = FastAPI()
+    trio_bg.fastapi.install(
+        app, grace_period=2.0, max_running=1, max_pending=1, on_error=lambda n, e: errors.append(n)
+    )
 
     @app.get("/fail-then-ok")
     async def fail_then_ok(tasks: Tasks) -> str:
@@ -193,9 +157,6 @@ async def test_errors_isolated_and_overloaded_answers_503() -> None:
         tasks.add_task(recorder.record, "second")  # Overloaded
         return "never"
 
-    trio_bg.fastapi.install(
-        app, grace_period=2.0, max_running=1, max_pending=1, on_error=lambda n, e: errors.append(n)
-    )
     async with served(app) as client:
         with trio.fail_after(BOUND):
             assert (await client.get("/fail-then-ok")).json() == "ok"
@@ -212,50 +173,42 @@ async def test_errors_isolated_and_overloaded_answers_503() -> None:
 
 
 async def test_which_error_responses_run_the_tasks() -> None:
-    """An ``HTTPException`` becomes an ordinary (4xx) response, which completes: trio_bg's
-    tasks run (FastAPI's own are dropped). An unhandled exception reaches the installed
-    middleware before the 500 page: its tasks are discarded. A returned ``Response``
-    with a ``background`` of its own does not drop them either."""
+    """An ``HTTPException`` or a validation error becomes an ordinary 4xx response,
+    which completes: the tasks added before it run (FastAPI would drop its own). An
+    unhandled exception reaches the installed middleware before the 500 page: its tasks
+    are discarded. ``Tasks`` and FastAPI's adopted ``BackgroundTasks`` alike."""
     recorder = Recorder()
-    fastapi_ran: list[str] = []
-
-    async def fastapi_job(name: str) -> None:
-        fastapi_ran.append(name)
-
     app = FastAPI()
+    trio_bg.fastapi.install(app, grace_period=2.0)
 
     @app.get("/not-found")
     async def not_found(tasks: Tasks, background_tasks: fastapi.BackgroundTasks) -> str:
-        tasks.add_task(recorder.record, "after 404")
-        background_tasks.add_task(fastapi_job, "after 404")
+        tasks.add_task(recorder.record, "Tasks, 404")
+        background_tasks.add_task(recorder.record, "BackgroundTasks, 404")
         raise HTTPException(status_code=404)
 
+    async def dependency(background_tasks: fastapi.BackgroundTasks) -> None:
+        background_tasks.add_task(recorder.record, "BackgroundTasks, 422")
+
+    @app.get("/invalid", dependencies=[Depends(dependency)])
+    async def invalid(number: int) -> int:  # the dependency runs before the check
+        return number
+
     @app.get("/crash")
-    async def crash(tasks: Tasks) -> str:
-        tasks.add_task(recorder.record, "after 500")
+    async def crash(tasks: Tasks, background_tasks: fastapi.BackgroundTasks) -> str:
+        tasks.add_task(recorder.record, "Tasks, 500")
+        background_tasks.add_task(recorder.record, "BackgroundTasks, 500")
         raise RuntimeError("unhandled")
 
-    @app.get("/own-background")
-    async def own_background(
-        tasks: Tasks, background_tasks: fastapi.BackgroundTasks
-    ) -> PlainTextResponse:
-        tasks.add_task(recorder.record, "own background")
-        background_tasks.add_task(fastapi_job, "own background")  # FastAPI drops it
-        starlette_tasks = StarletteBackgroundTasks()
-        starlette_tasks.add_task(fastapi_job, "the response's own")
-        return PlainTextResponse("ok", background=starlette_tasks)
-
-    trio_bg.fastapi.install(app, grace_period=2.0)
     async with served(app) as client:
         with trio.fail_after(BOUND):
             assert (await client.get("/not-found")).status_code == 404
+            assert (await client.get("/invalid", params={"number": "one"})).status_code == 422
             assert (await client.get("/crash")).status_code == 500
-            assert (await client.get("/own-background")).text == "ok"
-            await recorder.wait_for(2)
+            await recorder.wait_for(3)
     report = trio_bg.fastapi.middleware_of(app).report
-    assert sorted(recorder.ran) == ["after 404", "own background"]
-    assert fastapi_ran == ["the response's own"]
-    assert (report.completed, report.discarded) == (2, 1)
+    assert sorted(recorder.ran) == ["BackgroundTasks, 404", "BackgroundTasks, 422", "Tasks, 404"]
+    assert (report.completed, report.discarded) == (3, 2)
 
 
 def test_tasks_is_an_annotated_dependency() -> None:
@@ -266,29 +219,26 @@ def test_tasks_is_an_annotated_dependency() -> None:
 
 async def test_the_example(monkeypatch: pytest.MonkeyPatch) -> None:
     example = importlib.import_module("examples.fastapi_app")
+    order: list[str] = []
     sent = trio.Event()
-    audited: list[str] = []
 
     @trio_bg.task(timeout=30)
     async def send_welcome_email(email: str) -> None:  # the example's, minus the wait
+        order.append(f"welcome {email}")
         sent.set()
 
+    def write_audit_line(line: str) -> None:  # in a worker thread
+        order.append(f"audit {line}")
+
     monkeypatch.setattr(example, "send_welcome_email", send_welcome_email)
-    audit_written = trio.Event()
-
-    def write_audit_line(line: str) -> None:  # FastAPI runs it in a worker thread
-        audited.append(line)
-        trio.from_thread.run_sync(audit_written.set)
-
     monkeypatch.setattr(example, "write_audit_line", write_audit_line)
     async with served(example.app) as client:
         with trio.fail_after(BOUND):
             response = await client.post("/signup", params={"email": "ada@example.com"})
             assert response.json() == {"status": "welcome", "email": "ada@example.com"}
             await sent.wait()
-            assert (await client.get("/legacy")).json() == {"status": "ok"}
-            await audit_written.wait()  # FastAPI's own task, run inline
-            assert audited == ["legacy endpoint called"]
             stats = (await client.get("/stats")).json()
             assert stats == {"running": 0, "pending": 0, "failed": 0}
-    assert trio_bg.fastapi.middleware_of(example.app).report.completed == 1
+    # FastAPI's BackgroundTasks, adopted and ordered: the dependency's task first.
+    assert order == ["audit signup of ada@example.com", "welcome ada@example.com"]
+    assert trio_bg.fastapi.middleware_of(example.app).report.completed == 2

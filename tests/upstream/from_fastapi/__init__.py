@@ -1,0 +1,5 @@
+"""Code ported from FastAPI (https://github.com/fastapi/fastapi, commit c3f316b7e814),
+MIT licence, Copyright (c) 2018 Sebastián Ramírez: see LICENSE here. The layout is
+FastAPI's: ``docs_src/`` is its ``docs_src/``, ``test_tutorial/`` its
+``tests/test_tutorial/``, ``utils.py`` its ``tests/utils.py``. Each file says what
+changed; the tests themselves did not, but for the module paths in their imports."""

@@ -246,6 +246,39 @@ async def test_ordered_tasks_left_at_the_deadline_are_cancelled_and_counted(
     assert (report.accepted, report.completed, report.cancelled) == (2_000, 5, 1_995)
 
 
+@pytest.mark.parametrize("per_request", [False, True], ids=["middleware-option", "per-request"])
+async def test_stop_on_failure_skips_the_rest_as_starlette_does(
+    per_request: bool, autojump_clock: trio.testing.MockClock
+) -> None:
+    done: list[int] = []
+
+    async def job(n: int) -> None:
+        await trio.sleep(1)
+        done.append(n)
+
+    async def fails() -> None:
+        raise ValueError("the rest is skipped")
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        tasks = trio_bg.current_tasks()
+        if per_request:
+            tasks.stop_on_failure = True
+            assert tasks.ordered
+        tasks.add_task(job, 1)
+        tasks.add_task(fails)
+        tasks.add_task(job, 2)
+        tasks.add_task(job, 3)
+        await respond(send)
+
+    middleware = trio_bg.BackgroundTaskMiddleware(app, stop_on_failure=not per_request)
+    async with open_test_client(middleware, raise_task_errors=False) as client:
+        await client.get("/")
+        await client.drain()
+        stats = client.stats
+    assert done == [1]
+    assert (stats.accepted, stats.completed, stats.failed, stats.cancelled) == (4, 1, 1, 2)
+
+
 def test_ordered_must_be_a_bool() -> None:
     with pytest.raises(TypeError, match="ordered must be True or False"):
         trio_bg.BackgroundTaskMiddleware(respond, ordered="yes")  # type: ignore[arg-type]

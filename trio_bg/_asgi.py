@@ -57,18 +57,23 @@ class BackgroundTaskMiddleware:
         *,
         retry_after: int | None = 1,
         ordered: bool = False,
+        stop_on_failure: bool = False,
         **options: Unpack[NurseryOptions],
     ) -> None:
         """Wrap ``app``. ``retry_after`` is the ``Retry-After`` (seconds) of the 503
         answer when `Overloaded` escapes the app (None: no header); ``ordered`` makes
-        each request's tasks run one after another (`BackgroundTasks.ordered`); the
-        other options are those of `open_background_nursery`."""
+        each request's tasks run one after another (`BackgroundTasks.ordered`), and
+        ``stop_on_failure`` skips the rest after a failure, as Starlette does
+        (`BackgroundTasks.stop_on_failure`); the other options are those of
+        `open_background_nursery`."""
         if not callable(app):
             raise TypeError(f"BackgroundTaskMiddleware wraps an ASGI app, not {app!r}")
         check_retry_after(retry_after)
-        if not isinstance(ordered, bool):
-            raise TypeError(f"ordered must be True or False, not {ordered!r}")
+        for name, flag in (("ordered", ordered), ("stop_on_failure", stop_on_failure)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be True or False, not {flag!r}")
         self._ordered = ordered
+        self._stop_on_failure = stop_on_failure
         self._settings = Settings.from_options(options)  # fails here, not at server start
         self.app = app
         self._unavailable = _unavailable_response(retry_after)
@@ -123,7 +128,9 @@ class BackgroundTaskMiddleware:
         inline = None
         if sink is None:
             sink = inline = self._inline_sink()
-        tasks = BackgroundTasks._of_request(sink, ordered=self._ordered)
+        tasks = BackgroundTasks._of_request(
+            sink, ordered=self._ordered, stop_on_failure=self._stop_on_failure
+        )
         client = _ClientWatch(receive, listening=inline is None)
         response_started = trailers = False
 
@@ -201,7 +208,9 @@ class BackgroundTaskMiddleware:
         inline = None
         if sink is None:
             sink = inline = self._inline_sink()
-        tasks = BackgroundTasks._of_request(sink, ordered=self._ordered)
+        tasks = BackgroundTasks._of_request(
+            sink, ordered=self._ordered, stop_on_failure=self._stop_on_failure
+        )
         token = _current_tasks.set(tasks)
         try:
             await self.app({**scope, SCOPE_KEY: tasks}, receive, send)

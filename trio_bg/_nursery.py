@@ -142,9 +142,15 @@ class BackgroundNursery:
                     task.context = contextvars.copy_context()
                 self._queue.append(task)
 
-    def _cancel_unstarted(self, task: Task, observed: bool) -> None:
-        """``task``, accepted past the grace period, and the tasks ordered after it:
-        cancelled without running (in a loop: a chain can be long)."""
+    def _cancel_unstarted(self, task: Task, observed: bool, *, accepting: bool = False) -> None:
+        """``task``, accepted past the grace period (or skipped: ``accepting`` it
+        here), and the tasks ordered after it: cancelled without running (in a loop:
+        a chain can be long)."""
+        if accepting:
+            if observed:
+                task.accepted_at = trio.current_time()
+                self._emit("accepted", task)
+            self._accepted += 1
         while True:
             then, task.then = task.then, None
             self._end(task, "cancelled", observed)
@@ -390,7 +396,16 @@ class BackgroundNursery:
         if observed:
             self._emit("finished", task, outcome=outcome, duration=duration)
         if task.then is not None:  # an ordered request's next task: its turn now
-            self.accept((task.then,))
+            if task.stops_chain and outcome in ("failed", "timed_out"):
+                logger.warning(
+                    "background task %s %s: skipping the tasks ordered after it",
+                    task.name,
+                    outcome.replace("_", " "),
+                )
+                then, task.then = task.then, None
+                self._cancel_unstarted(then, observed, accepting=True)
+            else:
+                self.accept((task.then,))
         self._set_idle_if_idle()
 
     def _set_idle_if_idle(self) -> None:

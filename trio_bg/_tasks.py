@@ -32,6 +32,7 @@ class Task:
         "kwargs",
         "name",
         "started_at",
+        "stops_chain",
         "then",
         "thread_refused",
         "thread_started",
@@ -53,6 +54,7 @@ class Task:
         self.accepted_at: float | None = None  # set when queued, or when events are observed
         self.started_at: float | None = None  # set when events are observed
         self.then: Task | None = None  # the next of an ordered request's tasks
+        self.stops_chain = False  # if it fails, ``then`` and those after it never run
         # A cancelled thread task that had started is "abandoned"; one that had not is
         # "cancelled", and refused should its thread come up later (see _run_in_thread).
         self.thread_started = False
@@ -106,6 +108,7 @@ class BackgroundTasks:
         "_ordered",
         "_owner",
         "_sink",
+        "_stop_on_failure",
         "_tasks",
     )
 
@@ -122,10 +125,13 @@ class BackgroundTasks:
             self.add_task(task.func, *task.args, **task.kwargs)
 
     @classmethod
-    def _of_request(cls, sink: TaskSink, *, ordered: bool) -> BackgroundTasks:
+    def _of_request(
+        cls, sink: TaskSink, *, ordered: bool, stop_on_failure: bool = False
+    ) -> BackgroundTasks:
         """A request's collection, feeding ``sink`` (the middleware's way in)."""
         tasks = cls.__new__(cls)
-        tasks._start(sink, ordered=ordered)
+        tasks._start(sink, ordered=ordered or stop_on_failure)
+        tasks._stop_on_failure = stop_on_failure
         return tasks
 
     def _start(self, sink: TaskSink | None, *, ordered: bool) -> None:
@@ -135,6 +141,7 @@ class BackgroundTasks:
         self._handed_off = False
         self._discarded_because: str | None = None
         self._ordered = ordered
+        self._stop_on_failure = False
         # add_task may run in a worker thread (a sync handler, or a thread it left
         # behind) while trio's thread hands the tasks off or discards them.
         self._lock = threading.Lock()
@@ -163,6 +170,21 @@ class BackgroundTasks:
         if not isinstance(ordered, bool):
             raise TypeError(f"ordered must be True or False, not {ordered!r}")
         self._owner._ordered = ordered
+
+    @property
+    def stop_on_failure(self) -> bool:
+        """Whether, `ordered`, a task that fails (or times out) skips the tasks after it,
+        as Starlette's do: they never run, and are counted as cancelled. Setting it
+        sets `ordered` too."""
+        return self._owner._stop_on_failure
+
+    @stop_on_failure.setter
+    def stop_on_failure(self, stop: bool) -> None:
+        if not isinstance(stop, bool):
+            raise TypeError(f"stop_on_failure must be True or False, not {stop!r}")
+        owner = self._owner
+        owner._stop_on_failure = stop
+        owner._ordered = owner._ordered or stop
 
     async def __call__(self) -> None:
         """Hand the collected tasks to the nursery now, without running them here.
@@ -233,6 +255,7 @@ class BackgroundTasks:
         if self._ordered and len(tasks) > 1:
             for task, successor in itertools.pairwise(tasks):
                 task.then = successor  # the sink starts it once ``task`` has ended
+                task.stops_chain = self._stop_on_failure
             heads = tasks[:1]
         try:
             self._sink.accept(heads)

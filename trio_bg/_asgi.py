@@ -124,13 +124,7 @@ class BackgroundTaskMiddleware:
     # -- requests ------------------------------------------------------------------
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        sink: TaskSink | None = self._nursery
-        inline = None
-        if sink is None:
-            sink = inline = self._inline_sink()
-        tasks = BackgroundTasks._of_request(
-            sink, ordered=self._ordered, stop_on_failure=self._stop_on_failure
-        )
+        tasks, inline = self._collection()
         client = _ClientWatch(receive, listening=inline is None)
         response_started = trailers = False
 
@@ -188,6 +182,17 @@ class BackgroundTaskMiddleware:
         if inline is not None:
             await inline.run()
 
+    def _collection(self) -> tuple[BackgroundTasks, InlineSink | None]:
+        """A new request's tasks; and, with no nursery, the sink that runs them inline."""
+        sink: TaskSink | None = self._nursery
+        inline = None
+        if sink is None:
+            sink = inline = self._inline_sink()
+        tasks = BackgroundTasks._of_request(
+            sink, ordered=self._ordered, stop_on_failure=self._stop_on_failure
+        )
+        return tasks, inline
+
     def _inline_sink(self) -> InlineSink:
         """Where a request's tasks go when no lifespan ever started: they run inline,
         after the response, in the request's own call, as Starlette's would."""
@@ -204,13 +209,7 @@ class BackgroundTaskMiddleware:
         return InlineSink()
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
-        sink: TaskSink | None = self._nursery
-        inline = None
-        if sink is None:
-            sink = inline = self._inline_sink()
-        tasks = BackgroundTasks._of_request(
-            sink, ordered=self._ordered, stop_on_failure=self._stop_on_failure
-        )
+        tasks, inline = self._collection()
         token = _current_tasks.set(tasks)
         try:
             await self.app({**scope, SCOPE_KEY: tasks}, receive, send)

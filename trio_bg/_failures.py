@@ -7,7 +7,9 @@ import threading
 from collections.abc import Sequence
 from typing import Any, TypeVar, overload
 
-from ._asgi import FAILURE_WATCHERS_KEY
+from ._asgi import FAILURE_WATCHERS_KEY, BackgroundTaskMiddleware
+from ._nursery import BackgroundNursery
+from ._report import ShutdownReport, TaskStats
 
 _E = TypeVar("_E", bound=Exception)
 _BE = TypeVar("_BE", bound=BaseException)
@@ -68,3 +70,44 @@ class FailureWatch:
         if len(failures) == 1:
             raise failures[0]
         raise TaskFailures(f"{len(failures)} background tasks failed", failures)
+
+
+class WatchesTasks:
+    """What every trio_bg test client shows of the app's background tasks (the async
+    `trio_bg.testing.TestClient`, Starlette's sync one, Quart's test app): it needs
+    ``_failures`` and a ``_watched_middleware()``."""
+
+    _failures: FailureWatch
+
+    def _watched_middleware(self) -> BackgroundTaskMiddleware:
+        raise NotImplementedError
+
+    @property
+    def raise_task_errors(self) -> bool:
+        """Whether a failed background task is raised (at `drain`, and at the end)."""
+        return self._failures.raise_task_errors
+
+    @raise_task_errors.setter
+    def raise_task_errors(self, value: bool) -> None:
+        self._failures.raise_task_errors = value
+
+    @property
+    def task_errors(self) -> list[tuple[str, Exception]]:
+        """``(task name, exception)`` for every background task that failed, from the
+        app's startup on."""
+        return self._failures.seen
+
+    @property
+    def nursery(self) -> BackgroundNursery:
+        """The app's background nursery."""
+        return self._watched_middleware().nursery
+
+    @property
+    def stats(self) -> TaskStats:
+        """The background nursery's `TaskStats`."""
+        return self._watched_middleware().nursery.stats
+
+    @property
+    def report(self) -> ShutdownReport:
+        """The `ShutdownReport`, once the app has shut down."""
+        return self._watched_middleware().report

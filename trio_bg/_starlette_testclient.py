@@ -10,12 +10,10 @@ from starlette.testclient import TestClient as StarletteTestClient
 from starlette.types import ASGIApp
 
 from ._asgi import STATE_KEY, BackgroundTaskMiddleware, Message
-from ._failures import FailureWatch
-from ._nursery import BackgroundNursery
-from ._report import ShutdownReport, TaskStats
+from ._failures import FailureWatch, WatchesTasks
 
 
-class TestClient(StarletteTestClient):
+class TestClient(WatchesTasks, StarletteTestClient):
     """Starlette's ``TestClient`` for an app with trio_bg inside: it runs the app on
     trio, and inside ``with TestClient(app) as client:`` (which runs the lifespan,
     and with it the background nursery) it waits for the background tasks and
@@ -63,22 +61,6 @@ class TestClient(StarletteTestClient):
         self._startup_failure: str | None = None
 
     @property
-    def raise_task_errors(self) -> bool:
-        """Whether a failed background task is raised (after a request, at `drain`,
-        at the end of the block)."""
-        return self._failures.raise_task_errors
-
-    @raise_task_errors.setter
-    def raise_task_errors(self, value: bool) -> None:
-        self._failures.raise_task_errors = value
-
-    @property
-    def task_errors(self) -> list[tuple[str, Exception]]:
-        """``(task name, exception)`` for every background task that failed, from the
-        app's startup on."""
-        return self._failures.seen
-
-    @property
     def middleware(self) -> BackgroundTaskMiddleware:
         """The app's `BackgroundTaskMiddleware` (once ``with`` has started the app)."""
         if self._middleware is None:
@@ -88,20 +70,8 @@ class TestClient(StarletteTestClient):
             )
         return self._middleware
 
-    @property
-    def nursery(self) -> BackgroundNursery:
-        """The app's background nursery."""
-        return self.middleware.nursery
-
-    @property
-    def stats(self) -> TaskStats:
-        """The background nursery's `TaskStats`."""
-        return self.middleware.nursery.stats
-
-    @property
-    def report(self) -> ShutdownReport:
-        """The `ShutdownReport`, once the ``with`` block has ended."""
-        return self.middleware.report
+    def _watched_middleware(self) -> BackgroundTaskMiddleware:
+        return self.middleware
 
     def drain(self) -> None:
         """Wait until no background task is pending or running, nor collected by a

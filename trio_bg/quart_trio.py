@@ -48,10 +48,8 @@ from ._asgi import (
 )
 from ._callables import spec_of, task
 from ._errors import Overloaded
-from ._failures import FailureWatch
-from ._nursery import BackgroundNursery
+from ._failures import FailureWatch, WatchesTasks
 from ._options import NurseryOptions
-from ._report import ShutdownReport, TaskStats
 from ._tasks import BackgroundTasks, _current_tasks
 
 __all__ = ["EXTENSION_KEY", "TestApp", "add_background_task", "init_app", "middleware_of"]
@@ -206,7 +204,7 @@ def _discard_collected(why: str) -> None:
         tasks._discard(f"the {request.method} request to {request.path} failed: {why}")
 
 
-class TestApp:
+class TestApp(WatchesTasks):
     """What ``app.test_app()`` gives once `init_app` has run: Quart-Trio's test app
     (the app's lifespan around the block, ``test_client()``), made for trio_bg.
 
@@ -250,35 +248,8 @@ class TestApp:
         self._nursery_manager: AbstractAsyncContextManager[trio.Nursery] | None = None
         self._nursery: trio.Nursery | None = None
 
-    @property
-    def raise_task_errors(self) -> bool:
-        """Whether a failed background task is raised at `drain` and at the end."""
-        return self._failures.raise_task_errors
-
-    @raise_task_errors.setter
-    def raise_task_errors(self, value: bool) -> None:
-        self._failures.raise_task_errors = value
-
-    @property
-    def task_errors(self) -> list[tuple[str, Exception]]:
-        """``(task name, exception)`` for every background task that failed, from the
-        app's startup on."""
-        return self._failures.seen
-
-    @property
-    def nursery(self) -> BackgroundNursery:
-        """The app's background nursery."""
-        return self.middleware.nursery
-
-    @property
-    def stats(self) -> TaskStats:
-        """The background nursery's `TaskStats`."""
-        return self.middleware.nursery.stats
-
-    @property
-    def report(self) -> ShutdownReport:
-        """The `ShutdownReport`, once the block has ended."""
-        return self.middleware.report
+    def _watched_middleware(self) -> BackgroundTaskMiddleware:
+        return self.middleware
 
     def test_client(self) -> TestClientProtocol:
         """The app's test client (``app.test_client()``)."""

@@ -16,14 +16,12 @@ import httpx
 import trio
 
 from ._asgi import STATE_KEY, ASGIApp, BackgroundTaskMiddleware, Message
-from ._failures import FailureWatch, TaskFailures
-from ._nursery import BackgroundNursery
-from ._report import ShutdownReport, TaskStats
+from ._failures import FailureWatch, TaskFailures, WatchesTasks
 
 __all__ = ["TaskFailures", "TestClient", "open_test_client"]
 
 
-class TestClient(httpx.AsyncClient):
+class TestClient(WatchesTasks, httpx.AsyncClient):
     """An `httpx.AsyncClient` that calls an app wrapped in `BackgroundTaskMiddleware`
     in-process, with the app's real lifespan and background nursery.
 
@@ -46,35 +44,8 @@ class TestClient(httpx.AsyncClient):
         self.middleware = middleware
         self._failures = failures
 
-    @property
-    def raise_task_errors(self) -> bool:
-        """Whether a failed background task is raised at `drain` and at the end."""
-        return self._failures.raise_task_errors
-
-    @raise_task_errors.setter
-    def raise_task_errors(self, value: bool) -> None:
-        self._failures.raise_task_errors = value
-
-    @property
-    def task_errors(self) -> list[tuple[str, Exception]]:
-        """``(task name, exception)`` for every background task that failed, from the
-        app's startup on."""
-        return self._failures.seen
-
-    @property
-    def nursery(self) -> BackgroundNursery:
-        """The app's running background nursery."""
-        return self.middleware.nursery
-
-    @property
-    def stats(self) -> TaskStats:
-        """The background nursery's `TaskStats`."""
-        return self.middleware.nursery.stats
-
-    @property
-    def report(self) -> ShutdownReport:
-        """The `ShutdownReport`, once the client has closed."""
-        return self.middleware.report
+    def _watched_middleware(self) -> BackgroundTaskMiddleware:
+        return self.middleware
 
     async def drain(self) -> None:
         """Wait until no background task is pending or running, nor collected by a

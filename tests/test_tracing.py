@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 import trio
+import trio.testing
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -88,6 +89,40 @@ async def test_each_task_has_a_span_under_the_requests_current_while_it_runs(
             assert span.attributes["trio_bg.task.outcome"] == "failed"
             assert span.status.status_code is trace.StatusCode.ERROR
             assert [event.name for event in span.events] == ["exception"]
+
+
+async def test_each_attempt_of_a_retried_task_has_its_own_span_under_the_same_parent(
+    spans: InMemorySpanExporter, autojump_clock: trio.testing.MockClock
+) -> None:
+    attempts = 0
+
+    @trio_bg.task(name="flaky", retries=1)
+    async def flaky() -> None:
+        nonlocal attempts
+        attempts += 1
+        if attempts == 1:
+            raise ConnectionError("first")
+
+    with trace.get_tracer("the app").start_as_current_span("startup") as parent:
+        async with trio_bg.open_background_nursery(tracing=True) as nursery:
+            nursery.start_soon(flaky)
+            await nursery.wait_idle()
+
+    first, second = (s for s in spans.get_finished_spans() if s.name == "background task flaky")
+    for span in (first, second):
+        assert span.parent is not None and span.parent.span_id == parent.get_span_context().span_id
+    assert first.attributes is not None and second.attributes is not None
+    assert (
+        first.attributes["trio_bg.task.attempt"],
+        second.attributes["trio_bg.task.attempt"],
+    ) == (
+        1,
+        2,
+    )
+    assert first.attributes["trio_bg.task.outcome"] == "failed"
+    assert first.status.status_code is trace.StatusCode.ERROR
+    assert [event.name for event in first.events] == ["exception"]
+    assert second.attributes["trio_bg.task.outcome"] == "completed"
 
 
 async def test_no_spans_without_the_option(spans: InMemorySpanExporter) -> None:

@@ -6,7 +6,7 @@ what happened to every one.
 """
 
 from ._asgi import BackgroundTaskMiddleware
-from ._callables import task
+from ._callables import Backoff, task
 from ._errors import NurseryClosed, Overloaded
 from ._events import TaskEvent
 from ._nursery import BackgroundNursery, open_background_nursery
@@ -20,6 +20,7 @@ __all__ = [
     "BackgroundNursery",
     "BackgroundTaskMiddleware",
     "BackgroundTasks",
+    "Backoff",
     "NurseryClosed",
     "NurseryOptions",
     "Overloaded",

@@ -20,11 +20,59 @@ from typing import Any, TypeVar, final, overload
 
 
 @dataclass(frozen=True, slots=True)
+class Backoff:
+    """How long a task waits before each retry: exponential, capped, with jitter.
+
+    Retry ``n`` (1 for the first) waits ``initial * factor ** (n - 1)`` seconds, at most
+    ``maximum``, less a random part of up to ``jitter`` of it: with the default 0.1, a
+    delay of 8 s becomes one between 7.2 s and 8 s. ``jitter=1`` is "full jitter" (any
+    wait up to the delay); ``jitter=0`` makes the waits exact.
+    """
+
+    initial: float = 1.0
+    factor: float = 2.0
+    maximum: float = 60.0
+    jitter: float = 0.1
+
+    def __post_init__(self) -> None:
+        for name in ("initial", "factor", "maximum", "jitter"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise TypeError(f"Backoff {name} must be a number, not {value!r}")
+        if not (self.initial >= 0 and math.isfinite(self.initial)):
+            raise ValueError(f"Backoff initial must be finite and >= 0, not {self.initial!r}")
+        if not (self.factor >= 1 and math.isfinite(self.factor)):
+            raise ValueError(f"Backoff factor must be finite and >= 1, not {self.factor!r}")
+        if not (self.maximum >= self.initial and math.isfinite(self.maximum)):
+            raise ValueError(
+                f"Backoff maximum must be finite and >= initial ({self.initial!r}), "
+                f"not {self.maximum!r}"
+            )
+        if not 0 <= self.jitter <= 1:
+            raise ValueError(f"Backoff jitter must be between 0 and 1, not {self.jitter!r}")
+
+    def delay(self, retry: int, draw: float) -> float:
+        """The wait, in seconds, before retry number ``retry`` (1 for the first), for a
+        ``draw`` in [0, 1) (the nursery draws with `random.random`): 0 gives the full
+        delay, draws near 1 take nearly ``jitter`` of it off."""
+        try:
+            delay = min(self.maximum, self.initial * self.factor ** (retry - 1))
+        except OverflowError:  # factor ** (retry - 1) is past any float
+            delay = self.maximum if self.initial else 0.0
+        return delay * (1 - self.jitter * draw)
+
+
+_DEFAULT_BACKOFF = Backoff()
+
+
+@dataclass(frozen=True, slots=True)
 class TaskOptions:
     """What `task` attaches to a function."""
 
     name: str | None = None
     timeout: float | None = None
+    retries: int = 0
+    backoff: Backoff = _DEFAULT_BACKOFF
 
     def __post_init__(self) -> None:
         if self.name is not None and not (isinstance(self.name, str) and self.name):
@@ -35,6 +83,16 @@ class TaskOptions:
                 raise TypeError(f"timeout must be a number of seconds, not {timeout!r}")
             if not (timeout > 0 and math.isfinite(timeout)):
                 raise ValueError(f"timeout must be finite and > 0, not {timeout!r}")
+        retries = self.retries
+        if isinstance(retries, bool) or not isinstance(retries, int):
+            raise TypeError(f"retries must be an int, not {retries!r}")
+        if retries < 0:
+            raise ValueError(f"retries must be >= 0, not {retries!r}")
+        if not isinstance(self.backoff, Backoff):
+            raise TypeError(
+                f"backoff must be a trio_bg.Backoff, such as Backoff(initial=0.5), "
+                f"not {self.backoff!r}"
+            )
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -44,18 +102,32 @@ _OPTIONS_ATTRIBUTE = "__trio_bg_task__"
 @overload
 def task(func: F, /) -> F: ...
 @overload
-def task(*, name: str | None = None, timeout: float | None = None) -> Callable[[F], F]: ...
 def task(
-    func: F | None = None, /, *, name: str | None = None, timeout: float | None = None
+    *,
+    name: str | None = None,
+    timeout: float | None = None,
+    retries: int = 0,
+    backoff: Backoff = _DEFAULT_BACKOFF,
+) -> Callable[[F], F]: ...
+def task(
+    func: F | None = None,
+    /,
+    *,
+    name: str | None = None,
+    timeout: float | None = None,
+    retries: int = 0,
+    backoff: Backoff = _DEFAULT_BACKOFF,
 ) -> F | Callable[[F], F]:
-    """Give a task function a stable ``name`` and a ``timeout`` (seconds).
+    """Give a task function a stable ``name``, a ``timeout`` (seconds), and ``retries``.
 
     Use it bare (``@trio_bg.task``) or with options (``@trio_bg.task(timeout=30)``).
     The function itself is returned unchanged, so it can still be called directly.
     A task that outlives its timeout is cancelled (a thread task is abandoned) and
-    counted as ``timed_out``.
+    counted as ``timed_out``. A task that raises an `Exception` or times out runs
+    again, up to ``retries`` more times, each after a wait given by ``backoff`` (a
+    `Backoff`); only its last attempt's failure or timeout is its outcome.
     """
-    options = TaskOptions(name=name, timeout=timeout)
+    options = TaskOptions(name=name, timeout=timeout, retries=retries, backoff=backoff)
 
     def attach(func: F) -> F:
         if not callable(func):
@@ -71,7 +143,7 @@ def task(
 class CallSpec:
     """What trio_bg knows of one callable, found once and used for every call."""
 
-    __slots__ = ("_probe", "is_async", "name", "timeout")
+    __slots__ = ("_probe", "backoff", "is_async", "name", "retries", "timeout")
 
     def __init__(self, func: object) -> None:
         _refuse_what_cannot_run(func)
@@ -80,6 +152,8 @@ class CallSpec:
         options = _options_of(func)
         self.name = options.name if options and options.name else name_of(target)
         self.timeout = options.timeout if options else None
+        self.retries = options.retries if options else 0
+        self.backoff = options.backoff if options else _DEFAULT_BACKOFF
         self._probe = _make_probe(func, self.name)
 
     def check(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

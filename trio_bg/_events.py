@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-EventKind = Literal["accepted", "started", "finished"]
+EventKind = Literal["accepted", "started", "retrying", "finished"]
 Outcome = Literal["completed", "failed", "timed_out", "cancelled", "abandoned"]
 
 
@@ -14,9 +14,12 @@ class TaskEvent:
     """One step in the life of a background task.
 
     ``kind`` is ``"accepted"`` (handed to the nursery), ``"started"`` (it got a
-    running slot; ``waited`` is how long it was pending) or ``"finished"``
-    (``outcome`` says how; ``duration`` is how long it ran). Times are seconds of
-    trio's clock. The task's arguments are never part of an event.
+    running slot; ``waited`` is how long it was pending), ``"retrying"`` (the attempt
+    ended with ``outcome`` ``"failed"`` or ``"timed_out"`` after ``duration``, and the
+    task runs again in ``delay`` seconds) or ``"finished"``, once, at the end
+    (``outcome`` says how; ``duration`` is how long its last attempt ran).
+    ``attempt`` is the run the event is about: 1, then 2 once a retry is due. Times
+    are seconds of trio's clock. The task's arguments are never part of an event.
     """
 
     kind: EventKind
@@ -24,3 +27,5 @@ class TaskEvent:
     waited: float | None = None
     outcome: Outcome | None = None
     duration: float | None = None
+    attempt: int = 1
+    delay: float | None = None

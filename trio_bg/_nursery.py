@@ -6,6 +6,7 @@ import contextlib
 import contextvars
 import inspect
 import logging
+import random
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -76,11 +77,14 @@ class BackgroundNursery:
             from ._tracing import TaskTracer  # OpenTelemetry: only when asked for
 
             self._tracer = TaskTracer()
-        # _running counts the tasks holding a running slot; of those, _awaiting_thread
-        # are thread tasks still waiting for a worker thread (shown as pending).
+        # _pending counts the tasks queued or waiting for a retry (of those, _retrying
+        # wait for a retry: they hold no running slot). _running counts the tasks
+        # holding a running slot; of those, _awaiting_thread are thread tasks still
+        # waiting for a worker thread (shown as pending).
         self._accepted = self._pending = self._running = self._awaiting_thread = 0
         self._completed = self._failed = self._timed_out = 0
         self._cancelled = self._abandoned = self._discarded = self._rejected = 0
+        self._retrying = self._retried = 0
 
     # -- taking work ---------------------------------------------------------------
 
@@ -130,17 +134,21 @@ class BackgroundNursery:
                 task.accepted_at = trio.current_time()
                 self._emit("accepted", task)
             self._accepted += 1
-            if self._nursery.cancel_scope.cancel_called:
-                self._cancel_unstarted(task, observed)  # past the grace period: never runs
-            elif not self._queue and self._running < self._settings.max_running:
-                self._running += 1  # the slot is the task's from now on
-                self._spawn(task)
-            else:
-                self._pending += 1
-                task.accepted_at = trio.current_time()
-                if task.context is None:
-                    task.context = contextvars.copy_context()
-                self._queue.append(task)
+            self._place(task, observed)
+
+    def _place(self, task: Task, observed: bool) -> None:
+        """Run ``task`` now if a slot is free and none is queued, else queue it."""
+        if self._nursery.cancel_scope.cancel_called:
+            self._cancel_unstarted(task, observed)  # past the grace period: never runs
+        elif not self._queue and self._running < self._settings.max_running:
+            self._running += 1  # the slot is the task's from now on
+            self._spawn(task)
+        else:
+            self._pending += 1
+            task.accepted_at = trio.current_time()
+            if task.context is None:
+                task.context = contextvars.copy_context()
+            self._queue.append(task)
 
     def _cancel_unstarted(self, task: Task, observed: bool, *, accepting: bool = False) -> None:
         """``task``, accepted past the grace period (or skipped: ``accepting`` it
@@ -220,6 +228,8 @@ class BackgroundNursery:
                 else 0.0
             ),
             threads_in_use=self._limiter.borrowed_tokens,
+            retrying=self._retrying,
+            retried=self._retried,
         )
 
     @property
@@ -320,11 +330,13 @@ class BackgroundNursery:
     # -- running one task ----------------------------------------------------------
 
     async def _run(self, task: Task) -> None:
-        """Run ``task``, then start the next pending task in its slot (in a trio task of
-        its own, so that each task keeps its own context)."""
+        """Run ``task`` (one attempt), then start the next pending task in its slot (in
+        a trio task of its own, so that each task keeps its own context)."""
         # The clock is read only for those who look: it costs as much as a checkpoint.
         observed = self._observed()
         outcome: Outcome = "cancelled"
+        error: BaseException | None = None
+        retry = False
         try:
             # A task the shutdown cancelled before it was scheduled never starts.
             await trio.lowlevel.checkpoint_if_cancelled()
@@ -347,8 +359,11 @@ class BackgroundNursery:
             # It failed, perhaps while being cancelled (cleanup code that raised). Any
             # BaseException is the task's failure; KeyboardInterrupt and SystemExit
             # also stop the nursery (see _stop_for), never just this one task's trio task.
+            # Only an Exception, not while cancelled, may be retried.
             outcome = "failed"
-            self._report_failure(task, error)
+            retry = cancellation is None and isinstance(error, Exception) and self._may_retry(task)
+            if not retry:
+                self._report_failure(task, error)
             if cancellation is not None:
                 raise cancellation from None  # the cancellation goes on; the error stays here
         finally:
@@ -358,7 +373,10 @@ class BackgroundNursery:
                 if observed and task.started_at is not None
                 else None
             )
-            self._end(task, outcome, observed, duration)
+            if retry or (outcome == "timed_out" and self._may_retry(task)):
+                self._retry_later(task, outcome, error, observed, duration)
+            else:
+                self._end(task, outcome, observed, duration)
             if self._queue and not self._nursery.cancel_scope.cancel_called:
                 self._pending -= 1
                 self._running += 1
@@ -376,6 +394,64 @@ class BackgroundNursery:
             waited = None if task.accepted_at is None else now - task.accepted_at
             self._emit("started", task, waited=waited)
 
+    def _may_retry(self, task: Task) -> bool:
+        """Whether ``task``, its attempt failed or timed out, has a retry left and the
+        shutdown has not cancelled the tasks yet."""
+        return task.attempt <= task.retries and not self._nursery.cancel_scope.cancel_called
+
+    def _retry_later(
+        self,
+        task: Task,
+        outcome: Outcome,
+        error: BaseException | None,
+        observed: bool,
+        duration: float | None,
+    ) -> None:
+        """``task``'s attempt failed or timed out and it has a retry left: it waits for
+        its backoff delay, pending, holding no running slot."""
+        delay = task.backoff.delay(task.attempt, random.random())
+        what = f"timed out after {task.timeout}s" if error is None else f"failed ({error!r})"
+        logger.warning(
+            "background task %s: attempt %d of %d %s; retrying in %.3gs",
+            task.name,
+            task.attempt,
+            task.retries + 1,
+            what,
+            delay,
+        )
+        if error is not None and self._tracer is not None:
+            self._tracer.record_failure(task, error)
+        self._pending += 1
+        self._retrying += 1
+        self._retried += 1
+        if observed:
+            self._emit("retrying", task, outcome=outcome, duration=duration, delay=delay)
+        task.attempt += 1
+        task.started_at = None
+        task.thread_started = False
+        # In the caller's context (a task with retries keeps it), not in this attempt's.
+        assert task.context is not None
+        wait = partial(self._wait_for_retry, task, delay)
+        task.context.run(self._nursery.start_soon, wait, name=f"{task.name} (backoff)")
+
+    async def _wait_for_retry(self, task: Task, delay: float) -> None:
+        """Wait out ``task``'s backoff, then run or queue it as a newly accepted task
+        would be. Cancelled (the tasks are, at the end of the grace period), it ends
+        cancelled without running again."""
+        try:
+            await trio.sleep(delay)
+        except BaseException:
+            self._pending -= 1
+            self._retrying -= 1
+            self._end(task, "cancelled", self._observed())
+            raise
+        self._pending -= 1
+        self._retrying -= 1
+        observed = self._observed()
+        if observed:
+            task.accepted_at = trio.current_time()  # its next ``waited`` starts now
+        self._place(task, observed)
+
     def _end(
         self, task: Task, outcome: Outcome, observed: bool, duration: float | None = None
     ) -> None:
@@ -385,7 +461,9 @@ class BackgroundNursery:
             self._failed += 1
         elif outcome == "timed_out":
             self._timed_out += 1
-            logger.warning("background task %s timed out after %ss", task.name, task.timeout)
+            logger.warning(
+                "background task %s timed out after %ss%s", task.name, task.timeout, _of(task)
+            )
         else:
             self._unfinished.append(task.name)
             if outcome == "cancelled":
@@ -473,7 +551,7 @@ class BackgroundNursery:
             task.thread_refused = not task.thread_started
 
     def _report_failure(self, task: Task, exc: BaseException) -> None:
-        logger.error("background task %s failed", task.name, exc_info=exc)
+        logger.error("background task %s failed%s", task.name, _of(task), exc_info=exc)
         if self._tracer is not None:
             self._tracer.record_failure(task, exc)
         for watcher in self._failure_watchers:
@@ -528,9 +606,18 @@ class BackgroundNursery:
         waited: float | None = None,
         outcome: Outcome | None = None,
         duration: float | None = None,
+        delay: float | None = None,
     ) -> None:
         hook = self._settings.on_event
-        event = TaskEvent(kind, task.name, waited=waited, outcome=outcome, duration=duration)
+        event = TaskEvent(
+            kind,
+            task.name,
+            waited=waited,
+            outcome=outcome,
+            duration=duration,
+            attempt=task.attempt,
+            delay=delay,
+        )
         logger.debug("background task %s", event)
         if self._tracer is not None:
             self._tracer.record(task, event)
@@ -601,6 +688,11 @@ def _stops_the_process(exc: BaseException) -> bool:
 
 def _kind(exc: BaseException) -> str:
     return repr(exc) if isinstance(exc, SystemExit) else type(exc).__name__
+
+
+def _of(task: Task) -> str:
+    """Which attempt ended a task that has retries, for its log line."""
+    return f" (attempt {task.attempt} of {task.retries + 1})" if task.retries else ""
 
 
 @asynccontextmanager

@@ -13,12 +13,15 @@ class TaskStats:
 
     ``accepted`` counts every task the nursery took since it opened; each is in
     exactly one of the other states, so ``accepted == pending + running + completed
-    + failed + timed_out + cancelled + abandoned`` always holds. ``discarded``
+    + failed + timed_out + cancelled + abandoned`` always holds. ``pending`` counts
+    the tasks not running yet: queued for a running slot, waiting for a worker
+    thread, or waiting for a retry (those are also ``retrying``). ``discarded``
     counts tasks admitted by a request whose response never completed: they never
     ran. ``reserved`` counts tasks admitted by requests still being handled, and
     ``rejected`` the calls refused with `Overloaded` because the nursery was full.
     ``oldest_pending_age`` is how long (seconds) the oldest pending task has waited,
-    ``threads_in_use`` how many worker threads run plain-function tasks now.
+    ``threads_in_use`` how many worker threads run plain-function tasks now, and
+    ``retried`` how many retries were scheduled so far (one per ``"retrying"`` event).
     """
 
     accepted: int = 0
@@ -34,6 +37,8 @@ class TaskStats:
     rejected: int = 0
     oldest_pending_age: float = 0.0
     threads_in_use: int = 0
+    retrying: int = 0
+    retried: int = 0
 
     @property
     def finished(self) -> int:

@@ -21,16 +21,19 @@ logger = logging.getLogger("trio_bg")
 @final
 class Task:
     """One unit of background work: a checked call, the name it reports under, its
-    timeout, and the context (a copy of the caller's) it will run in."""
+    timeout and retries, and the context (a copy of the caller's) it will run in."""
 
     __slots__ = (
         "accepted_at",
         "args",
+        "attempt",
+        "backoff",
         "context",
         "func",
         "is_async",
         "kwargs",
         "name",
+        "retries",
         "started_at",
         "stops_chain",
         "then",
@@ -48,9 +51,16 @@ class Task:
         self.is_async = spec.is_async
         self.name = spec.name
         self.timeout = spec.timeout
+        self.retries = spec.retries
+        self.backoff = spec.backoff
+        self.attempt = 1  # which run this is: 2 once a first retry is due
         # The caller's context, copied when the task is deferred (collected by a
-        # request, or queued); None while it may still be spawned from the caller.
-        self.context: contextvars.Context | None = None
+        # request, or queued); None while it may still be spawned from the caller. A
+        # task that may run again keeps it from the start: each attempt starts afresh
+        # from the caller's context, not from what an earlier attempt left in it.
+        self.context: contextvars.Context | None = (
+            contextvars.copy_context() if spec.retries else None
+        )
         self.accepted_at: float | None = None  # set when queued, or when events are observed
         self.started_at: float | None = None  # set when events are observed
         self.then: Task | None = None  # the next of an ordered request's tasks

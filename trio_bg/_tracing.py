@@ -1,12 +1,13 @@
-"""OpenTelemetry tracing (the ``tracing`` option): a span for each background task,
-current while the task runs, so that the spans the task makes are its children.
+"""OpenTelemetry tracing (the ``tracing`` option): a span for each background task
+(each attempt, for a task retried), current while the task runs, so that the spans the
+task makes are its children.
 
 The span is a child of what was current when the task was added (the request's span,
 say): one trace shows the request and the work it left behind. It carries the task's
-name, how long it waited, its outcome and how long it ran; a failed or timed-out task
-sets the span's status to error (a failure is recorded as an exception event). Only the
-API package is needed (``pip install "trio-bg[opentelemetry]"``); with no SDK set up
-the spans cost next to nothing.
+name, the attempt, how long it waited, its outcome and how long it ran; a failed or
+timed-out attempt sets the span's status to error (a failure is recorded as an exception
+event). Only the API package is needed (``pip install "trio-bg[opentelemetry]"``); with
+no SDK set up the spans cost next to nothing.
 """
 
 from __future__ import annotations
@@ -59,9 +60,11 @@ class TaskTracer:
         """Put ``event`` on ``task``'s span, if this is the task's own context."""
         if (span := _span_of(task)) is None:
             return
-        if event.kind == "started" and event.waited is not None:
-            span.set_attribute("trio_bg.task.waited", event.waited)
-        elif event.kind == "finished":
+        if event.kind == "started":
+            span.set_attribute("trio_bg.task.attempt", event.attempt)
+            if event.waited is not None:
+                span.set_attribute("trio_bg.task.waited", event.waited)
+        elif event.kind in ("retrying", "finished"):  # the attempt's span ends
             span.set_attribute("trio_bg.task.outcome", str(event.outcome))
             if event.duration is not None:
                 span.set_attribute("trio_bg.task.duration", event.duration)

@@ -192,7 +192,9 @@ def _in_app_context(app: QuartTrio, func: Callable[P, Any]) -> Callable[P, Any]:
             await func(*args, **kwargs)
 
     in_app_context.__wrapped__ = func  # type: ignore[attr-defined]
-    return task(name=spec.name, timeout=spec.timeout)(in_app_context)
+    return task(name=spec.name, timeout=spec.timeout, retries=spec.retries, backoff=spec.backoff)(
+        in_app_context
+    )
 
 
 def _discard_collected(why: str) -> None:

@@ -159,6 +159,20 @@ class Output:
         return found
 
 
+async def task_with_a_cleanup_bug() -> None:
+    """At shutdown its nursery ends in [Cancelled, ValueError]: it fails while cancelled."""
+
+    async def cleanup_fails() -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            raise ValueError("cleanup failed")
+
+    async with trio.open_nursery() as inner:
+        inner.start_soon(trio.sleep_forever)
+        inner.start_soon(cleanup_fails)
+
+
 class Recorder:
     """Names of the tasks that ran; ``wait_for(n)`` returns once ``n`` of them did.
 

@@ -11,6 +11,7 @@ import pytest
 import trio
 import trio.lowlevel
 import trio.testing
+from conftest import task_with_a_cleanup_bug
 
 import trio_bg
 
@@ -509,20 +510,6 @@ async def test_a_task_handed_off_after_the_cancel_is_cancelled_not_lost() -> Non
 
 
 # -- found in review -------------------------------------------------------------------
-
-
-async def task_with_a_cleanup_bug() -> None:
-    """At shutdown its nursery ends in [Cancelled, ValueError]: it fails while cancelled."""
-
-    async def cleanup_fails() -> None:
-        try:
-            await trio.sleep_forever()
-        finally:
-            raise ValueError("cleanup failed")
-
-    async with trio.open_nursery() as inner:
-        inner.start_soon(trio.sleep_forever)
-        inner.start_soon(cleanup_fails)
 
 
 async def test_a_task_failing_while_cancelled_is_failed_and_the_nursery_lives(

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from conftest import task_with_a_cleanup_bug
 
 import trio_bg
 from trio_bg import Backoff
@@ -476,20 +477,6 @@ async def test_the_drain_waits_for_a_retry_within_the_grace_period(
     report = nursery.report
     assert (report.completed, report.cancelled, attempts) == (1, 0, 2)
     assert report.duration == pytest.approx(5 - 0.5)  # failed at 1, retried at 4, done at 5
-
-
-async def task_with_a_cleanup_bug() -> None:
-    """Cancelled, it ends in [Cancelled, ValueError]: it fails while cancelled."""
-
-    async def cleanup_fails() -> None:
-        try:
-            await trio.sleep_forever()
-        finally:
-            raise ValueError("cleanup failed")
-
-    async with trio.open_nursery() as inner:
-        inner.start_soon(trio.sleep_forever)
-        inner.start_soon(cleanup_fails)
 
 
 async def task_that_turns_its_cancellation_into_an_error() -> None:

@@ -190,6 +190,8 @@ async def test_sigterm_mid_load_drains_every_task_and_exits_0(tmp_path: Path) ->
         "abandoned": 0,
         "discarded": 0,
         "unfinished": [],
+        "deferred": 0,
+        "recovered": 0,
     }
     assert "SIGTERM received: shutting down gracefully" in log
 

@@ -10,7 +10,7 @@ from typing import Any, Unpack
 
 import trio
 
-from ._errors import Overloaded
+from ._errors import JournalError, Overloaded
 from ._hypercorn_worker import hypercorn_worker_config, ignore_sigterm
 from ._inline import InlineSink, on_trio
 from ._nursery import BackgroundNursery, open_nursery
@@ -76,7 +76,8 @@ class BackgroundTaskMiddleware:
         self._stop_on_failure = stop_on_failure
         self._settings = Settings.from_options(options)  # fails here, not at server start
         self.app = app
-        self._unavailable = _unavailable_response(retry_after)
+        self._unavailable = _unavailable_response(retry_after, UNAVAILABLE_TEXT)
+        self._journal_failed = _unavailable_response(retry_after, JOURNAL_FAILED_TEXT)
         self._nursery: BackgroundNursery | None = None
         self._report: ShutdownReport | None = None
         # What went wrong in the lifespan, for trio_bg.serve: the wrapped app's failed
@@ -127,6 +128,10 @@ class BackgroundTaskMiddleware:
         tasks, inline = self._collection()
         client = _ClientWatch(receive, listening=inline is None)
         response_started = trailers = False
+        # With a journal, the response's start waits for its first body: should the
+        # durable tasks fail to be stored, a single-body response can still be a 503.
+        hold_start = self._settings.journal is not None
+        held_start: Message | None = None
 
         def complete(client_gone: bool) -> None:
             if client_gone:  # the server dropped the response's last messages
@@ -135,7 +140,7 @@ class BackgroundTaskMiddleware:
                 tasks._hand_off()
 
         async def send_then_hand_off(message: Message) -> None:
-            nonlocal response_started, trailers
+            nonlocal response_started, trailers, held_start
             kind = message["type"]
             if kind == "http.response.body":
                 more_body = message.get("more_body", False)
@@ -145,9 +150,28 @@ class BackgroundTaskMiddleware:
             elif kind == "http.response.start":
                 response_started = True
                 trailers = bool(message.get("trailers", False))
+                if hold_start:
+                    held_start = message
+                    return
                 final = False
             else:
                 final = _completes_response(kind, message)
+            if final and tasks._durable:
+                # The durability point: the tasks are in the journal before the
+                # response can complete.
+                try:
+                    await tasks._commit()
+                except JournalError as error:
+                    tasks._discard(f"{_describe(scope)} failed to store them: {error}")
+                    if held_start is None:
+                        raise  # streaming already: abort the response
+                    held_start = None
+                    await send(self._journal_failed[0])
+                    await send(self._journal_failed[1])
+                    return
+            if held_start is not None:
+                start, held_start = held_start, None
+                await send(start)
             if not final:
                 await send(message)
                 return
@@ -177,6 +201,8 @@ class BackgroundTaskMiddleware:
         finally:
             _current_tasks.reset(token)
             client.close()
+        if held_start is not None:  # a start with no body: as the app sent it
+            await send(held_start)
         if not tasks._settled:  # (marks it: a straggler's add_task is discarded too)
             tasks._discard(f"{_describe(scope)} returned without completing its response")
         if inline is not None:
@@ -218,6 +244,12 @@ class BackgroundTaskMiddleware:
             raise
         finally:
             _current_tasks.reset(token)
+        if tasks._durable:
+            try:
+                await tasks._commit()
+            except JournalError as error:
+                tasks._discard(f"{_describe(scope)} failed to store them: {error}")
+                return
         tasks._hand_off()  # the session ended without an error
         if inline is not None:
             await inline.run()
@@ -245,7 +277,7 @@ class BackgroundTaskMiddleware:
                 last_message = await self._run_lifespan(scope, app, receive, send)
             finally:
                 app_nursery.cancel_scope.cancel()
-        fatal = self.nursery._fatal
+        fatal = None if self._nursery is None else self._nursery._fatal
         if fatal is not None and self._stop_server is None:
             # A task's KeyboardInterrupt or SystemExit, after the drain and the app's
             # shutdown: it stops the server (and the process) as trio means it to.
@@ -261,9 +293,10 @@ class BackgroundTaskMiddleware:
         self, scope: Scope, app: _WrappedLifespan, receive: Receive, send: Send
     ) -> Message:
         """Run the lifespan up to its last message, and return that message."""
+        opened: BackgroundNursery | None = None
         try:
             async with open_nursery(self._settings, raise_fatal=False) as nursery:
-                self._nursery = nursery
+                self._nursery = opened = nursery
                 if isinstance(state := scope.get("state"), dict):
                     # Found here by trio_bg.testing, and by the app's own requests (the
                     # server copies the lifespan state into each request's scope).
@@ -275,8 +308,13 @@ class BackgroundTaskMiddleware:
                     await self._until_shutdown(receive, nursery)
                 # The tasks may use what the app's own shutdown closes: drain them first.
                 await nursery.shutdown()
+        except JournalError as error:
+            if opened is not None:
+                raise
+            return self._failed("startup", str(error))  # the journal could not be opened
         finally:  # (also when the lifespan itself is cancelled mid-drain)
-            self._report = nursery._report
+            if opened is not None:
+                self._report = opened._report
         if failure is not None:
             return self._failed("startup", failure)
         failure = await app.shutdown()
@@ -340,6 +378,9 @@ def _describe(scope: Scope) -> str:
 UNAVAILABLE_TEXT = "Service Unavailable: background task capacity is exhausted\n"
 """The body of every 503 trio_bg answers (the middleware's, and the integrations')."""
 
+JOURNAL_FAILED_TEXT = "Service Unavailable: the background task journal failed\n"
+"""The body of the 503 that replaces a response whose durable tasks were not stored."""
+
 
 def check_retry_after(retry_after: object) -> None:
     """`TypeError` unless ``retry_after`` is None or a whole number of seconds >= 0."""
@@ -354,8 +395,8 @@ def retry_after_headers(retry_after: int | None) -> dict[str, str]:
     return {} if retry_after is None else {"Retry-After": str(retry_after)}
 
 
-def _unavailable_response(retry_after: int | None) -> tuple[Message, Message]:
-    body = UNAVAILABLE_TEXT.encode()
+def _unavailable_response(retry_after: int | None, text: str) -> tuple[Message, Message]:
+    body = text.encode()
     headers = [
         (b"content-type", b"text/plain; charset=utf-8"),
         (b"content-length", str(len(body)).encode()),

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, final, overload
 
+from ._durable import register, registered
+
 
 @dataclass(frozen=True, slots=True)
 class Backoff:
@@ -73,10 +75,19 @@ class TaskOptions:
     timeout: float | None = None
     retries: int = 0
     backoff: Backoff = _DEFAULT_BACKOFF
+    durable: bool = False
 
     def __post_init__(self) -> None:
         if self.name is not None and not (isinstance(self.name, str) and self.name):
             raise TypeError(f"a task name must be a non-empty str, not {self.name!r}")
+        if not isinstance(self.durable, bool):
+            raise TypeError(f"durable must be True or False, not {self.durable!r}")
+        if self.durable and self.name is None:
+            raise TypeError(
+                "a durable task needs a stable name, such as "
+                "@trio_bg.task(name='emails.welcome', durable=True): the journal finds "
+                "the function by that name when it replays the task, after a restart"
+            )
         timeout = self.timeout
         if timeout is not None:
             if isinstance(timeout, bool) or not isinstance(timeout, int | float):
@@ -108,6 +119,7 @@ def task(
     timeout: float | None = None,
     retries: int = 0,
     backoff: Backoff = _DEFAULT_BACKOFF,
+    durable: bool = False,
 ) -> Callable[[F], F]: ...
 def task(
     func: F | None = None,
@@ -117,6 +129,7 @@ def task(
     timeout: float | None = None,
     retries: int = 0,
     backoff: Backoff = _DEFAULT_BACKOFF,
+    durable: bool = False,
 ) -> F | Callable[[F], F]:
     """Give a task function a stable ``name``, a ``timeout`` (seconds), and ``retries``.
 
@@ -126,12 +139,27 @@ def task(
     counted as ``timed_out``. A task that raises an `Exception` or times out runs
     again, up to ``retries`` more times, each after a wait given by ``backoff`` (a
     `Backoff`); only its last attempt's failure or timeout is its outcome.
+
+    A ``durable`` task (it needs a ``name``) is written to the nursery's journal
+    before the response that added it completes, and runs at least once, even across
+    a crash: its arguments must be JSON, and it is found again by its name alone.
     """
-    options = TaskOptions(name=name, timeout=timeout, retries=retries, backoff=backoff)
+    options = TaskOptions(
+        name=name, timeout=timeout, retries=retries, backoff=backoff, durable=durable
+    )
 
     def attach(func: F) -> F:
         if not callable(func):
             raise TypeError(f"@trio_bg.task decorates a function, not {func!r}")
+        if options.durable:
+            assert options.name is not None
+            if isinstance(func, functools.partial | types.MethodType):
+                raise TypeError(
+                    f"a durable task is a function (or another callable the journal can "
+                    f"call by name), not {func!r}: what a partial or a bound method "
+                    f"holds cannot be kept as JSON"
+                )
+            register(options.name, func)
         setattr(func, _OPTIONS_ATTRIBUTE, options)
         _specs.pop(func, None)  # in case it ran as a task before it was decorated
         return func
@@ -143,7 +171,7 @@ def task(
 class CallSpec:
     """What trio_bg knows of one callable, found once and used for every call."""
 
-    __slots__ = ("_probe", "backoff", "is_async", "name", "retries", "timeout")
+    __slots__ = ("_probe", "backoff", "durable", "is_async", "name", "retries", "timeout")
 
     def __init__(self, func: object) -> None:
         _refuse_what_cannot_run(func)
@@ -154,6 +182,13 @@ class CallSpec:
         self.timeout = options.timeout if options else None
         self.retries = options.retries if options else 0
         self.backoff = options.backoff if options else _DEFAULT_BACKOFF
+        self.durable = options.durable if options else False
+        if self.durable and registered(self.name) is not func:
+            raise TypeError(
+                f"add_task() takes durable task {self.name} itself, with its arguments "
+                f"(not a partial or a bound method of it): the journal keeps only its "
+                f"name and JSON arguments"
+            )
         self._probe = _make_probe(func, self.name)
 
     def check(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

@@ -21,6 +21,9 @@ import trio
 from hypercorn.config import Config
 
 from ._asgi import ASGIApp, BackgroundTaskMiddleware
+from ._journal import DEFAULT_LEASE
+from ._journal_command import add_journal_parser, journal_command
+from ._journal_file import journal_path_problem
 from ._options import (
     DEFAULT_GRACE_PERIOD,
     DEFAULT_MAX_PENDING,
@@ -87,6 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve_command(parser, args)
+    if args.command == "journal":
+        return journal_command(args)
     try:
         from ._drill import DrillPlan, drill  # needs httpx, which serving does not
     except ModuleNotFoundError as error:
@@ -209,6 +214,7 @@ def _parser() -> argparse.ArgumentParser:
         f"{DEFAULT_GRACE_PERIOD:g})",
     )
     drill_parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_journal_parser(commands)
     return parser
 
 
@@ -233,6 +239,19 @@ def _add_nursery_options(parser: argparse.ArgumentParser) -> None:
         type=_non_negative_int,
         metavar="N",
         help=f"tasks waiting for a slot before requests get 503 (default {DEFAULT_MAX_PENDING})",
+    )
+    parser.add_argument(
+        "--journal",
+        metavar="PATH",
+        help="the SQLite journal of durable tasks (created if missing): they are stored "
+        "before each response completes and survive a crash or a restart",
+    )
+    parser.add_argument(
+        "--journal-lease",
+        type=_positive_float,
+        metavar="S",
+        help="seconds before another process resumes the journal rows of one that died "
+        f"(default {DEFAULT_LEASE:g})",
     )
     parser.add_argument(
         "--graceful-timeout",
@@ -267,6 +286,12 @@ def _serve_command(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         options["max_running"] = args.max_running
     if args.max_pending is not None:
         options["max_pending"] = args.max_pending
+    if args.journal is not None:
+        if problem := journal_path_problem(Path(args.journal)):
+            parser.error(f"--journal {args.journal}: {problem}")
+        options["journal"] = args.journal
+    if args.journal_lease is not None:
+        options["journal_lease"] = args.journal_lease
     try:
         loaded = _load_app(args.app)
     except LookupError as error:

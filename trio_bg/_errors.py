@@ -14,3 +14,10 @@ class Overloaded(RuntimeError):
 
 class NurseryClosed(Overloaded):
     """The background nursery is shutting down (or has shut down) and takes no new tasks."""
+
+
+class JournalError(Exception):
+    """The journal of durable tasks cannot be used: a bad path, a file that is not a
+    journal (or a newer one), a corrupt, locked or full database. At startup the
+    lifespan fails with it; during a request, the response becomes a 503 (or, already
+    streaming, is aborted) and its tasks are discarded."""

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from ._durable import needs_a_journal
+
 if TYPE_CHECKING:
     from ._tasks import Task
 
@@ -40,7 +42,12 @@ class InlineSink:
         self._accepted: list[Task] = []
 
     def admit(self, task: Task) -> None:
-        """No limits: the tasks run in the request's own call."""
+        """No limits: the tasks run in the request's own call; but no journal either."""
+        if task.durable:
+            raise needs_a_journal(task.name, "no lifespan started, so no journal keeps it")
+
+    async def commit(self, tasks: Sequence[Task]) -> None:
+        """Nothing to store: `admit` refuses durable tasks."""
 
     def accept(self, tasks: Sequence[Task]) -> None:
         """Keep ``tasks`` for `run` (from any thread: ``list.extend`` is atomic)."""

@@ -6,6 +6,7 @@ import contextlib
 import contextvars
 import inspect
 import logging
+import os
 import random
 import threading
 from collections import deque
@@ -16,8 +17,11 @@ from typing import TYPE_CHECKING, Any, ParamSpec, Unpack
 
 import trio
 
-from ._errors import NurseryClosed, Overloaded
+from ._durable import decode_arguments, needs_a_journal, registered, registered_names
+from ._errors import JournalError, NurseryClosed, Overloaded
 from ._events import EventKind, Outcome, TaskEvent
+from ._journal import Journal
+from ._journal_file import Row
 from ._options import NurseryOptions, Settings
 from ._report import ShutdownReport, TaskStats
 from ._tasks import Task
@@ -43,9 +47,10 @@ class BackgroundNursery:
     `ShutdownReport` in `report`.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, journal: Journal | None = None) -> None:
         """Private: use `open_background_nursery`."""
         self._settings = settings
+        self._journal = journal
         self._nursery: trio.Nursery  # set by _host; its cancel scope covers the tasks only
         self._limiter = trio.CapacityLimiter(settings.thread_limit)
         self._trio_token = trio.lowlevel.current_trio_token()
@@ -85,6 +90,14 @@ class BackgroundNursery:
         self._completed = self._failed = self._timed_out = 0
         self._cancelled = self._abandoned = self._discarded = self._rejected = 0
         self._retrying = self._retried = 0
+        # With a journal: tasks taken from it, durable tasks left in it for a later run
+        # (of those, _kept were abandoned in threads that may still run), and rows of
+        # names unknown here. The feeder claims rows while there is room; _backlog says
+        # its last claim found more than it could take, so a task's end wakes it.
+        self._recovered = self._deferred = self._unknown = 0
+        self._kept: list[int] = []
+        self._backlog = False
+        self._feed_wake = trio.Event()
 
     # -- taking work ---------------------------------------------------------------
 
@@ -102,6 +115,8 @@ class BackgroundNursery:
 
     def admit(self, task: Task) -> None:
         """Reserve room for ``task`` or raise `Overloaded` (part of `TaskSink`)."""
+        if task.durable and self._journal is None:
+            raise needs_a_journal(task.name, "this background nursery has no journal")
         with self._admission_lock:
             if self._closed:
                 raise NurseryClosed(
@@ -130,11 +145,30 @@ class BackgroundNursery:
             raise NurseryClosed("the background nursery has shut down")
         observed = self._observed()
         for task in tasks:
+            if task.durable and task.journal_id is None:
+                # Added outside a request, or after its response: stored first.
+                self._nursery.start_soon(self._store_then_accept, task, name=task.name)
+                continue
             if observed:  # before the counts change: a hook reading stats sees them balance
                 task.accepted_at = trio.current_time()
                 self._emit("accepted", task)
             self._accepted += 1
             self._place(task, observed)
+
+    async def commit(self, tasks: Sequence[Task]) -> None:
+        """Store the durable ones of ``tasks`` in the journal (part of `TaskSink`)."""
+        durable = [task for task in tasks if task.durable and task.journal_id is None]
+        if durable:
+            assert self._journal is not None  # (admit refuses them without one)
+            await self._journal.append(durable)
+
+    async def _store_then_accept(self, task: Task) -> None:
+        try:
+            await self.commit((task,))
+        except JournalError as error:
+            self.discard((task,), f"the journal could not store it: {error}")
+        else:
+            self.accept((task,))
 
     def _place(self, task: Task, observed: bool) -> None:
         """Run ``task`` now if a slot is free and none is queued, else queue it."""
@@ -178,6 +212,10 @@ class BackgroundNursery:
             return
         self._released += len(tasks)
         self._discarded += len(tasks)
+        stored = [task.journal_id for task in tasks if task.journal_id is not None]
+        if stored:
+            assert self._journal is not None
+            self._journal.remove(stored)
         self._set_idle_if_idle()
         logger.warning(
             "discarded %d background task(s) (%s): %s",
@@ -230,6 +268,9 @@ class BackgroundNursery:
             threads_in_use=self._limiter.borrowed_tokens,
             retrying=self._retrying,
             retried=self._retried,
+            recovered=self._recovered,
+            deferred=self._deferred,
+            unknown=self._unknown,
         )
 
     @property
@@ -320,6 +361,8 @@ class BackgroundNursery:
                 discarded=self._discarded,
                 unfinished=tuple(self._unfinished),
                 duration=0.0 if started is None else trio.current_time() - started,
+                deferred=self._deferred,
+                recovered=self._recovered,
             )
             log = logger.info if self._report.all_completed else logger.warning
             log("background tasks shut down: %s", self._report)
@@ -376,7 +419,7 @@ class BackgroundNursery:
             if retry or (outcome == "timed_out" and self._may_retry(task)):
                 self._retry_later(task, outcome, error, observed, duration)
             else:
-                self._end(task, outcome, observed, duration)
+                self._end(task, outcome, observed, duration, error)
             if self._queue and not self._nursery.cancel_scope.cancel_called:
                 self._pending -= 1
                 self._running += 1
@@ -427,6 +470,9 @@ class BackgroundNursery:
         if observed:
             self._emit("retrying", task, outcome=outcome, duration=duration, delay=delay)
         task.attempt += 1
+        if task.journal_id is not None:
+            assert self._journal is not None
+            self._journal.set_attempt(task.journal_id, task.attempt)
         task.started_at = None
         task.thread_started = False
         # In the caller's context (a task with retries keeps it), not in this attempt's.
@@ -453,7 +499,12 @@ class BackgroundNursery:
         self._place(task, observed)
 
     def _end(
-        self, task: Task, outcome: Outcome, observed: bool, duration: float | None = None
+        self,
+        task: Task,
+        outcome: Outcome,
+        observed: bool,
+        duration: float | None = None,
+        error: BaseException | None = None,
     ) -> None:
         if outcome == "completed":
             self._completed += 1
@@ -471,6 +522,10 @@ class BackgroundNursery:
             else:
                 self._abandoned += 1
         self._released += 1
+        if self._backlog:  # room for one more from the journal
+            self._feed_wake.set()
+        if task.journal_id is not None:
+            self._settle_in_journal(task, task.journal_id, outcome, error)
         if observed:
             self._emit("finished", task, outcome=outcome, duration=duration)
         if task.then is not None:  # an ordered request's next task: its turn now
@@ -485,6 +540,24 @@ class BackgroundNursery:
             else:
                 self.accept((task.then,))
         self._set_idle_if_idle()
+
+    def _settle_in_journal(
+        self, task: Task, journal_id: int, outcome: Outcome, error: BaseException | None
+    ) -> None:
+        """A durable task ended: done (its row goes), dead (a dead letter), or cut short
+        by the shutdown (its row stays, for the next start)."""
+        journal = self._journal
+        assert journal is not None
+        if outcome == "completed":
+            journal.remove((journal_id,))
+        elif outcome == "failed":
+            journal.bury(journal_id, f"attempt {task.attempt}: {error!r}")
+        elif outcome == "timed_out":
+            journal.bury(journal_id, f"attempt {task.attempt}: timed out after {task.timeout}s")
+        else:
+            self._deferred += 1
+            if outcome == "abandoned":  # its thread may still run: not for others yet
+                self._kept.append(journal_id)
 
     def _set_idle_if_idle(self) -> None:
         if self._idle is not None and not (self._pending or self._running):
@@ -628,6 +701,69 @@ class BackgroundNursery:
         except BaseException as error:  # a hook never breaks the nursery
             self._hook_failed("on_event", task, error)
 
+    # -- the journal's tasks -------------------------------------------------------
+
+    async def _feed(self, journal: Journal, *, task_status: trio.TaskStatus[None]) -> None:
+        """Take the journal's tasks that no live process holds (left by an earlier run,
+        deferred by a draining process, or of a process that died): first as many as
+        there is room for, before the nursery is reported started; then, until the
+        shutdown, whenever room frees up while more wait, and every poll interval."""
+        names = registered_names()
+        unknown = await journal.unknown(names)
+        if unknown:
+            self._unknown = sum(unknown.values())
+            logger.error(
+                "journal %s holds %d task(s) of names no durable task here has; they stay "
+                "in the journal until a process that has them starts: %s",
+                journal.path,
+                self._unknown,
+                ", ".join(f"{name} ({count})" for name, count in unknown.items()),
+            )
+        await self._claim_while_room(journal)
+        task_status.started()
+        poll = journal.lease / 10
+        while not self._closed:
+            with trio.move_on_after(poll):
+                await self._feed_wake.wait()
+            self._feed_wake = trio.Event()
+            try:
+                await self._claim_while_room(journal)
+            except JournalError as error:  # a passing disk or lock trouble: try again
+                logger.error("%s", error)
+
+    async def _claim_while_room(self, journal: Journal) -> None:
+        # Half the pending room stays free for new requests while a backlog drains.
+        limit = self._settings.max_running + self._settings.max_pending // 2
+        while not self._closed:
+            room = min(limit - (self._admitted - self._released), _CLAIM_BATCH)
+            self._backlog = room <= 0
+            if room <= 0:
+                return
+            rows = await journal.claim(registered_names(), room)
+            for row in rows:
+                self._take_from_journal(journal, row)
+            if len(rows) < room:
+                return
+
+    def _take_from_journal(self, journal: Journal, row: Row) -> None:
+        func = registered(row.name)
+        try:
+            assert func is not None  # (only known names are claimed)
+            args, kwargs = decode_arguments(row.arguments)
+            task = Task(func, args, kwargs, payload=row.arguments)
+        except (TypeError, ValueError) as error:  # the function changed since
+            logger.error(
+                "journal %s: task %d (%s) cannot run: %s", journal.path, row.id, row.name, error
+            )
+            journal.bury(row.id, f"cannot run from the journal: {error}")
+            return
+        task.journal_id = row.id
+        task.attempt = row.attempt
+        with self._admission_lock:  # (room was counted by the feeder)
+            self._admitted += 1
+        self._recovered += 1
+        self.accept((task,))
+
     async def _host(self, *, task_status: trio.TaskStatus[None]) -> None:
         """Own the tasks' nursery, so that its cancel scope covers the tasks only."""
         try:
@@ -665,6 +801,10 @@ class _ThreadToken:
 
     def release_on_behalf_of(self, borrower: object) -> None:
         self._limiter.release_on_behalf_of(borrower)
+
+
+_CLAIM_BATCH = 1_000
+"""Journal rows claimed in one transaction, at most."""
 
 
 def _split_cancellation(exc: BaseException) -> tuple[BaseException | None, BaseException | None]:
@@ -721,11 +861,20 @@ async def open_nursery(
     """`open_background_nursery` with checked settings. Without ``raise_fatal``, a
     KeyboardInterrupt or SystemExit from a task shuts the nursery down and is left in
     ``nursery._fatal`` for the owner (the middleware) to raise when it sees fit."""
-    nursery = BackgroundNursery(settings)
+    journal = None
+    if settings.journal is not None:
+        journal = await Journal.open(
+            os.fspath(settings.journal),
+            lease=settings.journal_lease,
+            synchronous=settings.journal_synchronous,
+        )
+    nursery = BackgroundNursery(settings, journal)
     body_error: BaseException | None = None
     try:
         async with trio.open_nursery() as host_nursery:
             await host_nursery.start(nursery._host)
+            if journal is not None:
+                await nursery._nursery.start(nursery._feed, journal)
             host_nursery.start_soon(
                 partial(nursery._shut_down_when_stopped, raise_fatal=raise_fatal)
             )
@@ -742,7 +891,14 @@ async def open_nursery(
         for own in (body_error, nursery._fatal):
             if own is not None and group.exceptions == (own,):
                 raise own from own.__cause__  # (keeps the original cause)
+        if len(group.exceptions) == 1 and isinstance(group.exceptions[0], JournalError):
+            raise group.exceptions[0] from None  # the journal failed at startup
         raise
     finally:
         if nursery._all_ended.is_set():
             nursery._finish()
+        if journal is not None:
+            try:
+                await journal.close(keep=nursery._kept)
+            except JournalError as error:  # its rows wait for the lease to expire
+                logger.error("%s", error)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, TypedDict
 
 from ._callables import is_async_callable, name_of
+from ._journal import DEFAULT_LEASE
+from ._journal_file import SYNCHRONOUS_LEVELS
 
 if TYPE_CHECKING:
     from ._events import TaskEvent
@@ -19,6 +22,12 @@ Long enough for typical follow-up work (an e-mail, a webhook), short enough to f
 inside a container platform's usual 30 s termination window, after Hypercorn's own
 ``graceful_timeout`` (3 s) for in-flight requests.
 """
+
+DEFAULT_SYNCHRONOUS = "full"
+"""The journal's SQLite ``synchronous`` level: ``full`` syncs every commit to the disk,
+so a response's durable tasks survive a power cut, not just a crash of the process
+(``normal`` survives ``kill -9`` but may lose the last commits to a power cut). Group
+commit makes its cost small: see the README's benchmarks."""
 
 DEFAULT_THREAD_LIMIT = 40
 """Worker threads for plain-function tasks: trio's default, but a limiter of our own."""
@@ -46,6 +55,9 @@ class NurseryOptions(TypedDict, total=False):
     on_error: ErrorHook | None
     on_event: EventHook | None
     tracing: bool
+    journal: str | os.PathLike[str] | None
+    journal_lease: float
+    journal_synchronous: str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -59,6 +71,9 @@ class Settings:
     on_error: ErrorHook | None = None
     on_event: EventHook | None = None
     tracing: bool = False
+    journal: str | os.PathLike[str] | None = None
+    journal_lease: float = DEFAULT_LEASE
+    journal_synchronous: str = DEFAULT_SYNCHRONOUS
 
     @classmethod
     def from_options(cls, options: NurseryOptions) -> Settings:
@@ -85,6 +100,7 @@ class Settings:
             raise TypeError(f"tracing must be True or False, not {self.tracing!r}")
         if self.tracing:
             from . import _tracing  # noqa: F401 -- an ImportError naming the extra, now
+        self._check_journal()
 
         for name in ("on_error", "on_event"):
             hook = getattr(self, name)
@@ -98,6 +114,24 @@ class Settings:
                     f"Record what you need in the hook; for async work, start a task "
                     f"(BackgroundNursery.start_soon) from it"
                 )
+
+    def _check_journal(self) -> None:
+        journal = self.journal
+        if journal is not None:
+            if not isinstance(journal, str | os.PathLike) or not os.fspath(journal):
+                raise TypeError(f"journal must be a file path (or ':memory:'), not {journal!r}")
+            # The path itself is checked when the journal opens, at startup.
+            object.__setattr__(self, "journal", os.fspath(journal))
+        lease = self.journal_lease
+        if isinstance(lease, bool) or not isinstance(lease, int | float):
+            raise TypeError(f"journal_lease must be a number of seconds, not {lease!r}")
+        if not (lease >= 1 and math.isfinite(lease)):
+            raise ValueError(f"journal_lease must be finite and >= 1, not {lease!r}")
+        if self.journal_synchronous not in SYNCHRONOUS_LEVELS:
+            raise ValueError(
+                f"journal_synchronous must be one of {', '.join(SYNCHRONOUS_LEVELS)}, "
+                f"not {self.journal_synchronous!r}"
+            )
 
 
 def _check_count(name: str, value: object, *, minimum: int) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
 
@@ -22,6 +22,12 @@ class TaskStats:
     ``oldest_pending_age`` is how long (seconds) the oldest pending task has waited,
     ``threads_in_use`` how many worker threads run plain-function tasks now, and
     ``retried`` how many retries were scheduled so far (one per ``"retrying"`` event).
+
+    With a journal: ``recovered`` counts the accepted tasks that were taken from the
+    journal (left by an earlier run, or a process that died), ``deferred`` the
+    cancelled and abandoned durable tasks kept in the journal for a later run, and
+    ``unknown`` the journal's tasks whose name no durable task of this process has
+    (found at startup; logged, and left in the journal).
     """
 
     accepted: int = 0
@@ -39,6 +45,9 @@ class TaskStats:
     threads_in_use: int = 0
     retrying: int = 0
     retried: int = 0
+    recovered: int = 0
+    deferred: int = 0
+    unknown: int = 0
 
     @property
     def finished(self) -> int:
@@ -55,7 +64,9 @@ class ShutdownReport:
     abandoned``. ``unfinished`` names, one entry per task, the tasks the shutdown cut
     short (cancelled before or while running, or abandoned in their thread); failed
     and timed-out tasks were logged when they ended. ``duration`` is how long the
-    shutdown took, in seconds of trio's clock.
+    shutdown took, in seconds of trio's clock. With a journal, ``deferred`` counts the
+    cancelled and abandoned durable tasks kept in it for the next start, and
+    ``recovered`` the accepted tasks that came from it.
     """
 
     accepted: int
@@ -67,6 +78,8 @@ class ShutdownReport:
     discarded: int
     unfinished: tuple[str, ...]
     duration: float
+    deferred: int = 0
+    recovered: int = 0
 
     @property
     def all_completed(self) -> bool:
@@ -90,6 +103,10 @@ class ShutdownReport:
             text += f" ({', '.join(outcomes)})"
         if self.discarded:
             text += f", {self.discarded} discarded"
+        if self.recovered:
+            text += f", {self.recovered} recovered from the journal"
+        if self.deferred:
+            text += f", {self.deferred} deferred to the next start"
         return f"{text} in {self.duration:.3f}s"
 
 
@@ -97,5 +114,8 @@ def report_from_json(data: Mapping[str, Any]) -> ShutdownReport:
     """The `ShutdownReport` in a JSON report (``python -m trio_bg serve --report-json``),
     whose other keys (a supervisor's ``workers``, say) are left out. `KeyError` or
     `TypeError` when it is not one."""
-    values = {field.name: data[field.name] for field in fields(ShutdownReport)}
+    values = {
+        field.name: data[field.name] if field.default is MISSING else data.get(field.name, 0)
+        for field in fields(ShutdownReport)
+    }
     return ShutdownReport(**values | {"unfinished": tuple(values["unfinished"])})

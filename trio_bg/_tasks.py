@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ParamSpec, Protocol, final
 
 from ._callables import spec_of
+from ._durable import encode_arguments, needs_a_journal
 from ._errors import NurseryClosed
 from ._inline import run_inline
 
@@ -29,10 +30,13 @@ class Task:
         "attempt",
         "backoff",
         "context",
+        "durable",
         "func",
         "is_async",
+        "journal_id",
         "kwargs",
         "name",
+        "payload",
         "retries",
         "started_at",
         "stops_chain",
@@ -42,7 +46,16 @@ class Task:
         "timeout",
     )
 
-    def __init__(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]):
+    def __init__(
+        self,
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        payload: str | None = None,
+    ):
+        """Check the call; ``payload``: the JSON arguments of a durable task replayed
+        from the journal (else a durable task's arguments are encoded here)."""
         spec = spec_of(func)
         spec.check(args, kwargs)
         self.func = func
@@ -53,6 +66,13 @@ class Task:
         self.timeout = spec.timeout
         self.retries = spec.retries
         self.backoff = spec.backoff
+        self.durable = spec.durable
+        # A durable task's JSON arguments (checked now: a TypeError in the handler), and
+        # its row in the journal once stored.
+        self.payload = payload
+        if spec.durable and payload is None:
+            self.payload = encode_arguments(spec.name, args, kwargs)
+        self.journal_id: int | None = None
         self.attempt = 1  # which run this is: 2 once a first retry is due
         # The caller's context, copied when the task is deferred (collected by a
         # request, or queued); None while it may still be spawned from the caller. A
@@ -78,8 +98,9 @@ class Task:
 class TaskSink(Protocol):
     """Where accepted tasks go: today the in-process `BackgroundNursery`.
 
-    This is the one seam between collecting tasks and running them; a durable
-    journal or a hand-off to a distributed task engine plugs in here.
+    This is the one seam between collecting tasks and running them: the nursery
+    keeps durable tasks in its journal (`commit`) before it runs them; a hand-off to
+    a distributed task engine plugs in here too.
     """
 
     def admit(self, task: Task) -> None:
@@ -93,7 +114,12 @@ class TaskSink(Protocol):
 
     def discard(self, tasks: Sequence[Task], reason: str) -> None:
         """Release the room of ``tasks`` that were admitted but will never run, and
-        count and log them. May be called from a worker thread."""
+        count and log them (removing the journaled ones from the journal). May be
+        called from a worker thread."""
+
+    async def commit(self, tasks: Sequence[Task]) -> None:
+        """Store the durable ones of ``tasks`` in the journal before the response
+        completes; `JournalError` if that fails. Called in trio's thread."""
 
 
 class BackgroundTasks:
@@ -113,6 +139,7 @@ class BackgroundTasks:
 
     __slots__ = (
         "_discarded_because",
+        "_durable",
         "_handed_off",
         "_lock",
         "_ordered",
@@ -148,6 +175,7 @@ class BackgroundTasks:
         self._owner = self  # others made in the same request point here
         self._sink = sink  # None: no middleware; run inline when awaited
         self._tasks: list[Task] = []
+        self._durable = 0  # how many of them are durable
         self._handed_off = False
         self._discarded_because: str | None = None
         self._ordered = ordered
@@ -230,6 +258,8 @@ class BackgroundTasks:
         """Collect ``task``, or pass it on if the response completed already."""
         sink = self._sink
         if sink is None:  # no middleware: run inline when awaited
+            if task.durable:
+                raise needs_a_journal(task.name, "no BackgroundTaskMiddleware serves this request")
             with self._lock:
                 self._tasks.append(task)
             return
@@ -239,6 +269,7 @@ class BackgroundTasks:
             discarded_because = self._discarded_because
             if not self._handed_off and discarded_because is None:
                 self._tasks.append(task)
+                self._durable += task.durable
                 return
         # Too late to collect it (the sink hops to trio's thread if need be).
         if discarded_because is None:
@@ -250,6 +281,14 @@ class BackgroundTasks:
     def _settled(self) -> bool:
         """Whether the collected tasks were handed off or discarded already."""
         return self._handed_off or self._discarded_because is not None
+
+    async def _commit(self) -> None:
+        """Store the collected durable tasks in the journal (`JournalError` if that
+        fails): the response may complete once this returns."""
+        assert self._sink is not None
+        with self._lock:
+            tasks = list(self._tasks)
+        await self._sink.commit(tasks)
 
     def _hand_off(self) -> None:
         """The response completed: pass the collected tasks on to the sink."""

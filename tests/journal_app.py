@@ -1,0 +1,45 @@
+"""The app the journal's process tests serve (``python -m trio_bg serve journal_app:app``).
+
+``GET /?key=K`` adds one durable task, ``record(K, holder)``: it appends the line
+``K PID`` to the ledger file ``$TRIO_BG_TEST_LEDGER`` once it has run, after
+``$TRIO_BG_TEST_TASK_SECONDS`` (default 0). With ``&hold=1`` the holder is this
+process: in it the task never ends (a shutdown cuts it short, a SIGKILL kills it), in
+any other process it runs at once. The response's body is the serving process's pid.
+"""
+
+from __future__ import annotations
+
+import os
+from urllib.parse import parse_qs
+
+import trio
+
+import trio_bg
+from trio_bg._asgi import Receive, Scope, Send
+
+
+@trio_bg.task(name="tests.journal_app.record", durable=True)
+async def record(key: str, holder: int) -> None:
+    if holder == os.getpid():
+        await trio.sleep_forever()
+    await trio.sleep(float(os.environ.get("TRIO_BG_TEST_TASK_SECONDS", "0")))
+    line = f"{key} {os.getpid()}\n".encode()
+    descriptor = os.open(os.environ["TRIO_BG_TEST_LEDGER"], os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    try:
+        os.write(descriptor, line)  # one write of O_APPEND: whole lines, across processes
+    finally:
+        os.close(descriptor)
+
+
+async def app(scope: Scope, receive: Receive, send: Send) -> None:
+    if scope["type"] == "lifespan":
+        while True:
+            kind = (await receive())["type"].removeprefix("lifespan.")
+            await send({"type": f"lifespan.{kind}.complete"})
+            if kind == "shutdown":
+                return
+    query = {key: values[0] for key, values in parse_qs(scope["query_string"].decode()).items()}
+    holder = os.getpid() if query.get("hold") else 0
+    trio_bg.current_tasks().add_task(record, query["key"], holder)
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": str(os.getpid()).encode()})

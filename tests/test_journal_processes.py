@@ -1,0 +1,307 @@
+"""Durable tasks across processes: real servers (``python -m trio_bg serve
+journal_app:app --journal ...``), real SIGKILLs and SIGTERMs, one journal file.
+
+Every wait is bounded; every child process is killed on the way out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+from conftest import Output
+
+BOUND = 20.0
+"""Seconds any single wait may take before the test fails (generous: a noisy machine)."""
+
+LEASE = 1.0
+"""The servers' journal lease: a dead process's rows are resumed within about this."""
+
+TESTS = Path(__file__).parent
+
+
+@dataclass
+class Server:
+    process: trio.Process
+    url: str
+    output: Output
+    report_path: Path
+
+    def report(self) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads(self.report_path.read_text())
+        return data
+
+    async def stop(self) -> int:
+        """SIGTERM, and wait for the exit status."""
+        self.process.send_signal(signal.SIGTERM)
+        with trio.fail_after(BOUND):
+            return await self.process.wait()
+
+
+@asynccontextmanager
+async def journal_server(
+    tmp_path: Path,
+    journal: Path,
+    *options: str,
+    name: str = "server",
+    task_seconds: float = 0.0,
+    prefix: tuple[str, ...] = (),
+    preexec_fn: Callable[[], None] | None = None,
+) -> AsyncIterator[Server]:
+    """``python -m trio_bg serve journal_app:app --journal JOURNAL`` on a free port,
+    its output collected from a pipe; yielded once it accepts connections."""
+    port = free_port()
+    report_path = tmp_path / f"{name}-report.json"
+    env = os.environ | {
+        "TRIO_BG_TEST_LEDGER": str(tmp_path / "ledger"),
+        "TRIO_BG_TEST_TASK_SECONDS": str(task_seconds),
+    }
+    process = await trio.lowlevel.open_process(
+        [
+            *prefix,
+            sys.executable,
+            "-m",
+            "trio_bg",
+            "serve",
+            "journal_app:app",
+            f"--bind=127.0.0.1:{port}",
+            f"--journal={journal}",
+            f"--journal-lease={LEASE}",
+            f"--report-json={report_path}",
+            "--log-level=info",
+            *options,
+        ],
+        cwd=TESTS,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        preexec_fn=preexec_fn,
+    )
+    output = Output()
+    try:
+        async with trio.open_nursery() as nursery:
+            assert process.stdout is not None
+            nursery.start_soon(output.collect, process.stdout)
+            with trio.fail_after(BOUND):
+                await output.wait_for("Running on http://127.0.0.1")
+            yield Server(process, f"http://127.0.0.1:{port}", output, report_path)
+            if process.returncode is None:
+                process.kill()
+            await process.wait()
+    finally:
+        if process.returncode is None:
+            process.kill()
+        with trio.CancelScope(shield=True), trio.move_on_after(BOUND):
+            await process.wait()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def client(url: str) -> httpx.AsyncClient:
+    return httpx.AsyncClient(base_url=url, trust_env=False, timeout=BOUND)
+
+
+def ledger(tmp_path: Path) -> Counter[str]:
+    """How many times each task ran, by key; and by whom: ``ledger_lines``."""
+    return Counter(line.split()[0] for line in ledger_lines(tmp_path))
+
+
+def ledger_lines(tmp_path: Path) -> list[str]:
+    path = tmp_path / "ledger"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+async def wait_until_ran(tmp_path: Path, keys: set[str]) -> None:
+    """Return once every task of ``keys`` is in the ledger (the caller bounds it)."""
+    # The ledger is a file that other processes append to: there is no event to wait on.
+    while not keys <= set(ledger(tmp_path)):  # noqa: ASYNC110
+        await trio.sleep(0.05)
+
+
+async def test_sigkill_mid_load_then_restart_runs_every_answered_task(tmp_path: Path) -> None:
+    journal = tmp_path / "tasks.db"
+    answered: set[str] = set()
+    enough = trio.Event()
+
+    async def load(http: httpx.AsyncClient, worker: int) -> None:
+        for number in range(1000):
+            key = f"w{worker}-{number}"
+            try:
+                response = await http.get("/", params={"key": key})
+            except httpx.HTTPError:
+                return  # the server was killed under this request
+            assert response.status_code == 200
+            answered.add(key)
+            if len(answered) >= 60:
+                enough.set()
+
+    async with (
+        journal_server(tmp_path, journal, task_seconds=0.5) as first,
+        client(first.url) as http,
+    ):
+        with trio.fail_after(BOUND):
+            async with trio.open_nursery() as nursery:
+                for worker in range(6):
+                    nursery.start_soon(load, http, worker)
+                await enough.wait()
+                first.process.kill()  # mid-load: requests are still under way
+    assert first.process.returncode == -signal.SIGKILL
+    ran_before = set(ledger(tmp_path))
+    assert len(answered - ran_before) >= 10, "the kill cut no task short: nothing to check"
+
+    async with journal_server(tmp_path, journal, name="second") as second:
+        with trio.fail_after(BOUND):
+            await wait_until_ran(tmp_path, answered)
+        assert await second.stop() == 0
+    report = second.report()
+    assert report["recovered"] >= len(answered - ran_before)
+    assert report["deferred"] == 0
+    runs = ledger(tmp_path)
+    assert all(runs[key] >= 1 for key in answered)  # at least once; a few perhaps twice
+
+
+async def test_a_dead_processs_rows_are_resumed_by_another_within_the_lease(tmp_path: Path) -> None:
+    journal = tmp_path / "tasks.db"
+    keys = {f"held-{number}" for number in range(8)}
+    async with (
+        journal_server(tmp_path, journal, name="a") as a,
+        journal_server(tmp_path, journal, name="b") as b,
+        client(a.url) as http,
+    ):
+        with trio.fail_after(BOUND):
+            for key in keys:  # held by a: they never end there
+                assert (await http.get("/", params={"key": key, "hold": "1"})).status_code == 200
+        # While a lives (and renews its lease), b never takes its rows: b would run
+        # them at once. Two and a half leases of nothing, then.
+        await trio.sleep(2.5 * LEASE)
+        assert ledger_lines(tmp_path) == []
+
+        a.process.kill()
+        killed_at = trio.current_time()
+        with trio.fail_after(LEASE + 5):
+            await wait_until_ran(tmp_path, keys)
+        resumed_after = trio.current_time() - killed_at
+        assert {line.split()[1] for line in ledger_lines(tmp_path)} == {str(b.process.pid)}
+        assert await b.stop() == 0
+    assert ledger(tmp_path) == Counter(dict.fromkeys(keys, 1))
+    assert b.report()["recovered"] == len(keys)
+    assert resumed_after <= LEASE + 5
+
+
+async def test_sigterm_with_too_short_a_grace_period_defers_then_the_next_start_resumes(
+    tmp_path: Path,
+) -> None:
+    journal = tmp_path / "tasks.db"
+    keys = {f"long-{number}" for number in range(5)}
+    async with (
+        journal_server(tmp_path, journal, "--grace-period=0.2") as first,
+        client(first.url) as http,
+    ):
+        with trio.fail_after(BOUND):
+            for key in keys:
+                assert (await http.get("/", params={"key": key, "hold": "1"})).status_code == 200
+        assert await first.stop() == 1  # some tasks did not complete
+    report = first.report()
+    assert (report["cancelled"], report["deferred"]) == (5, 5)
+    assert ledger_lines(tmp_path) == []
+
+    async with journal_server(tmp_path, journal, name="second") as second:
+        with trio.fail_after(BOUND):  # released at the first's exit: no lease to wait out
+            await wait_until_ran(tmp_path, keys)
+        assert await second.stop() == 0
+    assert second.report()["recovered"] == 5
+    assert ledger(tmp_path) == Counter(dict.fromkeys(keys, 1))
+
+
+def limit_file_size() -> None:
+    """In the child: files may grow to 256 KiB (the journal's WAL soon hits that), and
+    a write past it fails (EFBIG) instead of killing the process (SIGXFSZ)."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
+
+
+async def test_a_full_disk_mid_run_answers_503_and_loses_no_answered_task(tmp_path: Path) -> None:
+    journal = tmp_path / "tasks.db"
+    statuses: list[int] = []
+    answered: set[str] = set()
+    async with (
+        journal_server(tmp_path, journal, preexec_fn=limit_file_size) as server,
+        client(server.url) as http,
+    ):
+        with trio.fail_after(BOUND):
+            for number in range(400):
+                response = await http.get("/", params={"key": f"k{number}"})
+                statuses.append(response.status_code)
+                if response.status_code == 503:
+                    assert (
+                        response.text == "Service Unavailable: the background task journal failed\n"
+                    )
+                    break
+                answered.add(f"k{number}")
+            await server.output.wait_for("failed to store them")
+            await wait_until_ran(tmp_path, answered)
+    assert statuses[-1] == 503 and statuses.count(503) == 1
+    assert len(answered) >= 5
+
+
+def drop_root_powers() -> tuple[str, ...]:
+    """A command prefix that makes root subject to file permissions, as anyone else."""
+    if os.geteuid() != 0:
+        return ()
+    if shutil.which("setpriv") is None:
+        pytest.skip("as root, a read-only directory needs setpriv to mean anything")
+    return (
+        "setpriv",
+        "--bounding-set=-dac_override,-dac_read_search",
+        "--inh-caps=-dac_override,-dac_read_search",
+    )
+
+
+async def test_a_journal_in_a_read_only_directory_is_refused_at_startup(tmp_path: Path) -> None:
+    directory = tmp_path / "read-only"
+    directory.mkdir()
+    directory.chmod(0o555)
+    prefix = drop_root_powers()
+    try:
+        result = await trio.run_process(
+            [
+                *prefix,
+                sys.executable,
+                "-m",
+                "trio_bg",
+                "serve",
+                "journal_app:app",
+                f"--journal={directory / 'tasks.db'}",
+            ],
+            cwd=TESTS,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    finally:
+        directory.chmod(0o755)
+    assert result.returncode == 2
+    assert f"its directory {directory} is not writable" in result.stderr.decode()
+    assert list(directory.iterdir()) == []

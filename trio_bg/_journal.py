@@ -1,0 +1,241 @@
+"""The journal of durable tasks, seen from trio: one thread owns the SQLite connection
+and commits, in one transaction, everything handed to it since its last commit."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import TYPE_CHECKING, Any, final
+
+import trio
+
+from . import _journal_file as journal_file
+from ._errors import JournalError
+
+if TYPE_CHECKING:
+    from ._tasks import Task
+
+logger = logging.getLogger("trio_bg")
+
+DEFAULT_LEASE = 20.0
+"""Seconds a process's claim on its journal rows lasts without renewal: the rows of a
+process that died are resumed by another within this (plus one poll)."""
+
+BUSY_TIMEOUT = 5.0
+"""Seconds SQLite waits for another process's write lock before giving up."""
+
+_Run = Callable[[sqlite3.Connection], Any]
+
+
+@final
+class _Op:
+    """One piece of work for the journal's thread; awaited (``done``) or not."""
+
+    __slots__ = ("done", "error", "result", "run", "what")
+
+    def __init__(self, run: _Run | None, what: str, *, awaited: bool) -> None:
+        self.run = run  # None: close the connection and stop
+        self.what = what
+        self.done = trio.Event() if awaited else None
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+class Journal:
+    """The durable tasks' journal file, and the thread that owns its connection.
+
+    Group commit: whatever trio hands over while the thread commits goes into its
+    next transaction, so under load one commit (and one hop back to trio) serves many
+    tasks, with no window to wait out when idle. The thread also renews this
+    process's lease, so a slow event loop never loses it.
+    """
+
+    def __init__(self, path: str, *, lease: float, synchronous: str) -> None:
+        """Private: use `Journal.open`."""
+        self.path = path
+        self.lease = lease
+        self._synchronous = synchronous
+        self._inbox: queue.SimpleQueue[_Op] = queue.SimpleQueue()
+        self._token = trio.lowlevel.current_trio_token()
+        self._owner = 0  # this process's id among the journal's owners
+        self._connection: sqlite3.Connection | None = None
+        self._thread = threading.Thread(target=self._work, name="trio_bg journal", daemon=True)
+
+    @classmethod
+    async def open(
+        cls, path: str, *, lease: float = DEFAULT_LEASE, synchronous: str = "full"
+    ) -> Journal:
+        """Open (or create) the journal at ``path`` and join it as one of its owners;
+        `JournalError` if it cannot be used."""
+        journal = cls(path, lease=lease, synchronous=synchronous)
+        journal._thread.start()
+        journal._owner = await journal._call(journal._connect, f"open the journal {path}")
+        logger.info("journal %s opened (owner %d)", path, journal._owner)
+        return journal
+
+    # -- from trio -----------------------------------------------------------------
+
+    async def append(self, tasks: Sequence[Task]) -> None:
+        """Store ``tasks``, claimed by this process; return once committed (setting
+        each task's ``journal_id``), or raise `JournalError`."""
+        rows = [(task.name, task.payload or "[[],{}]", task.attempt) for task in tasks]
+        ids = await self._call(
+            partial(journal_file.append, owner=self._owner, rows=rows),
+            f"store {len(rows)} durable task(s)",
+        )
+        for task, journal_id in zip(tasks, ids, strict=True):
+            task.journal_id = journal_id
+
+    def remove(self, ids: Sequence[int]) -> None:
+        """Delete the rows of tasks that are done, or will never run (not awaited)."""
+        self._post(partial(journal_file.remove, ids=ids), f"remove {len(ids)} done task(s)")
+
+    def set_attempt(self, journal_id: int, attempt: int) -> None:
+        """Record that a task's retry is due (not awaited)."""
+        self._post(
+            partial(journal_file.set_attempt, id=journal_id, attempt=attempt),
+            f"record attempt {attempt} of task {journal_id}",
+        )
+
+    def bury(self, journal_id: int, error: str) -> None:
+        """Make a task that failed its last attempt a dead letter (not awaited)."""
+        self._post(
+            partial(journal_file.bury, id=journal_id, error=error),
+            f"keep task {journal_id} as a dead letter",
+        )
+
+    async def claim(self, names: Sequence[str], limit: int) -> list[journal_file.Row]:
+        """Claim up to ``limit`` tasks that no live process holds, of known ``names``."""
+        rows: list[journal_file.Row] = await self._call(
+            partial(journal_file.claim, owner=self._owner, names=names, limit=limit),
+            "claim tasks",
+        )
+        return rows
+
+    async def unknown(self, names: Sequence[str]) -> dict[str, int]:
+        """Queued tasks whose name is none of ``names``, counted by name."""
+        counts: dict[str, int] = await self._call(
+            partial(journal_file.unknown, names=names), "count tasks of unknown names"
+        )
+        return counts
+
+    async def close(self, keep: Sequence[int]) -> None:
+        """Release this process's rows (but ``keep``, tasks abandoned in threads that may
+        still run: they wait for the lease to expire), then close the connection."""
+        try:
+            await self._call(partial(journal_file.leave, owner=self._owner, keep=keep), "leave")
+        finally:
+            await self._call(None, "close the journal")
+            await trio.to_thread.run_sync(self._thread.join)
+
+    async def _call(self, run: _Run | None, what: str) -> Any:
+        op = _Op(run, what, awaited=True)
+        self._inbox.put(op)
+        assert op.done is not None
+        # A commit takes a millisecond or so; waiting it out keeps the books exact (a
+        # request cancelled meanwhile still discards what was stored for it).
+        with trio.CancelScope(shield=True):
+            await op.done.wait()
+        if op.error is not None:
+            raise op.error
+        return op.result
+
+    def _post(self, run: _Run, what: str) -> None:
+        self._inbox.put(_Op(run, what, awaited=False))
+
+    # -- in the journal's thread ---------------------------------------------------
+
+    def _connect(self, _: object) -> int:
+        self._connection = journal_file.connect(
+            self.path, synchronous=self._synchronous, busy_timeout=BUSY_TIMEOUT
+        )
+        return journal_file.join(self._connection, self.lease)
+
+    def _work(self) -> None:
+        opening = self._inbox.get()
+        self._run_alone(opening, self._connect)
+        self._deliver([opening])
+        if opening.error is not None:
+            return
+        renew_every = self.lease / 4
+        renew_at = time.monotonic() + renew_every
+        while True:
+            try:
+                batch = [self._inbox.get(timeout=max(0.0, renew_at - time.monotonic()))]
+            except queue.Empty:
+                batch = []
+            while True:  # everything handed over meanwhile: one transaction
+                try:
+                    batch.append(self._inbox.get_nowait())
+                except queue.Empty:
+                    break
+            if time.monotonic() >= renew_at:
+                renew_at = time.monotonic() + renew_every
+                batch.insert(0, _Op(self._renew, "renew the lease", awaited=False))
+            stop = next((op for op in batch if op.run is None), None)
+            work = [op for op in batch if op.run is not None]
+            if work:
+                self._commit(work)
+            if stop is not None:
+                self._run_alone(stop, lambda connection: connection.close())
+                self._deliver([*work, stop])
+                return
+            self._deliver(work)
+
+    def _commit(self, batch: list[_Op]) -> None:
+        connection = self._connection
+        assert connection is not None
+        try:
+            with journal_file.transaction(connection):
+                for op in batch:
+                    assert op.run is not None
+                    op.result = op.run(connection)
+        except Exception as error:  # (the transaction was rolled back)
+            if len(batch) == 1:
+                batch[0].error = _as_journal_error(error, batch[0].what)
+            else:  # each on its own, so that one bad piece of work fails alone
+                for op in batch:
+                    self._commit([op])
+
+    def _run_alone(self, op: _Op, run: _Run) -> None:
+        try:
+            op.result = run(self._connection)  # type: ignore[arg-type]
+        except Exception as error:
+            op.error = _as_journal_error(error, op.what)
+
+    def _renew(self, connection: sqlite3.Connection) -> None:
+        if not journal_file.renew(connection, self._owner, self.lease):
+            logger.error(
+                "journal %s: this process's lease had expired (its event loop or disk "
+                "stalled for over %ss): another process may have claimed and run some of "
+                "its tasks, which may now run twice",
+                self.path,
+                self.lease,
+            )
+        journal_file.reap(connection, self._owner)
+
+    def _deliver(self, batch: list[_Op]) -> None:
+        with contextlib.suppress(trio.RunFinishedError):  # one hop to trio per batch
+            self._token.run_sync_soon(_settle, batch)
+
+
+def _settle(batch: list[_Op]) -> None:
+    for op in batch:
+        if op.done is not None:
+            op.done.set()
+        elif op.error is not None:
+            logger.error("%s", op.error)  # (it says what the journal could not do)
+
+
+def _as_journal_error(error: Exception, what: str) -> Exception:
+    if isinstance(error, JournalError):
+        return error
+    if isinstance(error, sqlite3.Error):
+        return journal_file.journal_error(error, f"the journal could not {what}")
+    return error

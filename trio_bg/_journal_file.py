@@ -1,0 +1,353 @@
+"""The journal file: an SQLite database in WAL mode, its schema, and every statement
+run on it. Plain, blocking code: `Journal` runs it on the one thread that owns the
+connection, and the ``journal`` command runs it directly.
+
+Two tables. ``tasks`` holds one row per durable task not yet done: its registered
+name, its JSON arguments, its attempt, and which process (``owner``) has claimed it;
+dead letters (tasks that failed their last attempt) stay with ``state = 'dead'``.
+``owners`` holds one row per live process, with the wall-clock time its lease
+expires; a process renews it while it lives, and a row whose owner's lease has
+expired may be claimed by another process. Ids are ``AUTOINCREMENT``: a reused id
+could make one task look like another.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ._errors import JournalError
+
+APPLICATION_ID = 0x74726267  # "trbg", in the SQLite header: this file is a trio_bg journal
+SCHEMA_VERSION = 1
+
+MEMORY = ":memory:"
+"""The path of a journal that lives in memory, for tests: durable only in name."""
+
+_SCHEMA = f"""
+CREATE TABLE tasks (
+    id        INTEGER PRIMARY KEY AUTOINCREMENT,
+    name      TEXT    NOT NULL,
+    arguments TEXT    NOT NULL,
+    attempt   INTEGER NOT NULL DEFAULT 1,
+    state     TEXT    NOT NULL DEFAULT 'queued' CHECK (state IN ('queued', 'dead')),
+    owner     INTEGER,
+    created   REAL    NOT NULL,
+    error     TEXT
+);
+CREATE INDEX tasks_by_state ON tasks (state, owner, id);
+CREATE TABLE owners (
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    pid     INTEGER NOT NULL,
+    host    TEXT    NOT NULL,
+    expires REAL    NOT NULL
+);
+PRAGMA application_id = {APPLICATION_ID};
+PRAGMA user_version = {SCHEMA_VERSION};
+"""
+
+_CLAIMABLE = """
+    state = 'queued'
+    AND (owner IS NULL OR owner NOT IN (SELECT id FROM owners WHERE expires > :now))
+"""
+
+SYNCHRONOUS_LEVELS = ("full", "normal")
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One task as the journal keeps it."""
+
+    id: int
+    name: str
+    arguments: str
+    attempt: int
+    state: str = "queued"
+    owner: int | None = None
+    created: float = 0.0
+    error: str | None = None
+
+
+def connect(
+    path: str, *, synchronous: str = "full", busy_timeout: float = 5.0
+) -> sqlite3.Connection:
+    """Open (creating it if need be) the journal at ``path``, checked: `JournalError`
+    saying what is wrong with a path, a file that is not a journal (or is a newer
+    one's), a corrupt or locked database."""
+    if synchronous not in SYNCHRONOUS_LEVELS:
+        raise ValueError(f"synchronous must be one of {SYNCHRONOUS_LEVELS}, not {synchronous!r}")
+    if path != MEMORY and (problem := journal_path_problem(Path(path))):
+        raise JournalError(f"cannot open the journal {path}: {problem}")
+    try:
+        connection = sqlite3.connect(
+            path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
+        )
+    except sqlite3.Error as error:
+        raise JournalError(f"cannot open the journal {path}: {error}") from error
+    try:
+        _prepare(connection, path, synchronous)
+    except BaseException:
+        connection.close()
+        raise
+    return connection
+
+
+def journal_path_problem(path: Path) -> str | None:
+    """What makes ``path`` unusable for a journal, checked before SQLite is asked, or
+    None."""
+    directory = path.parent
+    if not directory.is_dir():
+        return f"its directory {directory} does not exist"
+    if path.is_dir():
+        return "it is a directory"
+    # SQLite writes its -wal and -shm files beside the journal: the directory must be
+    # writable, not just the file.
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return f"its directory {directory} is not writable"
+    if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+        return "the file is not readable and writable"
+    return None
+
+
+def _prepare(connection: sqlite3.Connection, path: str, synchronous: str) -> None:
+    try:
+        application_id, version = _header(connection)
+        if application_id == 0 and version == 0:
+            connection.execute("BEGIN IMMEDIATE")
+            if _header(connection) == (0, 0) and _is_empty(connection):
+                connection.executescript(_SCHEMA)  # (commits)
+            else:
+                connection.execute("ROLLBACK")
+            application_id, version = _header(connection)
+        if application_id != APPLICATION_ID:
+            raise JournalError(
+                f"{path} is not a trio_bg journal (it is an SQLite database of something "
+                f"else): give the journal a file of its own"
+            )
+        if version > SCHEMA_VERSION:
+            raise JournalError(
+                f"the journal {path} has schema version {version}, newer than this trio_bg "
+                f"knows ({SCHEMA_VERSION}): it was written by a newer trio_bg; upgrade "
+                f"trio_bg to open it"
+            )
+        mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if path != MEMORY and mode != "wal":
+            raise JournalError(
+                f"cannot put the journal {path} in WAL mode (it stays in {mode} mode)"
+            )
+        connection.execute(f"PRAGMA synchronous = {synchronous}")
+        check = connection.execute("PRAGMA quick_check").fetchone()[0]
+        if check != "ok":
+            raise JournalError(
+                f"the journal {path} is corrupt ({check}); restore it or move it away"
+            )
+    except sqlite3.Error as error:
+        raise journal_error(error, f"cannot open the journal {path}") from error
+
+
+def _header(connection: sqlite3.Connection) -> tuple[int, int]:
+    application_id = connection.execute("PRAGMA application_id").fetchone()[0]
+    version = connection.execute("PRAGMA user_version").fetchone()[0]
+    return application_id, version
+
+
+def _is_empty(connection: sqlite3.Connection) -> bool:
+    count: int = connection.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+    return count == 0
+
+
+def journal_error(error: sqlite3.Error, doing: str) -> JournalError:
+    """A `JournalError` that says what SQLite's ``error`` means for the journal."""
+    text = str(error)
+    if "file is not a database" in text:
+        meaning = "the file is not a trio_bg journal (not an SQLite database at all)"
+    elif "malformed" in text:
+        meaning = "the database is corrupt; restore it or move it away"
+    elif "locked" in text or "busy" in text:
+        meaning = "the database is locked by another process for too long"
+    elif "full" in text:
+        meaning = "the disk is full"
+    elif "readonly" in text or "read-only" in text:
+        meaning = "the journal is read-only here"
+    else:
+        meaning = text
+    if meaning != text:
+        meaning = f"{meaning} ({text})"
+    return JournalError(f"{doing}: {meaning}")
+
+
+# -- what a process does -------------------------------------------------------------
+
+
+def join(connection: sqlite3.Connection, lease: float) -> int:
+    """Register this process as an owner holding a lease of ``lease`` seconds; its id."""
+    with transaction(connection):
+        return int(
+            connection.execute(
+                "INSERT INTO owners (pid, host, expires) VALUES (?, ?, ?) RETURNING id",
+                (os.getpid(), socket.gethostname(), time.time() + lease),
+            ).fetchone()[0]
+        )
+
+
+def renew(connection: sqlite3.Connection, owner: int, lease: float) -> bool:
+    """Extend ``owner``'s lease; False if it had expired and been reaped meanwhile (it
+    is registered again, and its rows may have been claimed by another process)."""
+    expires = time.time() + lease
+    cursor = connection.execute("UPDATE owners SET expires = ? WHERE id = ?", (expires, owner))
+    if cursor.rowcount:
+        return True
+    connection.execute(
+        "INSERT INTO owners (id, pid, host, expires) VALUES (?, ?, ?, ?)",
+        (owner, os.getpid(), socket.gethostname(), expires),
+    )
+    return False
+
+
+def append(
+    connection: sqlite3.Connection, owner: int, rows: Sequence[tuple[str, str, int]]
+) -> list[int]:
+    """Insert tasks (name, JSON arguments, attempt) claimed by ``owner``; their ids."""
+    now = time.time()
+    return [
+        connection.execute(
+            "INSERT INTO tasks (name, arguments, attempt, owner, created) "
+            "VALUES (?, ?, ?, ?, ?) RETURNING id",
+            (name, arguments, attempt, owner, now),
+        ).fetchone()[0]
+        for name, arguments, attempt in rows
+    ]
+
+
+def remove(connection: sqlite3.Connection, ids: Iterable[int]) -> None:
+    """Delete done (or discarded) tasks."""
+    connection.executemany("DELETE FROM tasks WHERE id = ?", [(id,) for id in ids])
+
+
+def set_attempt(connection: sqlite3.Connection, id: int, attempt: int) -> None:
+    """Record that task ``id`` is on attempt ``attempt`` (its retry is due)."""
+    connection.execute("UPDATE tasks SET attempt = ? WHERE id = ?", (attempt, id))
+
+
+def bury(connection: sqlite3.Connection, id: int, error: str) -> None:
+    """Make task ``id`` a dead letter: it failed its last attempt."""
+    connection.execute(
+        "UPDATE tasks SET state = 'dead', owner = NULL, error = ? WHERE id = ?", (error, id)
+    )
+
+
+def claim(
+    connection: sqlite3.Connection, owner: int, names: Sequence[str], limit: int
+) -> list[Row]:
+    """Claim for ``owner`` up to ``limit`` queued tasks, oldest first, that are nobody's
+    (or a dead process's) and whose name is one of ``names``."""
+    rows = connection.execute(
+        f"""
+        UPDATE tasks SET owner = :owner
+        WHERE id IN (
+            SELECT id FROM tasks
+            WHERE {_CLAIMABLE} AND name IN (SELECT value FROM json_each(:names))
+            ORDER BY id LIMIT :limit
+        )
+        RETURNING id, name, arguments, attempt
+        """,
+        {"owner": owner, "now": time.time(), "names": _json_list(names), "limit": limit},
+    ).fetchall()
+    return [Row(*row) for row in sorted(rows)]
+
+
+def reap(connection: sqlite3.Connection, owner: int) -> None:
+    """Forget the owners whose lease has expired (their rows are claimable either way)."""
+    connection.execute("DELETE FROM owners WHERE expires <= ? AND id != ?", (time.time(), owner))
+
+
+def unknown(connection: sqlite3.Connection, names: Sequence[str]) -> dict[str, int]:
+    """Queued tasks whose name is not one of ``names``, counted by name."""
+    rows = connection.execute(
+        "SELECT name, count(*) FROM tasks WHERE state = 'queued' "
+        "AND name NOT IN (SELECT value FROM json_each(?)) GROUP BY name ORDER BY name",
+        (_json_list(names),),
+    ).fetchall()
+    return dict(rows)
+
+
+def leave(connection: sqlite3.Connection, owner: int, keep: Sequence[int]) -> None:
+    """This process is done: release its rows, but for ``keep`` (tasks abandoned in
+    their threads, which may still be running: they wait for the lease to expire); and
+    if it keeps none, unregister it."""
+    connection.execute(
+        "UPDATE tasks SET owner = NULL WHERE owner = ? "
+        "AND id NOT IN (SELECT value FROM json_each(?))",
+        (owner, _json_list(keep)),
+    )
+    if not keep:
+        connection.execute("DELETE FROM owners WHERE id = ?", (owner,))
+
+
+# -- what the journal command does ---------------------------------------------------
+
+
+def rows(
+    connection: sqlite3.Connection, *, state: str | None = None, ids: Sequence[int] = ()
+) -> list[Row]:
+    """The journal's tasks, oldest first: all, those in ``state``, or those of ``ids``."""
+    query = "SELECT id, name, arguments, attempt, state, owner, created, error FROM tasks"
+    clauses, parameters = _where(state, ids)
+    return [Row(*row) for row in connection.execute(f"{query}{clauses} ORDER BY id", parameters)]
+
+
+def requeue(connection: sqlite3.Connection, ids: Sequence[int] = ()) -> int:
+    """Queue dead letters (those of ``ids``, or all) again, from their first attempt."""
+    clauses, parameters = _where("dead", ids)
+    with transaction(connection):
+        return connection.execute(
+            f"UPDATE tasks SET state = 'queued', attempt = 1, owner = NULL, error = NULL{clauses}",
+            parameters,
+        ).rowcount
+
+
+def purge(connection: sqlite3.Connection, ids: Sequence[int] = ()) -> int:
+    """Delete dead letters (those of ``ids``, or all)."""
+    clauses, parameters = _where("dead", ids)
+    with transaction(connection):
+        return connection.execute(f"DELETE FROM tasks{clauses}", parameters).rowcount
+
+
+def _where(state: str | None, ids: Sequence[int]) -> tuple[str, list[object]]:
+    clauses: list[str] = []
+    parameters: list[object] = []
+    if state is not None:
+        clauses.append("state = ?")
+        parameters.append(state)
+    if ids:
+        clauses.append("id IN (SELECT value FROM json_each(?))")
+        parameters.append(_json_list(ids))
+    return (" WHERE " + " AND ".join(clauses) if clauses else ""), parameters
+
+
+def _json_list(values: Iterable[object]) -> str:
+    return json.dumps(list(values))
+
+
+@contextlib.contextmanager
+def transaction(connection: sqlite3.Connection) -> Iterator[None]:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT`` (``ROLLBACK`` on error): the write lock is
+    taken up front, so two processes never deadlock upgrading a read to a write."""
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        connection.execute("COMMIT")
+    except BaseException:
+        # SQLite may have rolled back already (a full disk, say): then there is nothing
+        # to roll back, and the error that did it is the one to raise.
+        if connection.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                connection.execute("ROLLBACK")
+        raise

@@ -270,7 +270,7 @@ def test_an_empty_file_is_not_made_a_journal(
     path = tmp_path / "tasks.db"
     path.touch()
     assert run("ls", "--journal", str(path)) == 2
-    assert "is an empty file, not a trio_bg journal" in capsys.readouterr().err
+    assert "tasks.db is empty, not a trio_bg journal" in capsys.readouterr().err
     assert path.read_bytes() == b""
 
 

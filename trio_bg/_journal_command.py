@@ -41,7 +41,7 @@ exit status:
      journal, a newer one, corrupt, locked)
 """
 
-_Change = Callable[[sqlite3.Connection, Sequence[int]], int]
+_Change = Callable[[sqlite3.Connection, Sequence[int] | None], int]
 
 
 def add_journal_parser(commands: Any) -> None:
@@ -124,11 +124,9 @@ def _open(path: str) -> sqlite3.Connection:
     """Connect to the journal at ``path``, which must exist: `JournalError` if not."""
     if not os.path.lexists(path):
         raise JournalError(f"no journal at {path}")
-    if os.path.isfile(path) and os.path.getsize(path) == 0:  # connect would make it one
-        raise JournalError(f"{path} is an empty file, not a trio_bg journal")
     if path == journal_file.MEMORY:  # a file of that name, not a database in memory
         path = os.path.join(os.curdir, path)
-    return journal_file.connect(path, busy_timeout=BUSY_TIMEOUT)
+    return journal_file.connect(path, busy_timeout=BUSY_TIMEOUT, create=False)
 
 
 # -- ls ------------------------------------------------------------------------------
@@ -219,7 +217,7 @@ def _change(
 ) -> int:
     """Re-queue or purge (``change``) the dead letters given; report the others."""
     if args.all:
-        print(f"{_past(verb)} {_dead_letters(change(connection, ()))}")
+        print(f"{_past(verb)} {_dead_letters(change(connection, None))}")
         return EXIT_OK
     ids: list[int] = list(dict.fromkeys(args.ids))
     found = {row.id: row.state for row in journal_file.rows(connection, ids=ids)}

@@ -19,6 +19,7 @@ import os
 import socket
 import sqlite3
 import time
+import urllib.parse
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,23 +77,27 @@ class Row:
 
 
 def connect(
-    path: str, *, synchronous: str = "full", busy_timeout: float = 5.0
+    path: str, *, synchronous: str = "full", busy_timeout: float = 5.0, create: bool = True
 ) -> sqlite3.Connection:
-    """Open (creating it if need be) the journal at ``path``, checked: `JournalError`
-    saying what is wrong with a path, a file that is not a journal (or is a newer
-    one's), a corrupt or locked database."""
+    """Open the journal at ``path`` (creating it if need be, and ``create``), checked:
+    `JournalError` saying what is wrong with a path, a file that is not a journal (or
+    is a newer one's), a corrupt or locked database."""
     if synchronous not in SYNCHRONOUS_LEVELS:
         raise ValueError(f"synchronous must be one of {SYNCHRONOUS_LEVELS}, not {synchronous!r}")
     if path != MEMORY and (problem := journal_path_problem(Path(path))):
         raise JournalError(f"cannot open the journal {path}: {problem}")
     try:
         connection = sqlite3.connect(
-            path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
+            path if create else f"file:{urllib.parse.quote(path)}?mode=rw",
+            timeout=busy_timeout,
+            isolation_level=None,
+            check_same_thread=False,
+            uri=not create,
         )
     except sqlite3.Error as error:
         raise JournalError(f"cannot open the journal {path}: {error}") from error
     try:
-        _prepare(connection, path, synchronous)
+        _prepare(connection, path, synchronous, create)
     except BaseException:
         connection.close()
         raise
@@ -116,16 +121,18 @@ def journal_path_problem(path: Path) -> str | None:
     return None
 
 
-def _prepare(connection: sqlite3.Connection, path: str, synchronous: str) -> None:
+def _prepare(connection: sqlite3.Connection, path: str, synchronous: str, create: bool) -> None:
     try:
         application_id, version = _header(connection)
-        if application_id == 0 and version == 0:
+        if create and application_id == 0 and version == 0:
             connection.execute("BEGIN IMMEDIATE")
             if _header(connection) == (0, 0) and _is_empty(connection):
                 connection.executescript(_SCHEMA)  # (commits)
             else:
                 connection.execute("ROLLBACK")
             application_id, version = _header(connection)
+        if application_id == version == 0 and _is_empty(connection):
+            raise JournalError(f"{path} is empty, not a trio_bg journal")
         if application_id != APPLICATION_ID:
             raise JournalError(
                 f"{path} is not a trio_bg journal (it is an SQLite database of something "
@@ -295,7 +302,7 @@ def leave(connection: sqlite3.Connection, owner: int, keep: Sequence[int]) -> No
 
 
 def rows(
-    connection: sqlite3.Connection, *, state: str | None = None, ids: Sequence[int] = ()
+    connection: sqlite3.Connection, *, state: str | None = None, ids: Sequence[int] | None = None
 ) -> list[Row]:
     """The journal's tasks, oldest first: all, those in ``state``, or those of ``ids``."""
     query = "SELECT id, name, arguments, attempt, state, owner, created, error FROM tasks"
@@ -303,8 +310,9 @@ def rows(
     return [Row(*row) for row in connection.execute(f"{query}{clauses} ORDER BY id", parameters)]
 
 
-def requeue(connection: sqlite3.Connection, ids: Sequence[int] = ()) -> int:
-    """Queue dead letters (those of ``ids``, or all) again, from their first attempt."""
+def requeue(connection: sqlite3.Connection, ids: Sequence[int] | None) -> int:
+    """Queue dead letters (those of ``ids``, or all for None) again, from their first
+    attempt."""
     clauses, parameters = _where("dead", ids)
     with transaction(connection):
         return connection.execute(
@@ -313,20 +321,20 @@ def requeue(connection: sqlite3.Connection, ids: Sequence[int] = ()) -> int:
         ).rowcount
 
 
-def purge(connection: sqlite3.Connection, ids: Sequence[int] = ()) -> int:
-    """Delete dead letters (those of ``ids``, or all)."""
+def purge(connection: sqlite3.Connection, ids: Sequence[int] | None) -> int:
+    """Delete dead letters (those of ``ids``, or all for None)."""
     clauses, parameters = _where("dead", ids)
     with transaction(connection):
         return connection.execute(f"DELETE FROM tasks{clauses}", parameters).rowcount
 
 
-def _where(state: str | None, ids: Sequence[int]) -> tuple[str, list[object]]:
+def _where(state: str | None, ids: Sequence[int] | None) -> tuple[str, list[object]]:
     clauses: list[str] = []
     parameters: list[object] = []
     if state is not None:
         clauses.append("state = ?")
         parameters.append(state)
-    if ids:
+    if ids is not None:
         clauses.append("id IN (SELECT value FROM json_each(?))")
         parameters.append(_json_list(ids))
     return (" WHERE " + " AND ".join(clauses) if clauses else ""), parameters

@@ -11,14 +11,22 @@ grace period (cancelled at shutdown, or abandoned in its thread). The response c
 ``x-trio-bg-tasks: N``, the number of tasks the request added: the drill's convention
 for checking that every answered request had its tasks accepted.
 
+With a journal (``--journal PATH``, which makes the drill set ``$TRIO_BG_DRILL_LEDGER``)
+each request also adds two *durable* tasks, a receipt e-mail and an order archive: they
+are stored in the journal before the response completes and survive a crash. Each
+notes its run in the ledger file, and the response names them in
+``x-trio-bg-durable``: the crash drill's books (``drill ... --journal PATH --kill``).
+
 The app is not wrapped in the middleware: ``python -m trio_bg serve`` (and the drill)
 wrap it, with the options given on the command line.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import time
+import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -32,6 +40,32 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 TASKS_HEADER = b"x-trio-bg-tasks"
+DURABLE_HEADER = b"x-trio-bg-durable"
+LEDGER = os.environ.get("TRIO_BG_DRILL_LEDGER")  # set by the drill, with a journal
+
+
+def note_run(key: str) -> None:
+    """Append ``key`` to the drill's ledger: one line per run, whole, across processes."""
+    if LEDGER is not None:
+        descriptor = os.open(LEDGER, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(descriptor, f"{key}\n".encode())
+        finally:
+            os.close(descriptor)
+
+
+@trio_bg.task(name="drill.send_receipt", durable=True, retries=2)
+async def send_receipt(key: str, seconds: float) -> None:
+    """Durable: the receipt for an order must go out, crash or not."""
+    await trio.sleep(seconds)
+    note_run(key)
+
+
+@trio_bg.task(name="drill.archive_order", durable=True)
+def archive_order(key: str, seconds: float) -> None:
+    """Durable, and blocking: runs in a worker thread."""
+    time.sleep(seconds)
+    note_run(key)
 
 
 async def send_notification(seconds: float) -> None:
@@ -80,17 +114,15 @@ class DrillApp:
             return
         if scope["type"] != "http":
             raise NotImplementedError(f"the drill app serves no {scope['type']} connections")
-        added = self._add_tasks(trio_bg.current_tasks())
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [
-                    (b"content-type", b"text/plain; charset=utf-8"),
-                    (TASKS_HEADER, str(added).encode()),
-                ],
-            }
-        )
+        tasks = trio_bg.current_tasks()
+        added = self._add_tasks(tasks)
+        headers = [(b"content-type", b"text/plain; charset=utf-8")]
+        if LEDGER is not None:
+            durable = self._add_durable_tasks(tasks)
+            added += len(durable)
+            headers.append((DURABLE_HEADER, " ".join(durable).encode()))
+        headers.append((TASKS_HEADER, str(added).encode()))
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": f"{added} tasks\n".encode()})
 
     def _add_tasks(self, tasks: trio_bg.BackgroundTasks) -> int:
@@ -113,6 +145,14 @@ class DrillApp:
             tasks.add_task(export_archive)
             added += 1
         return added
+
+    def _add_durable_tasks(self, tasks: trio_bg.BackgroundTasks) -> list[str]:
+        """Add this request's durable tasks; return their keys."""
+        order = uuid.uuid4().hex[:12]  # unique across the server's lives
+        receipt, archive = f"{order}-receipt", f"{order}-archive"
+        tasks.add_task(send_receipt, receipt, self._random.uniform(0.05, 1.0))
+        tasks.add_task(archive_order, archive, self._random.uniform(0.01, 0.2))
+        return [receipt, archive]
 
 
 async def _answer_lifespan(receive: Receive, send: Send) -> None:

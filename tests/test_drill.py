@@ -113,3 +113,48 @@ async def test_usage_errors_exit_2() -> None:
     status, _, err = await drill("examples.drill_app:app", "--requests=0")
     assert status == 2
     assert "--requests: must be > 0" in err
+
+
+CRASH = (
+    "--requests=40",
+    "--concurrency=4",
+    "--rate=40",
+    "--signal-after=0.6",
+    "--journal-lease=1",
+    "--grace-period=2",
+    "--graceful-timeout=1",
+)
+
+
+async def test_the_crash_drill_loses_no_durable_task_of_the_example_app(tmp_path: Path) -> None:
+    journal = tmp_path / "tasks.db"
+    status, out, err = await drill(
+        "examples.drill_app:app", *CRASH, f"--journal={journal}", "--kill", "--json"
+    )
+    assert status == 0, out + err
+    result: dict[str, Any] = json.loads(out)
+    assert result["verdict"] == "pass", result
+    first, durable = result["first_life"], result["durable_tasks"]
+    assert first["answered"] >= 10
+    assert durable["claimed"] == 2 * first["answered"]  # two durable tasks a request
+    assert durable["ran"] == durable["claimed"]
+    assert durable["lost"] == []
+    # The kill cut some short (receipts take up to a second): the second life ran them.
+    assert result["second_life"]["report"]["recovered"] > 0
+    assert "SIGKILL sent after" in err
+
+
+async def test_the_crash_drill_fails_an_app_whose_tasks_die_with_it(tmp_path: Path) -> None:
+    journal = tmp_path / "tasks.db"
+    status, out, err = await drill(
+        "crash_app:app", *CRASH, f"--journal={journal}", "--kill", cwd=ROOT / "tests"
+    )
+    assert status == 1, out + err
+    assert "durable task(s) named by answered requests never ran to the end" in out
+    assert "verdict: FAIL" in out
+
+
+async def test_the_crash_drill_needs_a_journal() -> None:
+    status, _, err = await drill("examples.drill_app:app", "--kill")
+    assert status == 2
+    assert "--kill needs --journal" in err

@@ -93,13 +93,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "journal":
         return journal_command(args)
     try:
+        from ._crash_drill import DRILL_LEASE, crash_drill
         from ._drill import DrillPlan, drill  # needs httpx, which serving does not
     except ModuleNotFoundError as error:
         if error.name != "httpx":
             raise
         parser.error("the drill needs httpx: pip install 'trio-bg[drill]'")
-
-    return drill(
+    if args.kill and args.journal is None:
+        parser.error("--kill needs --journal: only durable tasks can survive a SIGKILL")
+    if args.journal is not None and (problem := journal_path_problem(Path(args.journal))):
+        parser.error(f"--journal {args.journal}: {problem}")
+    lease = args.journal_lease
+    if args.kill and lease is None:
+        lease = DRILL_LEASE
+    run = crash_drill if args.kill else drill
+    return run(
         DrillPlan(
             app=args.app,
             requests=args.requests,
@@ -111,6 +119,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_running=args.max_running,
             max_pending=args.max_pending,
             deadline=args.deadline,
+            journal=args.journal,
+            journal_lease=lease,
+            kill=args.kill,
         ),
         json_output=args.json,
     )
@@ -212,6 +223,13 @@ def _parser() -> argparse.ArgumentParser:
         f"drill fails (default: graceful timeout + grace period + {SHUTDOWN_MARGIN:g}; pass it "
         "for an app wrapped in code with a grace period over "
         f"{DEFAULT_GRACE_PERIOD:g})",
+    )
+    drill_parser.add_argument(
+        "--kill",
+        action="store_true",
+        help="the crash drill (needs --journal): SIGKILL the server instead of SIGTERM, serve "
+        "it again on the same journal, and check that every durable task an answered "
+        "request named ran at least once (journal lease 5 s unless --journal-lease)",
     )
     drill_parser.add_argument("--json", action="store_true", help="print the result as JSON")
     add_journal_parser(commands)

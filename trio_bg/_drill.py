@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -23,6 +24,14 @@ from ._serve import SHUTDOWN_MARGIN
 
 TASKS_HEADER = "x-trio-bg-tasks"
 """The response header through which an app tells the drill how many tasks it added."""
+
+DURABLE_HEADER = "x-trio-bg-durable"
+"""The response header through which an app names (space-separated keys) the durable
+tasks it added, for the crash drill's books."""
+
+LEDGER_ENV = "TRIO_BG_DRILL_LEDGER"
+"""The environment variable naming the file where the app's durable tasks append their
+key, one line per run: how the crash drill sees runs across the server's two lives."""
 
 STARTUP_TIMEOUT = 20.0
 """Seconds the server may take to accept connections (imports on a busy machine)."""
@@ -49,6 +58,10 @@ class DrillPlan:
     max_running: int | None = None
     max_pending: int | None = None
     deadline: float | None = None
+    journal: str | None = None
+    journal_lease: float | None = None
+    kill: bool = False
+    """The crash drill: SIGKILL instead of SIGTERM, then a second life on the journal."""
 
     @property
     def stop_deadline(self) -> float:
@@ -60,6 +73,13 @@ class DrillPlan:
             graceful = HYPERCORN_GRACEFUL_TIMEOUT
         grace_period = DEFAULT_GRACE_PERIOD if self.grace_period is None else self.grace_period
         return graceful + grace_period + SHUTDOWN_MARGIN
+
+    def server_env(self, directory: Path) -> dict[str, str] | None:
+        """The server's environment: with a journal, it names the ledger in
+        ``directory`` where the app's durable tasks note each run (`LEDGER_ENV`)."""
+        if self.journal is None:
+            return None
+        return os.environ | {LEDGER_ENV: str(directory / "ledger")}
 
     def server_command(self, port: int, report_path: Path) -> list[str]:
         """The ``python -m trio_bg serve`` command line of the server under drill."""
@@ -78,6 +98,8 @@ class DrillPlan:
             ("--graceful-timeout", self.graceful_timeout),
             ("--max-running", self.max_running),
             ("--max-pending", self.max_pending),
+            ("--journal", self.journal),
+            ("--journal-lease", self.journal_lease),
         ):
             if value is not None:
                 command.append(f"{option}={value}")
@@ -98,6 +120,8 @@ class Load:
     """Answered responses without a (valid) `TASKS_HEADER`."""
     statuses: Counter[int] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)
+    durable: list[str] = field(default_factory=list)
+    """The keys of the durable tasks that answered responses named (`DURABLE_HEADER`)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -246,6 +270,9 @@ class _Run:
     stopped_after: float | None = None
     interrupted_by: str | None = None
 
+    def interrupt(self, signal_name: str) -> None:
+        self.interrupted_by = signal_name
+
 
 class DrillInterrupted(Exception):
     """The drill got SIGINT or SIGTERM; its server has been stopped."""
@@ -256,17 +283,17 @@ async def _drive(plan: DrillPlan, progress: Progress, log: BinaryIO, report_path
     run = _Run()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_interrupt_on_signal, signals, nursery.cancel_scope, run)
+            nursery.start_soon(_interrupt_on_signal, signals, nursery.cancel_scope, run.interrupt)
             await _drive_server(plan, progress, log, report_path, run)
             nursery.cancel_scope.cancel()
     return run
 
 
 async def _interrupt_on_signal(
-    signals: AsyncIterator[int], scope: trio.CancelScope, run: _Run
+    signals: AsyncIterator[int], scope: trio.CancelScope, note: Callable[[str], None]
 ) -> None:
     async for number in signals:
-        run.interrupted_by = signal.Signals(number).name
+        note(signal.Signals(number).name)
         scope.cancel()
         return
 
@@ -278,6 +305,7 @@ async def _drive_server(
     port = _free_port()
     process = await trio.lowlevel.open_process(
         plan.server_command(port, report_path),
+        env=plan.server_env(report_path.parent),
         stdin=subprocess.DEVNULL,
         stdout=log,
         stderr=log,
@@ -360,11 +388,16 @@ async def _wait_until_listening(process: trio.Process, port: int) -> str | None:
 
 
 async def _load_and_stop(
-    plan: DrillPlan, process: trio.Process, port: int, load: Load, progress: Progress
+    plan: DrillPlan,
+    process: trio.Process,
+    port: int,
+    load: Load,
+    progress: Progress,
+    stop: signal.Signals = signal.SIGTERM,
 ) -> tuple[float, float | None]:
-    """Send the load, SIGTERM the server part-way, and wait for it to exit. Return
-    when SIGTERM went out (seconds of load) and how long the server took to stop
-    (None: it did not by the deadline, and was killed)."""
+    """Send the load, signal the server part-way (``stop``), and wait for it to exit.
+    Return when the signal went out (seconds of load) and how long the server took to
+    stop (None: it did not by the deadline, and was killed)."""
     start = trio.current_time()
     all_sent = trio.Event()
     stop_sending = trio.Event()
@@ -376,7 +409,7 @@ async def _load_and_stop(
             f"{load.answered} answered, {load.refused} refused, {load.failed} failed"
         )
         if signal_sent_at is not None:
-            line += f"  |  SIGTERM sent, draining {trio.current_time() - signal_sent_at:.1f}s"
+            line += f"  |  {stop.name} sent {trio.current_time() - signal_sent_at:.1f}s ago"
         return line
 
     async with (
@@ -393,10 +426,10 @@ async def _load_and_stop(
         with trio.move_on_after(plan.signal_after):
             await all_sent.wait()
         stop_sending.set()  # requests under way finish; no new ones start
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(stop)
         signal_sent_at = trio.current_time()
         progress.milestone(
-            f"drill: SIGTERM sent after {signal_sent_at - start:.2f}s, {load.sent} requests"
+            f"drill: {stop.name} sent after {signal_sent_at - start:.2f}s, {load.sent} requests"
         )
         stopped_after: float | None = None
         with trio.move_on_after(plan.stop_deadline):
@@ -461,6 +494,7 @@ async def _worker(
             load.refused += 1
             continue
         load.answered += 1
+        load.durable.extend(response.headers.get(DURABLE_HEADER, "").split())
         claimed = response.headers.get(TASKS_HEADER, "")
         if claimed.isdigit():
             load.claimed += int(claimed)

@@ -310,6 +310,14 @@ def rows(
     return [Row(*row) for row in connection.execute(f"{query}{clauses} ORDER BY id", parameters)]
 
 
+def queued(connection: sqlite3.Connection) -> int:
+    """How many tasks are queued (claimed or not): those still to run."""
+    count: int = connection.execute("SELECT count(*) FROM tasks WHERE state = 'queued'").fetchone()[
+        0
+    ]
+    return count
+
+
 def requeue(connection: sqlite3.Connection, ids: Sequence[int] | None) -> int:
     """Queue dead letters (those of ``ids``, or all for None) again, from their first
     attempt."""

@@ -305,3 +305,27 @@ async def test_a_journal_in_a_read_only_directory_is_refused_at_startup(tmp_path
     assert result.returncode == 2
     assert f"its directory {directory} is not writable" in result.stderr.decode()
     assert list(directory.iterdir()) == []
+
+
+async def test_workers_share_one_journal_and_defer_into_it(tmp_path: Path) -> None:
+    journal = tmp_path / "tasks.db"
+    keys = {f"held-{number}" for number in range(8)}
+    async with (
+        journal_server(tmp_path, journal, "--workers=2", "--grace-period=0.2") as workers,
+        client(workers.url) as http,
+    ):
+        with trio.fail_after(BOUND):
+            for key in keys:
+                response = await http.get("/", params={"key": key, "hold": "1"})
+                assert response.status_code == 200
+        assert await workers.stop() == 1  # the held tasks were cut short
+    report = workers.report()
+    assert (report["deferred"], report["cancelled"]) == (8, 8)
+    assert sum(worker["report"]["deferred"] for worker in report["workers"]) == 8
+
+    async with journal_server(tmp_path, journal, name="next") as following:
+        with trio.fail_after(BOUND):
+            await wait_until_ran(tmp_path, keys)
+        assert await following.stop() == 0
+    assert following.report()["recovered"] == 8
+    assert ledger(tmp_path) == Counter(dict.fromkeys(keys, 1))

@@ -401,7 +401,15 @@ def _worker_command(args: argparse.Namespace) -> list[str]:
     sockets and the report path."""
     command = [sys.executable, "-m", "trio_bg", "serve", args.app, "--supervised"]
     command.append(f"--log-level={args.log_level}")
-    for name in ("grace_period", "max_running", "max_pending", "graceful_timeout", "thread_limit"):
+    for name in (
+        "grace_period",
+        "max_running",
+        "max_pending",
+        "graceful_timeout",
+        "thread_limit",
+        "journal",
+        "journal_lease",
+    ):
         if (value := getattr(args, name)) is not None:
             command.append(f"--{name.replace('_', '-')}={value}")
     return command

@@ -99,6 +99,8 @@ def combined(exits: Sequence[WorkerExit]) -> ShutdownReport:
         discarded=sum(report.discarded for report in reports),
         unfinished=tuple(name for report in reports for name in report.unfinished),
         duration=max((report.duration for report in reports), default=0.0),
+        deferred=sum(report.deferred for report in reports),
+        recovered=sum(report.recovered for report in reports),
     )
 
 

@@ -9,13 +9,16 @@ import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
+import fastapi
 import pytest
 import trio
 from conftest import StartupFailed, asgi_client, run_lifespan
 
 import trio_bg
 from trio_bg import _journal, _journal_file
+from trio_bg import fastapi as trio_bg_fastapi
 from trio_bg._errors import JournalError
+from trio_bg.testing import open_test_client
 
 ran: list[tuple[str, int]] = []
 changed = trio.Event()
@@ -426,3 +429,27 @@ async def test_the_journal_logs_no_arguments(
         bg.start_soon(welcome, 1, to="private@example.com")
         await ran_count(1)
     assert "private@example.com" not in caplog.text
+
+
+async def test_fastapi_background_tasks_of_a_durable_task_are_stored_before_the_response(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "tasks.db"
+    app = fastapi.FastAPI()
+    trio_bg_fastapi.install(app, journal=path, grace_period=0)
+
+    @app.post("/orders/{number}")
+    async def order(number: int, background_tasks: fastapi.BackgroundTasks) -> dict[str, int]:
+        background_tasks.add_task(blocked, number)
+        return {"number": number}
+
+    async with open_test_client(app) as client:
+        response = await client.post("/orders/7")
+        assert response.json() == {"number": 7}
+        [row] = journal_rows(path)
+        assert (row.name, row.arguments) == ("tests.journal.blocked", "[[7],{}]")
+    gate.set()
+    async with trio_bg.open_background_nursery(journal=path) as bg:
+        await ran_count(1)
+    assert ran == [("blocked", 7)]
+    assert bg.report.recovered == 1

@@ -221,8 +221,11 @@ class Journal:
         journal_file.reap(connection, self._owner)
 
     def _deliver(self, batch: list[_Op]) -> None:
-        with contextlib.suppress(trio.RunFinishedError):  # one hop to trio per batch
-            self._token.run_sync_soon(_settle, batch)
+        """One hop to trio per batch, when someone waits or something failed."""
+        news = [op for op in batch if op.done is not None or op.error is not None]
+        if news:
+            with contextlib.suppress(trio.RunFinishedError):
+                self._token.run_sync_soon(_settle, news)
 
 
 def _settle(batch: list[_Op]) -> None:

@@ -47,13 +47,26 @@ class _Op:
         self.error: BaseException | None = None
 
 
+@final
+class _Batch:
+    """Tasks to store, or rows to remove, gathered until the journal's thread takes them:
+    one piece of work however many tasks, so each costs a row, not a round trip."""
+
+    __slots__ = ("items", "op")
+
+    def __init__(self) -> None:
+        self.items: list[Any] = []
+        self.op: _Op  # set by the one who opened the batch
+
+
 class Journal:
     """The durable tasks' journal file, and the thread that owns its connection.
 
     Group commit: whatever trio hands over while the thread commits goes into its
     next transaction, so under load one commit (and one hop back to trio) serves many
-    tasks, with no window to wait out when idle. The thread also renews this
-    process's lease, so a slow event loop never loses it.
+    tasks, with no window to wait out when idle. Tasks to store and rows to remove are
+    gathered in batches, so a busy server costs the thread one statement per row. The
+    thread also renews this process's lease, so a slow event loop never loses it.
     """
 
     def __init__(self, path: str, *, lease: float, synchronous: str) -> None:
@@ -65,6 +78,11 @@ class Journal:
         self._token = trio.lowlevel.current_trio_token()
         self._owner = 0  # this process's id among the journal's owners
         self._connection: sqlite3.Connection | None = None
+        # The batches being gathered (None: none open); the thread closes one when it
+        # takes it, under the lock, so no task joins a batch once it is being written.
+        self._batch_lock = threading.Lock()
+        self._storing: _Batch | None = None
+        self._removing: _Batch | None = None
         self._thread = threading.Thread(target=self._work, name="trio_bg journal", daemon=True)
 
     @classmethod
@@ -84,17 +102,26 @@ class Journal:
     async def append(self, tasks: Sequence[Task]) -> None:
         """Store ``tasks``, claimed by this process; return once committed (setting
         each task's ``journal_id``), or raise `JournalError`."""
-        rows = [(task.name, task.payload or "[[],{}]", task.attempt) for task in tasks]
-        ids = await self._call(
-            partial(journal_file.append, owner=self._owner, rows=rows),
-            f"store {len(rows)} durable task(s)",
-        )
-        for task, journal_id in zip(tasks, ids, strict=True):
-            task.journal_id = journal_id
+        with self._batch_lock:
+            batch = self._storing
+            if opened := batch is None:
+                batch = self._storing = _Batch()
+                batch.op = _Op(partial(self._store, batch), "store durable tasks", awaited=True)
+            batch.items.extend(tasks)
+        if opened:
+            self._inbox.put(batch.op)
+        await self._wait(batch.op)
 
     def remove(self, ids: Sequence[int]) -> None:
         """Delete the rows of tasks that are done, or will never run (not awaited)."""
-        self._post(partial(journal_file.remove, ids=ids), f"remove {len(ids)} done task(s)")
+        with self._batch_lock:
+            batch = self._removing
+            if opened := batch is None:
+                batch = self._removing = _Batch()
+                batch.op = _Op(partial(self._remove, batch), "remove done tasks", awaited=False)
+            batch.items.extend(ids)
+        if opened:
+            self._inbox.put(batch.op)
 
     def set_attempt(self, journal_id: int, attempt: int) -> None:
         """Record that a task's retry is due (not awaited)."""
@@ -137,6 +164,10 @@ class Journal:
     async def _call(self, run: _Run | None, what: str) -> Any:
         op = _Op(run, what, awaited=True)
         self._inbox.put(op)
+        return await self._wait(op)
+
+    @staticmethod
+    async def _wait(op: _Op) -> Any:
         assert op.done is not None
         # A commit takes a millisecond or so; waiting it out keeps the books exact (a
         # request cancelled meanwhile still discards what was stored for it).
@@ -208,6 +239,25 @@ class Journal:
             op.result = run(self._connection)  # type: ignore[arg-type]
         except Exception as error:
             op.error = _as_journal_error(error, op.what)
+
+    def _take(self, batch: _Batch) -> list[Any]:
+        """Close ``batch`` to newcomers (if still open); its items."""
+        with self._batch_lock:
+            if self._storing is batch:
+                self._storing = None
+            elif self._removing is batch:
+                self._removing = None
+        return batch.items
+
+    def _store(self, batch: _Batch, connection: sqlite3.Connection) -> None:
+        tasks: list[Task] = self._take(batch)
+        rows = [(task.name, task.payload or "[[],{}]", task.attempt) for task in tasks]
+        ids = journal_file.append(connection, self._owner, rows)
+        for task, journal_id in zip(tasks, ids, strict=True):
+            task.journal_id = journal_id  # read in trio's thread once the batch is settled
+
+    def _remove(self, batch: _Batch, connection: sqlite3.Connection) -> None:
+        journal_file.remove(connection, self._take(batch))
 
     def _renew(self, connection: sqlite3.Connection) -> None:
         if not journal_file.renew(connection, self._owner, self.lease):

@@ -221,16 +221,20 @@ def renew(connection: sqlite3.Connection, owner: int, lease: float) -> bool:
 def append(
     connection: sqlite3.Connection, owner: int, rows: Sequence[tuple[str, str, int]]
 ) -> list[int]:
-    """Insert tasks (name, JSON arguments, attempt) claimed by ``owner``; their ids."""
+    """Insert tasks (name, JSON arguments, attempt) claimed by ``owner``; their ids.
+
+    In one transaction holding the write lock, ``AUTOINCREMENT`` gives consecutive
+    ids, one more than the largest ever used: so the ids are those up to the last.
+    """
+    if not rows:
+        return []
     now = time.time()
-    return [
-        connection.execute(
-            "INSERT INTO tasks (name, arguments, attempt, owner, created) "
-            "VALUES (?, ?, ?, ?, ?) RETURNING id",
-            (name, arguments, attempt, owner, now),
-        ).fetchone()[0]
-        for name, arguments, attempt in rows
-    ]
+    connection.executemany(
+        "INSERT INTO tasks (name, arguments, attempt, owner, created) VALUES (?, ?, ?, ?, ?)",
+        [(name, arguments, attempt, owner, now) for name, arguments, attempt in rows],
+    )
+    last: int = connection.execute("SELECT last_insert_rowid()").fetchone()[0]
+    return list(range(last - len(rows) + 1, last + 1))
 
 
 def remove(connection: sqlite3.Connection, ids: Iterable[int]) -> None:

@@ -183,6 +183,23 @@ async def test_recovery_takes_no_more_than_there_is_room_for(tmp_path: Path) -> 
     assert bg.report.completed == 30
 
 
+async def test_startup_takes_one_round_of_rows_even_when_they_end_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(trio_bg._nursery, "_CLAIM_BATCH", 2)  # a round takes 4 claims
+    path = tmp_path / "tasks.db"
+    async with trio_bg.open_background_nursery(journal=path, grace_period=0) as bg:
+        for number in range(30):
+            bg.start_soon(blocked, number)
+    gate.set()  # from now on they end as soon as they start
+
+    async with trio_bg.open_background_nursery(journal=path, max_running=4, max_pending=8) as bg:
+        # Serving starts after one round: the rest comes as room frees, not before.
+        assert bg.stats.recovered == 8
+        await ran_count(30)
+    assert bg.report.recovered == bg.report.completed == 30
+
+
 async def test_the_last_failure_makes_a_dead_letter(tmp_path: Path) -> None:
     path = tmp_path / "tasks.db"
     async with trio_bg.open_background_nursery(journal=path) as bg:

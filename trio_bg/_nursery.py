@@ -732,18 +732,21 @@ class BackgroundNursery:
                 logger.error("%s", error)
 
     async def _claim_while_room(self, journal: Journal) -> None:
+        """Claim as many rows as there is room for now (not more as tasks end meanwhile:
+        that is the next round's), in batches."""
         # Half the pending room stays free for new requests while a backlog drains.
         limit = self._settings.max_running + self._settings.max_pending // 2
-        while not self._closed:
-            room = min(limit - (self._admitted - self._released), _CLAIM_BATCH)
-            self._backlog = room <= 0
-            if room <= 0:
-                return
-            rows = await journal.claim(registered_names(), room)
+        room = limit - (self._admitted - self._released)
+        while room > 0 and not self._closed:
+            asked = min(room, _CLAIM_BATCH)
+            rows = await journal.claim(registered_names(), asked)
             for row in rows:
                 self._take_from_journal(journal, row)
-            if len(rows) < room:
+            if len(rows) < asked:
+                self._backlog = False  # the journal has no more for us now
                 return
+            room -= asked
+        self._backlog = True  # more may wait: a task's end starts the next round
 
     def _take_from_journal(self, journal: Journal, row: Row) -> None:
         func = registered(row.name)

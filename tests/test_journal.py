@@ -8,15 +8,17 @@ import math
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import fastapi
 import pytest
 import trio
-from conftest import StartupFailed, asgi_client, run_lifespan
+from conftest import StartupFailed, asgi_client, run_lifespan, served
 
 import trio_bg
 from trio_bg import _journal, _journal_file
 from trio_bg import fastapi as trio_bg_fastapi
+from trio_bg._asgi import ASGIApp
 from trio_bg._errors import JournalError
 from trio_bg.testing import open_test_client
 
@@ -306,9 +308,9 @@ async def test_a_streaming_response_is_aborted_when_the_commit_fails(
     path = tmp_path / "tasks.db"
 
     async def streaming(scope: dict, receive: object, send: object) -> None:  # type: ignore[type-arg]
-        trio_bg.current_tasks().add_task(welcome, 1)
         await send({"type": "http.response.start", "status": 200, "headers": []})  # type: ignore[operator]
         await send({"type": "http.response.body", "body": b"part", "more_body": True})  # type: ignore[operator]
+        trio_bg.current_tasks().add_task(welcome, 1)  # stored before the final body
         await send({"type": "http.response.body", "body": b"end"})  # type: ignore[operator]
 
     app = trio_bg.BackgroundTaskMiddleware(streaming, journal=path)
@@ -323,6 +325,36 @@ async def test_a_streaming_response_is_aborted_when_the_commit_fails(
             locker.close()
         assert app.nursery.stats.discarded == 1
     assert ran == []
+
+
+async def test_tasks_are_stored_before_the_first_body_goes_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client may hold the whole body before the final message (a content-length
+    body, then an empty final message, as Quart sends it): the tasks added so far are
+    stored first, so a failure can still be a 503."""
+    monkeypatch.setattr(_journal, "BUSY_TIMEOUT", 0.05)
+    path = tmp_path / "tasks.db"
+
+    async def in_two_messages(scope: dict, receive: object, send: object) -> None:  # type: ignore[type-arg]
+        trio_bg.current_tasks().add_task(welcome, 1)
+        headers = [(b"content-length", b"2")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})  # type: ignore[operator]
+        await send({"type": "http.response.body", "body": b"OK", "more_body": True})  # type: ignore[operator]
+        await send({"type": "http.response.body", "body": b""})  # type: ignore[operator]
+
+    app = trio_bg.BackgroundTaskMiddleware(in_two_messages, journal=path)
+    async with run_lifespan(app), asgi_client(app) as client:
+        locker = sqlite3.connect(path, isolation_level=None)
+        locker.execute("BEGIN IMMEDIATE")
+        try:
+            response = await client.get("/")
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+        assert response.status_code == 503
+        assert (await client.get("/")).text == "OK"
+        await ran_count(1)
 
 
 async def test_a_response_that_does_not_complete_removes_its_rows(tmp_path: Path) -> None:
@@ -470,3 +502,23 @@ async def test_fastapi_background_tasks_of_a_durable_task_are_stored_before_the_
         await ran_count(1)
     assert ran == [("blocked", 7)]
     assert bg.report.recovered == 1
+
+
+async def test_quart_add_background_task_of_a_durable_task_keeps_it_durable(tmp_path: Path) -> None:
+    from quart_trio import QuartTrio
+
+    from trio_bg import quart_trio as trio_bg_quart_trio
+
+    path = tmp_path / "tasks.db"
+    app = QuartTrio(__name__)
+    trio_bg_quart_trio.init_app(app, journal=path, grace_period=0)
+
+    @app.route("/")
+    async def index() -> str:
+        app.add_background_task(blocked, 3)
+        return "OK"
+
+    async with served(cast(ASGIApp, app)) as client:
+        assert (await client.get("/")).text == "OK"
+        [row] = journal_rows(path)
+        assert (row.name, row.arguments) == ("tests.journal.blocked", "[[3],{}]")

@@ -132,6 +132,7 @@ class BackgroundTaskMiddleware:
         # durable tasks fail to be stored, a single-body response can still be a 503.
         hold_start = self._settings.journal is not None
         held_start: Message | None = None
+        replaced = False  # by the 503: what the app sends after it goes nowhere
 
         def complete(client_gone: bool) -> None:
             if client_gone:  # the server dropped the response's last messages
@@ -140,7 +141,9 @@ class BackgroundTaskMiddleware:
                 tasks._hand_off()
 
         async def send_then_hand_off(message: Message) -> None:
-            nonlocal response_started, trailers, held_start
+            nonlocal response_started, trailers, held_start, replaced
+            if replaced:
+                return
             kind = message["type"]
             if kind == "http.response.body":
                 more_body = message.get("more_body", False)
@@ -156,16 +159,18 @@ class BackgroundTaskMiddleware:
                 final = False
             else:
                 final = _completes_response(kind, message)
-            if final and tasks._durable:
-                # The durability point: the tasks are in the journal before the
-                # response can complete.
+            if tasks._durable and (final or kind == "http.response.body"):
+                # The durability point: the tasks are in the journal before any of the
+                # body goes out (a client may have it all before the final message: a
+                # content-length body, then an empty final one, as Quart sends it), and
+                # those added meanwhile before the final one.
                 try:
                     await tasks._commit()
                 except JournalError as error:
                     tasks._discard(f"{_describe(scope)} failed to store them: {error}")
                     if held_start is None:
                         raise  # streaming already: abort the response
-                    held_start = None
+                    held_start, replaced = None, True
                     await send(self._journal_failed[0])
                     await send(self._journal_failed[1])
                     return

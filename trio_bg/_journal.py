@@ -37,11 +37,14 @@ _Run = Callable[[sqlite3.Connection], Any]
 class _Op:
     """One piece of work for the journal's thread; awaited (``done``) or not."""
 
-    __slots__ = ("done", "error", "result", "run", "what")
+    __slots__ = ("batch", "done", "error", "result", "run", "what")
 
-    def __init__(self, run: _Run | None, what: str, *, awaited: bool) -> None:
+    def __init__(
+        self, run: _Run | None, what: str, *, awaited: bool, batch: _Batch | None = None
+    ) -> None:
         self.run = run  # None: close the connection and stop
         self.what = what
+        self.batch = batch  # the batch it writes, closed once the thread takes the op
         self.done = trio.Event() if awaited else None
         self.result: Any = None
         self.error: BaseException | None = None
@@ -106,7 +109,9 @@ class Journal:
             batch = self._storing
             if opened := batch is None:
                 batch = self._storing = _Batch()
-                batch.op = _Op(partial(self._store, batch), "store durable tasks", awaited=True)
+                batch.op = _Op(
+                    partial(self._store, batch), "store durable tasks", awaited=True, batch=batch
+                )
             batch.items.extend(tasks)
         if opened:
             self._inbox.put(batch.op)
@@ -118,7 +123,9 @@ class Journal:
             batch = self._removing
             if opened := batch is None:
                 batch = self._removing = _Batch()
-                batch.op = _Op(partial(self._remove, batch), "remove done tasks", awaited=False)
+                batch.op = _Op(
+                    partial(self._remove, batch), "remove done tasks", awaited=False, batch=batch
+                )
             batch.items.extend(ids)
         if opened:
             self._inbox.put(batch.op)
@@ -206,6 +213,9 @@ class Journal:
                     batch.append(self._inbox.get_nowait())
                 except queue.Empty:
                     break
+            for op in batch:
+                if op.batch is not None:
+                    self._close(op.batch)
             if time.monotonic() >= renew_at:
                 renew_at = time.monotonic() + renew_every
                 batch.insert(0, _Op(self._renew, "renew the lease", awaited=False))
@@ -240,24 +250,24 @@ class Journal:
         except Exception as error:
             op.error = _as_journal_error(error, op.what)
 
-    def _take(self, batch: _Batch) -> list[Any]:
-        """Close ``batch`` to newcomers (if still open); its items."""
+    def _close(self, batch: _Batch) -> None:
+        """Close ``batch`` to newcomers: the thread has taken it (and will settle it,
+        whether its transaction succeeds or not)."""
         with self._batch_lock:
             if self._storing is batch:
                 self._storing = None
             elif self._removing is batch:
                 self._removing = None
-        return batch.items
 
     def _store(self, batch: _Batch, connection: sqlite3.Connection) -> None:
-        tasks: list[Task] = self._take(batch)
+        tasks: list[Task] = batch.items
         rows = [(task.name, task.payload or "[[],{}]", task.attempt) for task in tasks]
         ids = journal_file.append(connection, self._owner, rows)
         for task, journal_id in zip(tasks, ids, strict=True):
             task.journal_id = journal_id  # read in trio's thread once the batch is settled
 
     def _remove(self, batch: _Batch, connection: sqlite3.Connection) -> None:
-        journal_file.remove(connection, self._take(batch))
+        journal_file.remove(connection, batch.items)
 
     def _renew(self, connection: sqlite3.Connection) -> None:
         if not journal_file.renew(connection, self._owner, self.lease):

@@ -175,7 +175,7 @@ class BackgroundTasks:
         self._owner = self  # others made in the same request point here
         self._sink = sink  # None: no middleware; run inline when awaited
         self._tasks: list[Task] = []
-        self._durable = 0  # how many of them are durable
+        self._durable = 0  # how many of them are durable and not stored yet
         self._handed_off = False
         self._discarded_because: str | None = None
         self._ordered = ordered
@@ -288,6 +288,7 @@ class BackgroundTasks:
         assert self._sink is not None
         with self._lock:
             tasks = list(self._tasks)
+            self._durable = 0  # (those added from now on are stored next time)
         await self._sink.commit(tasks)
 
     def _hand_off(self) -> None:

@@ -178,7 +178,8 @@ def _add(
 
 
 def _in_app_context(app: QuartTrio, func: Callable[P, Any]) -> Callable[P, Any]:
-    """``func``, run inside a fresh app context when it is async (like Quart-Trio's).
+    """``func``, run inside a fresh app context when it is async (like Quart-Trio's),
+    unless it is a durable task.
 
     The wrapper keeps ``func``'s signature (``__wrapped__``), name and `trio_bg.task`
     options, so the call is checked, reported and timed out as ``func`` itself would be.
@@ -186,6 +187,10 @@ def _in_app_context(app: QuartTrio, func: Callable[P, Any]) -> Callable[P, Any]:
     spec = spec_of(func)  # TypeError, here, for what could never run
     if not spec.is_async:
         return func  # runs in one of trio_bg's worker threads
+    if spec.durable:
+        # Kept in the journal by name, it must stay itself; and replayed after a
+        # restart it would have no app context either: it never gets one.
+        return func
 
     async def in_app_context(*args: P.args, **kwargs: P.kwargs) -> None:
         async with app.app_context():

@@ -17,12 +17,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import bench_http, bench_memory, bench_shutdown, bench_spawn, machine, pinning
+from . import bench_http, bench_journal, bench_memory, bench_shutdown, bench_spawn, machine, pinning
 from .load import LoadError, choose
 from .section import Section
 
 RESULTS = Path(__file__).with_name("results")
-BENCHMARKS = ("overhead", "anchors", "spawn", "memory", "shutdown")
+BENCHMARKS = ("overhead", "anchors", "spawn", "memory", "shutdown", "journal")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -82,12 +82,20 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     in_process = 20_000 if quick else 100_000
-    runs: dict[str, Callable[[], Section]] = {
+    runs: dict[str, Callable[[], Section | list[Section]]] = {
         "overhead": lambda: bench_http.overhead(http(2)),
         "anchors": lambda: bench_http.anchors(http(1), quart=bench_http.quart_problem()),
         "spawn": lambda: bench_spawn.run(reps=reps, tasks=in_process),
         "memory": lambda: bench_memory.run(reps=1, tasks=in_process),
         "shutdown": lambda: bench_shutdown.run(reps=reps, tasks=10_000),
+        "journal": lambda: bench_journal.run(
+            http(2),
+            reps=reps,
+            tasks=5_000 if quick else 20_000,
+            rows=in_process,
+            memory_reps=1 if quick else min(reps, 3),
+            cpu=load_cpu,
+        ),
     }
 
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -101,14 +109,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load generator: {generator.name}, {args.connections} connections; pinning: {pinned}")
     print(f"reps: {reps}; ratios are medians of per-rep paired ratios\n", flush=True)
 
-    sections: dict[str, Section] = {}
+    sections: dict[str, list[Section]] = {}
     for name in only:
         if name in ("spawn", "memory", "shutdown") and load_cpu is not None:
             os.sched_setaffinity(0, {load_cpu})  # in-process: keep to one core too
-        sections[name] = runs[name]()
-        print(sections[name].render() + "\n", flush=True)
+        result = runs[name]()
+        sections[name] = result if isinstance(result, list) else [result]
+        for section in sections[name]:
+            print(section.render() + "\n", flush=True)
 
-    failures = [failure for section in sections.values() for failure in section.failures]
+    failures = [f for parts in sections.values() for section in parts for f in section.failures]
     elapsed = time.monotonic() - started
     print(
         f"done in {elapsed:.0f} s; "
@@ -126,7 +136,10 @@ def main(argv: list[str] | None = None) -> int:
             "argv": sys.argv[1:] if argv is None else argv,
             "seconds": elapsed,
             "failures": failures,
-            "benchmarks": {name: s.data for name, s in sections.items()},
+            "benchmarks": {
+                name: parts[0].data if len(parts) == 1 else {s.title: s.data for s in parts}
+                for name, parts in sections.items()
+            },
         }
         path.write_text(json.dumps(document, indent=2, default=str))
         print(

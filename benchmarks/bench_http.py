@@ -8,11 +8,15 @@ ratios are medians of per-rep ratios against the bare app of the same rep.
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from .apps.counting import BODY
 from .load import LoadError, LoadGenerator, LoadResult
@@ -37,10 +41,16 @@ class App:
     framework: str
     task: str
     label: str
+    journal: bool = False
+    """Serve it with a journal: a new file in a new temp dir for each measurement."""
+    options: tuple[tuple[str, str], ...] = ()
+    """More options for the middleware, as (name, value) pairs."""
 
-    @property
-    def target(self) -> str:
-        return f"benchmarks.apps:build({self.framework!r}, {self.task!r})"
+    def target(self, journal: str | None = None) -> str:
+        """What Hypercorn loads: ``build(...)``, with the journal at ``journal``."""
+        options = [*self.options, *([("journal", journal)] if journal is not None else [])]
+        extra = "".join(f", {name}={value!r}" for name, value in options)
+        return f"benchmarks.apps:build({self.framework!r}, {self.task!r}{extra})"
 
 
 BARE = App("bare", "none", "bare (no middleware, no tasks)")
@@ -63,8 +73,12 @@ class Measurement:
     load: LoadResult | None = None
     counts: dict[str, int] = field(default_factory=dict)
     """The app's counts after the load settled (see `benchmarks.apps.counting`)."""
+    before: dict[str, int] = field(default_factory=dict)
+    """The app's counts just before the load."""
     settle: float = 0.0
     error: str | None = None
+    journal_rows: int | None = None
+    """Rows left in the app's journal once its server stopped (None: no journal)."""
 
     @property
     def expected(self) -> int:
@@ -73,6 +87,14 @@ class Measurement:
     @property
     def lost(self) -> int:
         return self.expected - self.counts.get("completed", 0)
+
+    def cpu_per_request(self, key: str) -> float | None:
+        """µs of CPU per request answered under the load (and its tasks' drain), from
+        the app's ``key`` count ("cpu_trio_us", "cpu_process_us")."""
+        answered = self.counts.get("answered", 0) - self.before.get("answered", 0)
+        if key not in self.counts or key not in self.before or answered <= 0:
+            return None
+        return (self.counts[key] - self.before[key]) / answered
 
 
 def _expected(counts: dict[str, int]) -> int:
@@ -96,18 +118,35 @@ def _settle(server: Server) -> dict[str, int]:
         time.sleep(0.02)
 
 
+def journal_rows(path: Path) -> int:
+    """The rows (queued tasks and dead letters) in the journal at ``path``."""
+    with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
+        count: int = db.execute("SELECT count(*) FROM tasks").fetchone()[0]
+        return count
+
+
 def measure(app: App, rep: int, settings: HttpSettings) -> Measurement:
     result = Measurement(app, rep)
-    try:
-        with Server(app.target, cpu=settings.server_cpu) as server:
-            result.load = settings.generator.run(
-                server.url, connections=settings.connections, duration=settings.duration
-            )
-            started = time.monotonic()
-            result.counts = _settle(server)
-            result.settle = time.monotonic() - started
-    except (ServerError, LoadError, OSError) as error:
-        result.error = f"{type(error).__name__}: {error}"
+    with contextlib.ExitStack() as stack:
+        journal = None
+        if app.journal:
+            directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="trio_bg_bench_"))
+            journal = Path(directory) / "tasks.db"
+        try:
+            with Server(
+                app.target(None if journal is None else str(journal)), cpu=settings.server_cpu
+            ) as server:
+                result.before = server.counts()
+                result.load = settings.generator.run(
+                    server.url, connections=settings.connections, duration=settings.duration
+                )
+                started = time.monotonic()
+                result.counts = _settle(server)
+                result.settle = time.monotonic() - started
+            if journal is not None:  # the server has stopped: every task ran, or not
+                result.journal_rows = journal_rows(journal)
+        except (ServerError, LoadError, OSError, sqlite3.Error) as error:
+            result.error = f"{type(error).__name__}: {error}"
     if result.load is not None and result.load.errors and result.error is None:
         result.error = f"{result.load.errors} request errors"
     return result
@@ -143,6 +182,11 @@ class Matrix:
                         f"{app.label} (rep {m.rep + 1}): {m.lost} of {m.expected} tasks never "
                         f"completed (waited {m.settle:.1f} s)"
                     )
+                elif m.journal_rows:
+                    problems.append(
+                        f"{app.label} (rep {m.rep + 1}): {m.journal_rows} rows left in the "
+                        f"journal after every task completed and the server stopped"
+                    )
         return problems
 
     def as_data(self) -> list[dict[str, object]]:
@@ -166,11 +210,8 @@ def run_matrix(apps: Sequence[App], settings: HttpSettings, progress: str) -> Ma
     return matrix
 
 
-def _row(matrix: Matrix, app: App, base: App) -> list[str]:
-    runs = [m for m in matrix.runs(app) if m.load is not None]
-    if not runs:
-        return [app.label, "failed", "", "", "", ""]
-    loads = [m.load for m in runs if m.load is not None]
+def tasks_cell(app: App, runs: Sequence[Measurement]) -> str:
+    """The tasks column: all completed, or how many were lost; discarded, rejected."""
     expected = sum(m.expected for m in runs)
     lost = sum(max(m.lost, 0) for m in runs)
     discarded = sum(m.counts.get("discarded", 0) for m in runs)
@@ -185,6 +226,15 @@ def _row(matrix: Matrix, app: App, base: App) -> list[str]:
         tasks += f" +{discarded} discarded"
     if rejected:
         tasks += f" +{rejected} rejected"
+    return tasks
+
+
+def _row(matrix: Matrix, app: App, base: App) -> list[str]:
+    runs = [m for m in matrix.runs(app) if m.load is not None]
+    if not runs:
+        return [app.label, "failed", "", "", "", ""]
+    loads = [m.load for m in runs if m.load is not None]
+    tasks = tasks_cell(app, runs)
     return [
         app.label,
         f"{median([r.rps for r in loads]):,.0f}",
@@ -216,7 +266,7 @@ def quart_problem() -> str | None:
     app = App("quart", "noop", "Quart-Trio probe")
     try:
         with (
-            Server(app.target, cpu=None) as server,
+            Server(app.target(), cpu=None) as server,
             urllib.request.urlopen(server.url, timeout=5) as response,
         ):
             body = response.read()

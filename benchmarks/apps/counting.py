@@ -6,7 +6,9 @@ their end; after the load the harness waits for the two to match. Apps served
 through trio_bg also report its own counts: ``accepted`` (handed to the nursery
 once the response completed), ``discarded`` (the response never completed, e.g. the
 client went away mid-request when the load ended: never run, but counted and logged)
-and ``rejected`` (refused by a full nursery: never added).
+and ``rejected`` (refused by a full nursery: never added). ``cpu_trio_us`` and
+``cpu_process_us`` are the CPU time so far of the thread serving ``/count`` (trio's) and
+of the whole process (with the journal's thread, worker threads), in microseconds.
 """
 
 from __future__ import annotations
@@ -65,6 +67,8 @@ class Counts:
     def as_json(self) -> bytes:
         with self._lock:
             counts = {"answered": self.answered, "added": self.added, "completed": self.completed}
+        counts["cpu_trio_us"] = int(time.thread_time() * 1e6)  # (called in trio's thread)
+        counts["cpu_process_us"] = int(time.process_time() * 1e6)
         if self._middleware is not None:
             stats = self._middleware.nursery.stats
             counts |= {
@@ -95,8 +99,16 @@ def block_task() -> None:
     COUNTS.task_done()
 
 
+@trio_bg.task(name="benchmarks.apps.durable_noop", durable=True)
+async def durable_noop_task() -> None:
+    """(d) a durable no-op async task: stored in the app's journal before the response
+    completes, removed from it once it has run (registered under its name at import)."""
+    COUNTS.task_done()
+
+
 TASKS: dict[str, Callable[[], Any]] = {
     "noop": noop_task,
     "sleep": sleep_task,
     "block": block_task,
+    "durable": durable_noop_task,
 }

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Unpack
 
 import trio
 
@@ -18,17 +18,20 @@ async def _respond(send: Send, body: bytes, headers: list[tuple[bytes, bytes]]) 
     await send({"type": "http.response.body", "body": body})
 
 
-def build(task: str, *, mode: Mode) -> ASGIApp:
+def build(task: str, *, mode: Mode, **options: Unpack[trio_bg.NurseryOptions]) -> ASGIApp:
     """The raw app. Each request adds ``TASKS[task]`` (unless ``task`` is "none"):
 
     - "bare": no tasks at all;
     - "nursery": ``nursery.start_soon`` on a trio nursery the lifespan owns, after the
       response: the floor for any design that starts one trio task per request;
-    - "trio_bg": ``trio_bg.current_tasks().add_task``, the app wrapped in the middleware.
+    - "trio_bg": ``trio_bg.current_tasks().add_task``, the app wrapped in the middleware,
+      which gets ``options`` (the journal's, say).
     """
     func = TASKS.get(task)
     if func is not None and mode == "bare":
         raise ValueError("the bare app adds no tasks: use task 'none'")
+    if options and mode != "trio_bg":
+        raise ValueError(f"options are the middleware's: the {mode} app takes none")
     nurseries: list[trio.Nursery] = []
 
     async def lifespan(receive: Receive, send: Send) -> None:
@@ -56,4 +59,6 @@ def build(task: str, *, mode: Mode) -> ASGIApp:
             if func is not None and mode == "nursery":
                 nurseries[0].start_soon(func)
 
-    return COUNTS.watched(trio_bg.BackgroundTaskMiddleware(app)) if mode == "trio_bg" else app
+    if mode != "trio_bg":
+        return app
+    return COUNTS.watched(trio_bg.BackgroundTaskMiddleware(app, **options))

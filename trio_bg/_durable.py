@@ -4,6 +4,7 @@ stored as JSON (never pickle), so a journal row can never name code to import or
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -45,6 +46,8 @@ def encode_arguments(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -
         text = _encoder.encode([args, kwargs])
     except (TypeError, ValueError):
         text = None
+    if text is not None and all(map(_comes_back, args)) and all(map(_comes_back, kwargs.values())):
+        return text  # (the common case, checked without decoding)
     if text is None or json.loads(text) != [list(args), kwargs]:
         for label, value in _labelled(args, kwargs):
             problem = _json_problem(value)
@@ -56,6 +59,23 @@ def encode_arguments(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -
                 ) from None
         raise TypeError(f"add_task(): the arguments of durable task {name} are not JSON")
     return text
+
+
+_SCALARS = (str, int, bool, type(None))
+
+
+def _comes_back(value: object) -> bool:
+    """Whether ``value`` surely comes back from JSON as itself (False: find out)."""
+    kind = type(value)
+    if kind in _SCALARS:
+        return True
+    if kind is float:
+        return math.isfinite(value)  # type: ignore[arg-type]
+    if kind is list:
+        return all(map(_comes_back, value))  # type: ignore[call-overload]
+    if kind is dict:
+        return all(type(key) is str and _comes_back(item) for key, item in value.items())  # type: ignore[attr-defined]
+    return False
 
 
 def decode_arguments(text: str) -> tuple[tuple[Any, ...], dict[str, Any]]:

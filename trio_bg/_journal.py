@@ -30,6 +30,10 @@ process that died are resumed by another within this (plus one poll)."""
 BUSY_TIMEOUT = 5.0
 """Seconds SQLite waits for another process's write lock before giving up."""
 
+LAZY_COMMIT = 0.05
+"""Seconds work that nobody waits on (removing the rows of done tasks) waits for work
+that someone does, to share its commit: each commit costs a sync to the disk."""
+
 _Run = Callable[[sqlite3.Connection], Any]
 
 
@@ -37,7 +41,7 @@ _Run = Callable[[sqlite3.Connection], Any]
 class _Op:
     """One piece of work for the journal's thread; awaited (``done``) or not."""
 
-    __slots__ = ("batch", "done", "error", "result", "run", "what")
+    __slots__ = ("batch", "done", "error", "result", "run", "waiters", "what")
 
     def __init__(
         self, run: _Run | None, what: str, *, awaited: bool, batch: _Batch | None = None
@@ -46,6 +50,7 @@ class _Op:
         self.what = what
         self.batch = batch  # the batch it writes, closed once the thread takes the op
         self.done = trio.Event() if awaited else None
+        self.waiters: list[trio.lowlevel.Task] = []  # (see Journal._wait)
         self.result: Any = None
         self.error: BaseException | None = None
 
@@ -176,10 +181,14 @@ class Journal:
     @staticmethod
     async def _wait(op: _Op) -> Any:
         assert op.done is not None
-        # A commit takes a millisecond or so; waiting it out keeps the books exact (a
-        # request cancelled meanwhile still discards what was stored for it).
-        with trio.CancelScope(shield=True):
-            await op.done.wait()
+        if op.done.is_set():
+            await trio.lowlevel.checkpoint()
+        else:
+            # Not cancellable: a commit takes a millisecond or so, and waiting it out
+            # keeps the books exact (a request cancelled meanwhile still discards what
+            # was stored for it). Cheaper than a shielded cancel scope, on every request.
+            op.waiters.append(trio.lowlevel.current_task())
+            await trio.lowlevel.wait_task_rescheduled(_not_now)
         if op.error is not None:
             raise op.error
         return op.result
@@ -204,18 +213,12 @@ class Journal:
         renew_every = self.lease / 4
         renew_at = time.monotonic() + renew_every
         while True:
-            try:
-                batch = [self._inbox.get(timeout=max(0.0, renew_at - time.monotonic()))]
-            except queue.Empty:
-                batch = []
-            while True:  # everything handed over meanwhile: one transaction
-                try:
-                    batch.append(self._inbox.get_nowait())
-                except queue.Empty:
-                    break
-            for op in batch:
-                if op.batch is not None:
-                    self._close(op.batch)
+            batch = self._gather(max(0.0, renew_at - time.monotonic()))
+            if batch and not any(op.done is not None or op.run is None for op in batch):
+                # Nobody waits on this (rows to remove, a dead letter): it rides along
+                # with the next commit someone waits for, if one comes soon; a lost
+                # removal only means the task runs again, which at-least-once allows.
+                batch += self._gather(LAZY_COMMIT)
             if time.monotonic() >= renew_at:
                 renew_at = time.monotonic() + renew_every
                 batch.insert(0, _Op(self._renew, "renew the lease", awaited=False))
@@ -228,6 +231,22 @@ class Journal:
                 self._deliver([*work, stop])
                 return
             self._deliver(work)
+
+    def _gather(self, timeout: float) -> list[_Op]:
+        """The work handed over so far, waiting up to ``timeout`` for the first piece."""
+        try:
+            batch = [self._inbox.get(timeout=timeout)]
+        except queue.Empty:
+            return []
+        while True:  # everything handed over meanwhile: one transaction
+            try:
+                batch.append(self._inbox.get_nowait())
+            except queue.Empty:
+                break
+        for op in batch:
+            if op.batch is not None:
+                self._close(op.batch)
+        return batch
 
     def _commit(self, batch: list[_Op]) -> None:
         connection = self._connection
@@ -288,10 +307,16 @@ class Journal:
                 self._token.run_sync_soon(_settle, news)
 
 
+def _not_now(_: object) -> trio.lowlevel.Abort:
+    return trio.lowlevel.Abort.FAILED  # a cancellation waits until the commit is done
+
+
 def _settle(batch: list[_Op]) -> None:
     for op in batch:
         if op.done is not None:
             op.done.set()
+            for task in op.waiters:
+                trio.lowlevel.reschedule(task)
         elif op.error is not None:
             logger.error("%s", op.error)  # (it says what the journal could not do)
 

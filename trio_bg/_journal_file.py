@@ -6,8 +6,9 @@ Two tables. ``tasks`` holds one row per durable task not yet done: its registere
 name, its JSON arguments, its attempt, and which process (``owner``) has claimed it;
 dead letters (tasks that failed their last attempt) stay with ``state = 'dead'``.
 ``owners`` holds one row per live process, with the wall-clock time its lease
-expires; a process renews it while it lives, and a row whose owner's lease has
-expired may be claimed by another process. Ids are ``AUTOINCREMENT``: a reused id
+expires; a process renews it while it lives, and when it renews its own it also
+releases the rows of any process whose lease has expired (`reap`): then another
+process may claim them. Ids are ``AUTOINCREMENT``: a reused id
 could make one task look like another.
 """
 
@@ -52,11 +53,6 @@ CREATE TABLE owners (
 );
 PRAGMA application_id = {APPLICATION_ID};
 PRAGMA user_version = {SCHEMA_VERSION};
-"""
-
-_CLAIMABLE = """
-    state = 'queued'
-    AND (owner IS NULL OR owner NOT IN (SELECT id FROM owners WHERE expires > :now))
 """
 
 SYNCHRONOUS_LEVELS = ("full", "normal")
@@ -196,12 +192,14 @@ def journal_error(error: sqlite3.Error, doing: str) -> JournalError:
 def join(connection: sqlite3.Connection, lease: float) -> int:
     """Register this process as an owner holding a lease of ``lease`` seconds; its id."""
     with transaction(connection):
-        return int(
+        owner = int(
             connection.execute(
                 "INSERT INTO owners (pid, host, expires) VALUES (?, ?, ?) RETURNING id",
                 (os.getpid(), socket.gethostname(), time.time() + lease),
             ).fetchone()[0]
         )
+        reap(connection, owner)  # a process that died long ago: its rows are ours to take
+        return owner
 
 
 def renew(connection: sqlite3.Connection, owner: int, lease: float) -> bool:
@@ -264,25 +262,36 @@ def claim(
     connection: sqlite3.Connection, owner: int, names: Sequence[str], limit: int
 ) -> list[Row]:
     """Claim for ``owner`` up to ``limit`` queued tasks, oldest first, that are nobody's
-    (or a dead process's) and whose name is one of ``names``."""
+    and whose name is one of ``names``. (The rows of a process that died become
+    nobody's when a live one `reap`s.) The index gives them in order: no sort of the
+    whole backlog per claim."""
     rows = connection.execute(
-        f"""
+        """
         UPDATE tasks SET owner = :owner
         WHERE id IN (
             SELECT id FROM tasks
-            WHERE {_CLAIMABLE} AND name IN (SELECT value FROM json_each(:names))
+            WHERE state = 'queued' AND owner IS NULL
+            AND name IN (SELECT value FROM json_each(:names))
             ORDER BY id LIMIT :limit
         )
         RETURNING id, name, arguments, attempt
         """,
-        {"owner": owner, "now": time.time(), "names": _json_list(names), "limit": limit},
+        {"owner": owner, "names": _json_list(names), "limit": limit},
     ).fetchall()
     return [Row(*row) for row in sorted(rows)]
 
 
-def reap(connection: sqlite3.Connection, owner: int) -> None:
-    """Forget the owners whose lease has expired (their rows are claimable either way)."""
-    connection.execute("DELETE FROM owners WHERE expires <= ? AND id != ?", (time.time(), owner))
+def reap(connection: sqlite3.Connection, owner: int) -> int:
+    """Release the rows of the processes whose lease has expired (or that are gone),
+    and forget those processes; return how many rows were released."""
+    now = time.time()
+    released = connection.execute(
+        "UPDATE tasks SET owner = NULL WHERE state = 'queued' AND owner IS NOT NULL "
+        "AND owner != :owner AND owner NOT IN (SELECT id FROM owners WHERE expires > :now)",
+        {"owner": owner, "now": now},
+    ).rowcount
+    connection.execute("DELETE FROM owners WHERE expires <= ? AND id != ?", (now, owner))
+    return released
 
 
 def unknown(connection: sqlite3.Connection, names: Sequence[str]) -> dict[str, int]:

@@ -94,9 +94,7 @@ class Journal:
         self._thread = threading.Thread(target=self._work, name="trio_bg journal", daemon=True)
 
     @classmethod
-    async def open(
-        cls, path: str, *, lease: float = DEFAULT_LEASE, synchronous: str = "full"
-    ) -> Journal:
+    async def open(cls, path: str, *, lease: float, synchronous: str) -> Journal:
         """Open (or create) the journal at ``path`` and join it as one of its owners;
         `JournalError` if it cannot be used."""
         journal = cls(path, lease=lease, synchronous=synchronous)

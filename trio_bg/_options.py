@@ -23,11 +23,13 @@ inside a container platform's usual 30 s termination window, after Hypercorn's o
 ``graceful_timeout`` (3 s) for in-flight requests.
 """
 
-DEFAULT_SYNCHRONOUS = "full"
-"""The journal's SQLite ``synchronous`` level: ``full`` syncs every commit to the disk,
-so a response's durable tasks survive a power cut, not just a crash of the process
-(``normal`` survives ``kill -9`` but may lose the last commits to a power cut). Group
-commit makes its cost small: see the README's benchmarks."""
+DEFAULT_SYNCHRONOUS = "normal"
+"""The journal's SQLite ``synchronous`` level. In WAL mode ``normal`` keeps every commit
+through any crash of the process (``kill -9``, an OOM kill, a crashed server) and a
+clean reboot; only a power cut or an OS crash may lose the last commits. ``full`` syncs
+each commit to the disk, for that too, at a price: on this project's benchmark machine
+a sync per group commit costs about a fifth of the requests per second (README,
+Benchmarks). SQLite recommends ``normal`` with WAL for most applications."""
 
 DEFAULT_THREAD_LIMIT = 40
 """Worker threads for plain-function tasks: trio's default, but a limiter of our own."""

@@ -4,10 +4,10 @@ takes along. The crash drill must catch it."""
 
 from __future__ import annotations
 
-import os
 import uuid
 
 import trio
+from journal_app import note_in_ledger
 
 import trio_bg
 from trio_bg._asgi import Receive, Scope, Send
@@ -15,11 +15,7 @@ from trio_bg._asgi import Receive, Scope, Send
 
 async def record(key: str) -> None:
     await trio.sleep(1.0)  # still running when the drill kills the server
-    descriptor = os.open(os.environ["TRIO_BG_DRILL_LEDGER"], os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-    try:
-        os.write(descriptor, f"{key}\n".encode())
-    finally:
-        os.close(descriptor)
+    note_in_ledger(key, variable="TRIO_BG_DRILL_LEDGER")
 
 
 async def app(scope: Scope, receive: Receive, send: Send) -> None:

@@ -23,10 +23,15 @@ async def record(key: str, holder: int) -> None:
     if holder == os.getpid():
         await trio.sleep_forever()
     await trio.sleep(float(os.environ.get("TRIO_BG_TEST_TASK_SECONDS", "0")))
-    line = f"{key} {os.getpid()}\n".encode()
-    descriptor = os.open(os.environ["TRIO_BG_TEST_LEDGER"], os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    note_in_ledger(f"{key} {os.getpid()}")
+
+
+def note_in_ledger(line: str, *, variable: str = "TRIO_BG_TEST_LEDGER") -> None:
+    """Append ``line`` to the ledger file named by ``$variable``: one write with
+    O_APPEND, so lines stay whole across processes."""
+    descriptor = os.open(os.environ[variable], os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     try:
-        os.write(descriptor, line)  # one write of O_APPEND: whole lines, across processes
+        os.write(descriptor, f"{line}\n".encode())
     finally:
         os.close(descriptor)
 

@@ -31,6 +31,7 @@ from ._drill import (
     _read_report,
     _reap,
     _wait_until_listening,
+    row_writer,
 )
 from ._report import ShutdownReport
 
@@ -316,8 +317,7 @@ def format_crash_result(result: CrashDrillResult) -> str:
         "",
     ]
 
-    def row(label: str, value: object, comment: str = "") -> None:
-        lines.append(f"    {label:<26}{value!s:>8}  {comment}".rstrip())
+    row = row_writer(lines, 26)
 
     lines.append("  first life (killed)")
     row("requests sent", load.sent, f"of {plan.requests}")

@@ -543,6 +543,15 @@ def _grace(plan: DrillPlan) -> str:
     return f"grace period {plan.grace_period:g}s"
 
 
+def row_writer(lines: list[str], width: int) -> Callable[..., None]:
+    """``row(label, value, comment="")``: one line of a drill's table, added to ``lines``."""
+
+    def row(label: str, value: object, comment: str = "") -> None:
+        lines.append(f"    {label:<{width}}{value!s:>8}  {comment}".rstrip())
+
+    return row
+
+
 def format_result(result: DrillResult) -> str:
     """The drill's outcome as a table, for people."""
     plan, load, report = result.plan, result.load, result.report
@@ -553,8 +562,7 @@ def format_result(result: DrillResult) -> str:
         "",
     ]
 
-    def row(label: str, value: object, comment: str = "") -> None:
-        lines.append(f"    {label:<22}{value!s:>8}  {comment}".rstrip())
+    row = row_writer(lines, 22)
 
     lines.append("  requests")
     row("sent", load.sent, f"of {plan.requests}")

@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import TYPE_CHECKING, Any, final
+from typing import TYPE_CHECKING, Any, Literal, final
 
 import trio
 
@@ -35,6 +35,7 @@ LAZY_COMMIT = 0.05
 that someone does, to share its commit: each commit costs a sync to the disk."""
 
 _Run = Callable[[sqlite3.Connection], Any]
+_Kind = Literal["store", "remove"]
 
 
 @final
@@ -43,12 +44,10 @@ class _Op:
 
     __slots__ = ("batch", "done", "error", "result", "run", "waiters", "what")
 
-    def __init__(
-        self, run: _Run | None, what: str, *, awaited: bool, batch: _Batch | None = None
-    ) -> None:
+    def __init__(self, run: _Run | None, what: str, *, awaited: bool) -> None:
         self.run = run  # None: close the connection and stop
         self.what = what
-        self.batch = batch  # the batch it writes, closed once the thread takes the op
+        self.batch: _Batch | None = None  # what it writes: closed once the thread takes it
         self.done = trio.Event() if awaited else None
         self.waiters: list[trio.lowlevel.Task] = []  # (see Journal._wait)
         self.result: Any = None
@@ -60,9 +59,10 @@ class _Batch:
     """Tasks to store, or rows to remove, gathered until the journal's thread takes them:
     one piece of work however many tasks, so each costs a row, not a round trip."""
 
-    __slots__ = ("items", "op")
+    __slots__ = ("items", "kind", "op")
 
-    def __init__(self) -> None:
+    def __init__(self, kind: _Kind) -> None:
+        self.kind = kind
         self.items: list[Any] = []
         self.op: _Op  # set by the one who opened the batch
 
@@ -89,8 +89,7 @@ class Journal:
         # The batches being gathered (None: none open); the thread closes one when it
         # takes it, under the lock, so no task joins a batch once it is being written.
         self._batch_lock = threading.Lock()
-        self._storing: _Batch | None = None
-        self._removing: _Batch | None = None
+        self._open: dict[_Kind, _Batch] = {}
         self._thread = threading.Thread(target=self._work, name="trio_bg journal", daemon=True)
 
     @classmethod
@@ -108,30 +107,28 @@ class Journal:
     async def append(self, tasks: Sequence[Task]) -> None:
         """Store ``tasks``, claimed by this process; return once committed (setting
         each task's ``journal_id``), or raise `JournalError`."""
-        with self._batch_lock:
-            batch = self._storing
-            if opened := batch is None:
-                batch = self._storing = _Batch()
-                batch.op = _Op(
-                    partial(self._store, batch), "store durable tasks", awaited=True, batch=batch
-                )
-            batch.items.extend(tasks)
-        if opened:
-            self._inbox.put(batch.op)
-        await self._wait(batch.op)
+        await self._wait(self._add_to_batch("store", tasks))
 
     def remove(self, ids: Sequence[int]) -> None:
         """Delete the rows of tasks that are done, or will never run (not awaited)."""
+        self._add_to_batch("remove", ids)
+
+    def _add_to_batch(self, kind: _Kind, items: Sequence[Any]) -> _Op:
+        """Add ``items`` to the open batch of ``kind`` (opening one if need be); the
+        batch's piece of work."""
         with self._batch_lock:
-            batch = self._removing
+            batch = self._open.get(kind)
             if opened := batch is None:
-                batch = self._removing = _Batch()
-                batch.op = _Op(
-                    partial(self._remove, batch), "remove done tasks", awaited=False, batch=batch
-                )
-            batch.items.extend(ids)
+                batch = self._open[kind] = _Batch(kind)
+                if kind == "store":
+                    batch.op = _Op(partial(self._store, batch), "store durable tasks", awaited=True)
+                else:
+                    batch.op = _Op(partial(self._remove, batch), "remove done tasks", awaited=False)
+                batch.op.batch = batch
+            batch.items.extend(items)
         if opened:
             self._inbox.put(batch.op)
+        return batch.op
 
     def set_attempt(self, journal_id: int, attempt: int) -> None:
         """Record that a task's retry is due (not awaited)."""
@@ -271,10 +268,8 @@ class Journal:
         """Close ``batch`` to newcomers: the thread has taken it (and will settle it,
         whether its transaction succeeds or not)."""
         with self._batch_lock:
-            if self._storing is batch:
-                self._storing = None
-            elif self._removing is batch:
-                self._removing = None
+            if self._open.get(batch.kind) is batch:
+                del self._open[batch.kind]
 
     def _store(self, batch: _Batch, connection: sqlite3.Connection) -> None:
         tasks: list[Task] = batch.items

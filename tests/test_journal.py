@@ -219,6 +219,26 @@ async def test_the_last_failure_makes_a_dead_letter(tmp_path: Path) -> None:
     assert bg.report.recovered == 0
 
 
+@trio_bg.task(name="tests.journal.patient", durable=True, retries=1, backoff=trio_bg.Backoff(60))
+async def fails_then_waits(number: int) -> None:
+    note("patient", number)
+    raise RuntimeError("the first attempt fails")
+
+
+async def test_a_shutdown_during_a_backoff_defers_the_task_with_its_attempt(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "tasks.db"
+    async with trio_bg.open_background_nursery(journal=path, grace_period=0) as bg:
+        bg.start_soon(fails_then_waits, 1)
+        await ran_count(1)
+        while bg.stats.retrying < 1:
+            await trio.lowlevel.checkpoint()
+    assert (bg.report.cancelled, bg.report.deferred) == (1, 1)
+    [row] = journal_rows(path)
+    assert (row.state, row.attempt, row.owner) == ("queued", 2, None)
+
+
 async def test_a_row_of_an_unknown_name_stays_and_is_counted(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

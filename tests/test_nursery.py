@@ -14,6 +14,7 @@ import trio.testing
 from conftest import task_with_a_cleanup_bug
 
 import trio_bg
+from trio_bg._thread_pool import ThreadPool
 
 
 async def broken(secret: str = "") -> None:
@@ -538,19 +539,18 @@ async def test_a_keyboard_interrupt_in_a_task_is_counted_and_propagates() -> Non
 async def test_a_thread_task_reported_cancelled_never_runs_even_if_its_thread_is_late(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """trio may hand the call to a worker thread that starts only after the grace
-    period is over; the task is then reported cancelled, and must not run."""
+    """A worker thread may come up only after the grace period is over; the task is
+    then reported cancelled, and must not run."""
     thread_may_go = threading.Event()
-    original = trio._threads.start_thread_soon  # type: ignore[attr-defined]
 
-    def late_start(fn: Any, deliver: Any, name: Any = None) -> None:
-        def late() -> Any:
+    def late_start(pool: ThreadPool) -> None:
+        def late() -> None:
             thread_may_go.wait(5)
-            return fn()
+            pool._work()
 
-        original(late, deliver, name)
+        threading.Thread(target=late, daemon=True).start()
 
-    monkeypatch.setattr(trio._threads, "start_thread_soon", late_start)
+    monkeypatch.setattr(ThreadPool, "_start_thread", late_start)
     ran = threading.Event()
     async with trio_bg.open_background_nursery(grace_period=0) as nursery:
         nursery.start_soon(ran.set)

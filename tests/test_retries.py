@@ -312,40 +312,30 @@ async def test_a_thread_task_is_retried_in_a_worker_thread(
     watch.assert_books_balanced_throughout()
 
 
-async def test_a_timed_out_thread_tasks_retry_waiting_for_a_thread_is_cancelled_not_abandoned(
+async def test_a_timed_out_thread_tasks_retry_runs_at_once_in_a_replacement_thread(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    """The abandoned first attempt still holds the only worker thread; the retry waits
-    for it, pending, and is cancelled (it never ran) at the end of the grace period."""
-    release, returned = threading.Event(), threading.Event()
+    """The abandoned first attempt still runs in the only worker thread; the pool
+    replaces that thread (abandoned threads never starve it), so the retry runs at once,
+    and times out in its turn."""
+    release = threading.Event()
     calls: list[int] = []
-    retrying = trio.Event()
 
     @trio_bg.task(timeout=1, retries=1, backoff=Backoff(initial=0, maximum=0))
     def stuck() -> None:
         calls.append(1)
         release.wait(10)
-        returned.set()
-
-    def on_event(event: trio_bg.TaskEvent) -> None:
-        if event.kind == "retrying":
-            retrying.set()
 
     try:
-        async with trio_bg.open_background_nursery(
-            thread_limit=1, grace_period=5, on_event=on_event
-        ) as nursery:
+        async with trio_bg.open_background_nursery(thread_limit=1, grace_period=5) as nursery:
             nursery.start_soon(stuck)
-            await retrying.wait()
-            await trio.testing.wait_all_tasks_blocked()
-            stats = nursery.stats
-            assert (stats.pending, stats.running, stats.retrying) == (1, 0, 0)
+            await nursery.wait_idle()
+            assert nursery.stats.threads_in_use == 2  # both abandoned, both still running
     finally:
         release.set()
     report = nursery.report
-    assert (report.cancelled, report.abandoned, report.timed_out) == (1, 0, 0)
-    assert await trio.to_thread.run_sync(returned.wait, 10)  # the abandoned attempt
-    assert calls == [1]
+    assert (report.timed_out, report.cancelled, report.abandoned) == (1, 0, 0)
+    assert calls == [1, 1]
 
 
 async def test_base_exceptions_are_never_retried(

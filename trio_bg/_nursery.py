@@ -25,6 +25,7 @@ from ._journal_file import Row
 from ._options import NurseryOptions, Settings
 from ._report import ShutdownReport, TaskStats
 from ._tasks import Task
+from ._thread_pool import ThreadPool
 
 if TYPE_CHECKING:
     from ._tracing import TaskTracer
@@ -52,8 +53,8 @@ class BackgroundNursery:
         self._settings = settings
         self._journal = journal
         self._nursery: trio.Nursery  # set by _host; its cancel scope covers the tasks only
-        self._limiter = trio.CapacityLimiter(settings.thread_limit)
         self._trio_token = trio.lowlevel.current_trio_token()
+        self._threads = ThreadPool(settings.thread_limit, self._trio_token)
         self._trio_thread = threading.get_ident()
         self._clock = trio.lowlevel.current_clock()  # readable from any thread
         self._capacity = settings.max_running + settings.max_pending
@@ -63,7 +64,6 @@ class BackgroundNursery:
         # admission that reads it a moment early only errs on the safe side).
         self._admitted = self._released = 0
         self._admission_lock = threading.Lock()
-        self._thread_start_lock = threading.Lock()
         self._queue: deque[Task] = deque()
         self._closed = False
         self._all_ended = trio.Event()
@@ -265,7 +265,7 @@ class BackgroundNursery:
                 if self._queue
                 else 0.0
             ),
-            threads_in_use=self._limiter.borrowed_tokens,
+            threads_in_use=self._threads.in_use,
             retrying=self._retrying,
             retried=self._retried,
             recovered=self._recovered,
@@ -564,49 +564,26 @@ class BackgroundNursery:
             self._idle.set()
 
     async def _run_in_thread(self, task: Task, observed: bool) -> Outcome:
-        """Run a plain-function task in a worker thread. While it waits for a thread it
-        is pending; its timeout (if any) starts when its thread has started it."""
+        """Run a plain-function task in one of the nursery's worker threads. While it
+        waits for a thread it is pending; its timeout (if any) starts when a thread has
+        started it. Cancelled before that, it never runs; after, it is abandoned."""
         timeout_scope = trio.CancelScope()
 
-        def start_the_timeout() -> None:
-            assert task.timeout is not None
-            timeout_scope.deadline = trio.current_time() + task.timeout
-
-        # A thread cannot be interrupted: when cancelled (the grace period or the task's
-        # timeout is over) we stop waiting for it (abandon_on_cancel). Whether it had
-        # started is settled under a lock, so that a task reported as cancelled, never
-        # run, really never runs, even if its thread comes up a moment later.
-        def call() -> object:
-            with self._thread_start_lock:
-                if task.thread_refused:
-                    return None
-                task.thread_started = True
-            if task.timeout is not None:  # one hop to trio, for tasks with a timeout only
-                trio.from_thread.run_sync(start_the_timeout)
-            return task.func(*task.args, **task.kwargs)
-
-        has_thread = False
-
-        def on_thread_token() -> None:
-            nonlocal has_thread
-            has_thread = True
+        def on_start() -> None:
+            task.thread_started = True
             self._awaiting_thread -= 1
             self._started(task, observed)
+            if task.timeout is not None:
+                timeout_scope.deadline = trio.current_time() + task.timeout
 
         self._awaiting_thread += 1
         try:
             with timeout_scope:
-                result = await trio.to_thread.run_sync(
-                    call,
-                    # trio takes any object with these two methods (typed narrower)
-                    limiter=_ThreadToken(self._limiter, on_thread_token),  # type: ignore[arg-type]
-                    abandon_on_cancel=True,
+                result = await self._threads.run(
+                    partial(task.func, *task.args, **task.kwargs), on_start
                 )
-        except trio.Cancelled:
-            self._refuse_thread_unless_started(task)
-            raise
         finally:
-            if not has_thread:
+            if not task.thread_started:
                 self._awaiting_thread -= 1
         if timeout_scope.cancelled_caught:  # (its thread had started the clock)
             return "timed_out"
@@ -618,10 +595,6 @@ class BackgroundNursery:
                 f"it; define it with async def to run it as a trio task"
             )
         return "completed"
-
-    def _refuse_thread_unless_started(self, task: Task) -> None:
-        with self._thread_start_lock:
-            task.thread_refused = not task.thread_started
 
     def _report_failure(self, task: Task, exc: BaseException) -> None:
         logger.error("background task %s failed%s", task.name, _of(task), exc_info=exc)
@@ -774,6 +747,7 @@ class BackgroundNursery:
                 task_status.started()
                 await trio.sleep_forever()
         finally:
+            self._threads.close()  # (abandoned threads run on, unheard)
             self._all_ended.set()
             self._stopping.set()
 
@@ -786,24 +760,6 @@ class BackgroundNursery:
         await self.shutdown()
         if raise_fatal:
             raise self._fatal
-
-
-class _ThreadToken:
-    """The limiter that trio's ``to_thread`` sees for one task: the nursery's own, and a
-    call back as the task gets its token (its thread starts right after)."""
-
-    __slots__ = ("_limiter", "_on_acquired")
-
-    def __init__(self, limiter: trio.CapacityLimiter, on_acquired: Callable[[], None]) -> None:
-        self._limiter = limiter
-        self._on_acquired = on_acquired
-
-    async def acquire_on_behalf_of(self, borrower: object) -> None:
-        await self._limiter.acquire_on_behalf_of(borrower)
-        self._on_acquired()
-
-    def release_on_behalf_of(self, borrower: object) -> None:
-        self._limiter.release_on_behalf_of(borrower)
 
 
 _CLAIM_BATCH = 1_000

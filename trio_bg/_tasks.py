@@ -41,7 +41,6 @@ class Task:
         "started_at",
         "stops_chain",
         "then",
-        "thread_refused",
         "thread_started",
         "timeout",
     )
@@ -86,9 +85,8 @@ class Task:
         self.then: Task | None = None  # the next of an ordered request's tasks
         self.stops_chain = False  # if it fails, ``then`` and those after it never run
         # A cancelled thread task that had started is "abandoned"; one that had not is
-        # "cancelled", and refused should its thread come up later (see _run_in_thread).
+        # "cancelled", and never runs (see _run_in_thread).
         self.thread_started = False
-        self.thread_refused = False
 
     def __repr__(self) -> str:
         # Never show the arguments: they may hold personal data.

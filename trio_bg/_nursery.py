@@ -41,7 +41,7 @@ class BackgroundNursery:
     Open one with `open_background_nursery`. At most ``max_running`` tasks run at
     once; up to ``max_pending`` more wait, in arrival order, as small records (not
     parked trio tasks). ``async def`` functions run as trio tasks; plain functions
-    run in worker threads under the nursery's own `trio.CapacityLimiter`. A task
+    run in the nursery's own pool of ``thread_limit`` worker threads. A task
     that raises is logged, counted as failed and passed to ``on_error``; it never
     affects the other tasks. Shutting down stops admitting, waits up to
     ``grace_period`` seconds for the tasks, cancels what is left, and leaves a

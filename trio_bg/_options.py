@@ -32,7 +32,7 @@ a sync per group commit costs about a fifth of the requests per second (README,
 Benchmarks). SQLite recommends ``normal`` with WAL for most applications."""
 
 DEFAULT_THREAD_LIMIT = 40
-"""Worker threads for plain-function tasks: trio's default, but a limiter of our own."""
+"""Worker threads for plain-function tasks: trio's default number, in a pool of our own."""
 
 DEFAULT_MAX_RUNNING = 1_000
 """Tasks running at once (async and thread tasks together); the rest wait as pending."""

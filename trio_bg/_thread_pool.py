@@ -17,7 +17,11 @@ from typing import Literal, final
 
 import outcome
 import trio
-from trio._threads import PARENT_TASK_DATA  # (see _work: trio.from_thread in tasks)
+
+try:  # private: what makes trio.from_thread work in a thread (see _work)
+    from trio._threads import PARENT_TASK_DATA
+except ImportError:  # pragma: no cover -- a trio that moved it: pass trio_token= then
+    PARENT_TASK_DATA = None  # type: ignore[assignment]
 
 IDLE_TIMEOUT = 10.0
 """Seconds an idle worker thread waits for work before it exits."""
@@ -159,10 +163,11 @@ class ThreadPool:
     def _work(self) -> None:
         # So that trio.from_thread.run_sync (and run) work in a task without a token,
         # as in a thread of trio.to_thread.run_sync(..., abandon_on_cancel=True).
-        PARENT_TASK_DATA.token = self._token
-        PARENT_TASK_DATA.abandon_on_cancel = True
-        PARENT_TASK_DATA.cancel_register = [None]
-        PARENT_TASK_DATA.task_register = [None]
+        if PARENT_TASK_DATA is not None:
+            PARENT_TASK_DATA.token = self._token
+            PARENT_TASK_DATA.abandon_on_cancel = True
+            PARENT_TASK_DATA.cancel_register = [None]
+            PARENT_TASK_DATA.task_register = [None]
         while (job := self._next_job()) is not None:
             self._tell(job, done=False)
             result = job.context.run(outcome.capture, job.call)

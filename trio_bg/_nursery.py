@@ -576,12 +576,14 @@ class BackgroundNursery:
             if task.timeout is not None:
                 timeout_scope.deadline = trio.current_time() + task.timeout
 
+        call = partial(task.func, *task.args, **task.kwargs)
         self._awaiting_thread += 1
         try:
-            with timeout_scope:
-                result = await self._threads.run(
-                    partial(task.func, *task.args, **task.kwargs), on_start
-                )
+            if task.timeout is None:  # (a cancel scope costs more than the rest here)
+                result = await self._threads.run(call, on_start)
+            else:
+                with timeout_scope:
+                    result = await self._threads.run(call, on_start)
         finally:
             if not task.thread_started:
                 self._awaiting_thread -= 1

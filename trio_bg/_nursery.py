@@ -567,19 +567,21 @@ class BackgroundNursery:
         """Run a plain-function task in one of the nursery's worker threads. While it
         waits for a thread it is pending; its timeout (if any) starts when a thread has
         started it. Cancelled before that, it never runs; after, it is abandoned."""
-        timeout_scope = trio.CancelScope()
+        # A cancel scope costs more than the rest of this: only for tasks with a timeout.
+        timeout_scope = None if task.timeout is None else trio.CancelScope()
 
         def on_start() -> None:
             task.thread_started = True
             self._awaiting_thread -= 1
             self._started(task, observed)
-            if task.timeout is not None:
+            if timeout_scope is not None:
+                assert task.timeout is not None
                 timeout_scope.deadline = trio.current_time() + task.timeout
 
         call = partial(task.func, *task.args, **task.kwargs)
         self._awaiting_thread += 1
         try:
-            if task.timeout is None:  # (a cancel scope costs more than the rest here)
+            if timeout_scope is None:
                 result = await self._threads.run(call, on_start)
             else:
                 with timeout_scope:
@@ -587,8 +589,8 @@ class BackgroundNursery:
         finally:
             if not task.thread_started:
                 self._awaiting_thread -= 1
-        if timeout_scope.cancelled_caught:  # (its thread had started the clock)
-            return "timed_out"
+        if timeout_scope is not None and timeout_scope.cancelled_caught:
+            return "timed_out"  # (its thread had started the clock)
         if inspect.isawaitable(result):
             if inspect.iscoroutine(result):
                 result.close()

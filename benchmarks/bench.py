@@ -17,12 +17,21 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import bench_http, bench_journal, bench_memory, bench_shutdown, bench_spawn, machine, pinning
+from . import (
+    bench_http,
+    bench_journal,
+    bench_memory,
+    bench_shutdown,
+    bench_spawn,
+    bench_threads,
+    machine,
+    pinning,
+)
 from .load import LoadError, choose
 from .section import Section
 
 RESULTS = Path(__file__).with_name("results")
-BENCHMARKS = ("overhead", "anchors", "spawn", "memory", "shutdown", "journal")
+BENCHMARKS = ("overhead", "anchors", "spawn", "memory", "shutdown", "journal", "threads")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -33,7 +42,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--only", default=",".join(BENCHMARKS), help=f"comma-separated, of {', '.join(BENCHMARKS)}"
     )
     parser.add_argument("--generator", choices=["auto", "wrk", "trio"], default="auto")
-    parser.add_argument("--connections", type=int, default=32, help="HTTP connections (32)")
+    parser.add_argument(
+        "--connections",
+        type=int,
+        default=32,
+        help="HTTP connections (32; the threads benchmark uses 32 and 50)",
+    )
     parser.add_argument(
         "--duration", type=int, help="whole seconds of load per app per rep (2, anchors 1; quick 1)"
     )
@@ -96,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             memory_reps=1 if quick else min(reps, 3),
             cpu=load_cpu,
         ),
+        "threads": lambda: bench_threads.run(http(2), reps=reps, tasks=in_process, cpu=load_cpu),
     }
 
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")

@@ -17,6 +17,7 @@ from .counting import TASKS, ASGIApp
 RAW_MODES: dict[str, raw.Mode] = {
     "bare": "bare",
     "raw+nursery": "nursery",
+    "raw+threads": "threads",
     "raw+trio_bg": "trio_bg",
 }
 FRAMEWORKS = (*RAW_MODES, "starlette", "starlette+trio_bg", "quart", "quart+trio_bg")

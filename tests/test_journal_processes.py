@@ -7,6 +7,7 @@ Every wait is bounded; every child process is killed on the way out.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import resource
 import shutil
@@ -318,7 +319,7 @@ async def test_workers_share_one_journal_and_defer_into_it(tmp_path: Path) -> No
             for key in keys:
                 response = await http.get("/", params={"key": key, "hold": "1"})
                 assert response.status_code == 200
-        assert await workers.stop() == 1  # the held tasks were cut short
+        assert await workers.stop() == 1, workers.output.text  # held tasks cut short
     report = workers.report()
     assert (report["deferred"], report["cancelled"]) == (8, 8)
     assert sum(worker["report"]["deferred"] for worker in report["workers"]) == 8
@@ -329,3 +330,34 @@ async def test_workers_share_one_journal_and_defer_into_it(tmp_path: Path) -> No
         assert await following.stop() == 0
     assert following.report()["recovered"] == 8
     assert ledger(tmp_path) == Counter(dict.fromkeys(keys, 1))
+
+
+def _open_at_once(path: str, barrier: Any, results: Any) -> None:
+    from trio_bg import _journal_file
+
+    barrier.wait()
+    try:
+        connection = _journal_file.connect(path)
+        _journal_file.join(connection, LEASE)
+        connection.close()
+        results.put("ok")
+    except Exception as error:
+        results.put(repr(error))
+
+
+def test_processes_starting_at_once_on_a_new_journal_all_open_it(tmp_path: Path) -> None:
+    """One creates it, under the write lock, in one transaction; the others wait and
+    see it whole (not "not a journal", "table exists" or "locked")."""
+    context = multiprocessing.get_context("fork")
+    for attempt in range(10):
+        path = str(tmp_path / f"tasks-{attempt}.db")
+        barrier, results = context.Barrier(3), context.Queue()
+        processes = [
+            context.Process(target=_open_at_once, args=(path, barrier, results)) for _ in range(3)
+        ]
+        for process in processes:
+            process.start()
+        outcomes = [results.get(timeout=BOUND) for _ in processes]
+        for process in processes:
+            process.join(BOUND)
+        assert outcomes == ["ok"] * 3

@@ -92,12 +92,27 @@ def connect(
         )
     except sqlite3.Error as error:
         raise JournalError(f"cannot open the journal {path}: {error}") from error
-    try:
-        _prepare(connection, path, synchronous, create)
-    except BaseException:
-        connection.close()
-        raise
-    return connection
+    # Switching a new journal to WAL mode needs the file to itself: a process starting
+    # at the same moment may get "locked" at once, without SQLite's busy wait.
+    deadline = time.monotonic() + busy_timeout
+    while True:
+        try:
+            _prepare(connection, path, synchronous, create)
+        except JournalError as error:
+            if _locked(error) and time.monotonic() < deadline:
+                time.sleep(0.01)
+                continue
+            connection.close()
+            raise
+        except BaseException:
+            connection.close()
+            raise
+        return connection
+
+
+def _locked(error: JournalError) -> bool:
+    cause = error.__cause__
+    return isinstance(cause, sqlite3.OperationalError) and "locked" in str(cause)
 
 
 def journal_path_problem(path: Path) -> str | None:
@@ -120,13 +135,17 @@ def journal_path_problem(path: Path) -> str | None:
 def _prepare(connection: sqlite3.Connection, path: str, synchronous: str, create: bool) -> None:
     try:
         application_id, version = _header(connection)
-        if create and application_id == 0 and version == 0:
-            connection.execute("BEGIN IMMEDIATE")
-            if _header(connection) == (0, 0) and _is_empty(connection):
-                connection.executescript(_SCHEMA)  # (commits)
-            else:
-                connection.execute("ROLLBACK")
-            application_id, version = _header(connection)
+        if create and application_id != APPLICATION_ID:
+            # Several processes may start on a new journal at once: under the write lock
+            # one creates it, in one transaction (executescript would commit first), and
+            # the others then see it whole.
+            with transaction(connection):
+                application_id, version = _header(connection)
+                if (application_id, version) == (0, 0) and _is_empty(connection):
+                    for statement in _SCHEMA.split(";"):
+                        if statement.strip():
+                            connection.execute(statement)
+                    application_id, version = _header(connection)
         if application_id == version == 0 and _is_empty(connection):
             raise JournalError(f"{path} is empty, not a trio_bg journal")
         if application_id != APPLICATION_ID:

@@ -25,7 +25,8 @@ logger = logging.getLogger("trio_bg")
 
 DEFAULT_LEASE = 20.0
 """Seconds a process's claim on its journal rows lasts without renewal: the rows of a
-process that died are resumed by another within this (plus one poll)."""
+process that died are resumed by another within this, plus a quarter of it (another
+process releases them as it renews its own lease) and a poll (a tenth of it)."""
 
 BUSY_TIMEOUT = 5.0
 """Seconds SQLite waits for another process's write lock before giving up."""

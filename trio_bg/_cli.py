@@ -101,8 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("the drill needs httpx: pip install 'trio-bg[drill]'")
     if args.kill and args.journal is None:
         parser.error("--kill needs --journal: only durable tasks can survive a SIGKILL")
-    if args.journal is not None and (problem := journal_path_problem(Path(args.journal))):
-        parser.error(f"--journal {args.journal}: {problem}")
+    _check_journal_path(parser, args)
     lease = args.journal_lease
     if args.kill and lease is None:
         lease = DRILL_LEASE
@@ -279,6 +278,13 @@ def _add_nursery_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _check_journal_path(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse (exit 2) a ``--journal`` path that could never be a journal, before
+    anything starts."""
+    if args.journal is not None and (problem := journal_path_problem(Path(args.journal))):
+        parser.error(f"--journal {args.journal}: {problem}")
+
+
 # -- serve ---------------------------------------------------------------------------
 
 
@@ -305,8 +311,7 @@ def _serve_command(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     if args.max_pending is not None:
         options["max_pending"] = args.max_pending
     if args.journal is not None:
-        if problem := journal_path_problem(Path(args.journal)):
-            parser.error(f"--journal {args.journal}: {problem}")
+        _check_journal_path(parser, args)
         options["journal"] = args.journal
     if args.journal_lease is not None:
         options["journal_lease"] = args.journal_lease

@@ -111,8 +111,8 @@ async def test_a_durable_task_without_a_journal_is_refused_at_add_time() -> None
         ),
         ((1,), {"to": {"when": {1, 2}}}, r"argument 'to' .* is not JSON \(it holds a set\)"),
         ((math.nan,), {}, r"argument 1 .* NaN or infinite"),
-        ((1,), {"to": ("a", "b")}, r"argument 'to' .* would come back as a list, not a tuple"),
-        ((1,), {"to": {1: "a"}}, r"argument 'to' .* would come back as something else"),
+        ((1,), {"to": ("a", "b")}, r"argument 'to' .* come back from JSON as a list, not a tuple"),
+        ((1,), {"to": {1: "a"}}, r"argument 'to' .* would come back from JSON as something else"),
     ],
 )
 async def test_arguments_must_be_json_and_come_back_the_same(

@@ -261,7 +261,7 @@ async def test_a_full_disk_mid_run_answers_503_and_loses_no_answered_task(tmp_pa
                     )
                     break
                 answered.add(f"k{number}")
-            await server.output.wait_for("failed to store them")
+            await server.output.wait_for("failed to keep them")
             await wait_until_ran(tmp_path, answered)
     assert statuses[-1] == 503 and statuses.count(503) == 1
     assert len(answered) >= 5

@@ -192,6 +192,7 @@ async def test_sigterm_mid_load_drains_every_task_and_exits_0(tmp_path: Path) ->
         "unfinished": [],
         "deferred": 0,
         "recovered": 0,
+        "handed_off": 0,
     }
     assert "SIGTERM received: shutting down gracefully" in log
 

@@ -7,7 +7,7 @@ what happened to every one.
 
 from ._asgi import BackgroundTaskMiddleware
 from ._callables import Backoff, task
-from ._errors import JournalError, NurseryClosed, Overloaded
+from ._errors import HandoffError, JournalError, NurseryClosed, Overloaded
 from ._events import TaskEvent
 from ._nursery import BackgroundNursery, open_background_nursery
 from ._options import DEFAULT_GRACE_PERIOD, NurseryOptions
@@ -21,6 +21,7 @@ __all__ = [
     "BackgroundTaskMiddleware",
     "BackgroundTasks",
     "Backoff",
+    "HandoffError",
     "JournalError",
     "NurseryClosed",
     "NurseryOptions",

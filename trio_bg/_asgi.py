@@ -10,7 +10,7 @@ from typing import Any, Unpack
 
 import trio
 
-from ._errors import JournalError, Overloaded
+from ._errors import HandoffError, JournalError, Overloaded
 from ._hypercorn_worker import hypercorn_worker_config, ignore_sigterm
 from ._inline import InlineSink, on_trio
 from ._nursery import BackgroundNursery, open_nursery
@@ -78,6 +78,7 @@ class BackgroundTaskMiddleware:
         self.app = app
         self._unavailable = _unavailable_response(retry_after, UNAVAILABLE_TEXT)
         self._journal_failed = _unavailable_response(retry_after, JOURNAL_FAILED_TEXT)
+        self._handoff_failed = _unavailable_response(retry_after, HANDOFF_FAILED_TEXT)
         self._nursery: BackgroundNursery | None = None
         self._report: ShutdownReport | None = None
         # What went wrong in the lifespan, for trio_bg.serve: the wrapped app's failed
@@ -128,9 +129,10 @@ class BackgroundTaskMiddleware:
         tasks, inline = self._collection()
         client = _ClientWatch(receive, listening=inline is None)
         response_started = trailers = False
-        # With a journal, the response's start waits for its first body: should the
-        # durable tasks fail to be stored, a single-body response can still be a 503.
-        hold_start = self._settings.journal is not None
+        # With a journal or a streaq worker, the response's start waits for its first
+        # body: should the durable tasks fail to be stored (the remote ones to be handed
+        # off), a single-body response can still be a 503.
+        hold_start = self._settings.journal is not None or self._settings.streaq is not None
         held_start: Message | None = None
         replaced = False  # by the 503: what the app sends after it goes nowhere
 
@@ -159,20 +161,25 @@ class BackgroundTaskMiddleware:
                 final = False
             else:
                 final = _completes_response(kind, message)
-            if tasks._durable and (final or kind == "http.response.body"):
-                # The durability point: the tasks are in the journal before any of the
-                # body goes out (a client may have it all before the final message: a
-                # content-length body, then an empty final one, as Quart sends it), and
-                # those added meanwhile before the final one.
+            if tasks._uncommitted and (final or kind == "http.response.body"):
+                # The durability point: the tasks are in the journal (or Redis) before
+                # any of the body goes out (a client may have it all before the final
+                # message: a content-length body, then an empty final one, as Quart
+                # sends it), and those added meanwhile before the final one.
                 try:
                     await tasks._commit()
-                except JournalError as error:
-                    tasks._discard(f"{_describe(scope)} failed to store them: {error}")
+                except (JournalError, HandoffError) as error:
+                    tasks._discard(f"{_describe(scope)} failed to keep them: {error}")
                     if held_start is None:
                         raise  # streaming already: abort the response
                     held_start, replaced = None, True
-                    await send(self._journal_failed[0])
-                    await send(self._journal_failed[1])
+                    failed = (
+                        self._journal_failed
+                        if isinstance(error, JournalError)
+                        else self._handoff_failed
+                    )
+                    await send(failed[0])
+                    await send(failed[1])
                     return
             if held_start is not None:
                 start, held_start = held_start, None
@@ -249,11 +256,11 @@ class BackgroundTaskMiddleware:
             raise
         finally:
             _current_tasks.reset(token)
-        if tasks._durable:
+        if tasks._uncommitted:
             try:
                 await tasks._commit()
-            except JournalError as error:
-                tasks._discard(f"{_describe(scope)} failed to store them: {error}")
+            except (JournalError, HandoffError) as error:
+                tasks._discard(f"{_describe(scope)} failed to keep them: {error}")
                 return
         tasks._hand_off()  # the session ended without an error
         if inline is not None:
@@ -313,10 +320,10 @@ class BackgroundTaskMiddleware:
                     await self._until_shutdown(receive, nursery)
                 # The tasks may use what the app's own shutdown closes: drain them first.
                 await nursery.shutdown()
-        except JournalError as error:
+        except (JournalError, HandoffError) as error:
             if opened is not None:
                 raise
-            return self._failed("startup", str(error))  # the journal could not be opened
+            return self._failed("startup", str(error))  # the journal or Redis: unreachable
         finally:  # (also when the lifespan itself is cancelled mid-drain)
             if opened is not None:
                 self._report = opened._report
@@ -384,6 +391,7 @@ UNAVAILABLE_TEXT = "Service Unavailable: background task capacity is exhausted\n
 """The body of every 503 trio_bg answers (the middleware's, and the integrations')."""
 
 JOURNAL_FAILED_TEXT = "Service Unavailable: the background task journal failed\n"
+HANDOFF_FAILED_TEXT = "Service Unavailable: background tasks could not be handed off\n"
 """The body of the 503 that replaces a response whose durable tasks were not stored."""
 
 

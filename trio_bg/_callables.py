@@ -12,6 +12,7 @@ import contextlib
 import functools
 import inspect
 import math
+import sys
 import types
 import weakref
 from collections.abc import Callable
@@ -171,11 +172,32 @@ def task(
 class CallSpec:
     """What trio_bg knows of one callable, found once and used for every call."""
 
-    __slots__ = ("_probe", "backoff", "durable", "is_async", "name", "retries", "timeout")
+    __slots__ = (
+        "_probe",
+        "backoff",
+        "durable",
+        "is_async",
+        "name",
+        "remote",
+        "retries",
+        "timeout",
+    )
 
     def __init__(self, func: object) -> None:
         _refuse_what_cannot_run(func)
         target = _unwrap_partial(func)
+        self.remote = _streaq_task(func)
+        if self.remote is not None:
+            # Registered on a streaq worker, it runs there; its timeout and retries are
+            # streaq's. Only its call is checked here.
+            self.name = self.remote.fn_name
+            self.is_async = True
+            self.timeout = None
+            self.retries = 0
+            self.backoff = _DEFAULT_BACKOFF
+            self.durable = False
+            self._probe = _make_probe(self.remote.fn, self.name)
+            return
         self.is_async = is_async_callable(target)
         options = _options_of(func)
         self.name = options.name if options and options.name else name_of(target)
@@ -234,6 +256,34 @@ def is_async_callable(func: object) -> bool:
         not inspect.isroutine(target)
         and inspect.iscoroutinefunction(getattr(type(target), "__call__", None))  # noqa: B004
     )
+
+
+def _streaq_task(func: object) -> Any:
+    """The streaq ``RegisteredTask`` that ``func`` is, or None; `TypeError` for one that
+    a worker could not be handed (a partial of one, a cron job, trio_bg options)."""
+    streaq_task = sys.modules.get("streaq.task")  # not imported: no streaq task exists
+    if streaq_task is None:
+        return None
+    target = _unwrap_partial(func)
+    if not isinstance(target, streaq_task.RegisteredTask):
+        return None
+    partial = target is not func
+    remote: Any = target  # (streaq's types, unknown to mypy here)
+    if partial:
+        raise TypeError(
+            f"add_task() takes streaq task {remote.fn_name} itself, with its arguments "
+            f"(not a partial of it): a worker gets only its name and JSON arguments"
+        )
+    if remote.crontab is not None:
+        raise TypeError(
+            f"{remote.fn_name} is a streaq cron job: it runs on its schedule, not by add_task"
+        )
+    if _options_of(remote) is not None:
+        raise TypeError(
+            f"{remote.fn_name} is a streaq task: its timeout and retries are streaq's "
+            f"(@worker.task(timeout=..., max_tries=...)), not @trio_bg.task's"
+        )
+    return remote
 
 
 def _refuse_what_cannot_run(func: object) -> None:

@@ -151,7 +151,7 @@ class DrillResult:
         report = self.report
         if report is None:
             return None
-        ended = report.completed + report.failed + report.timed_out
+        ended = report.completed + report.failed + report.timed_out + report.handed_off
         return report.accepted - ended - report.cancelled - report.abandoned
 
     def to_json(self) -> dict[str, Any]:

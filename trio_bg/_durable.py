@@ -39,9 +39,12 @@ def registered_names() -> list[str]:
     return list(_registry)
 
 
-def encode_arguments(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+def encode_arguments(
+    name: str, args: tuple[Any, ...], kwargs: dict[str, Any], *, kind: str = "durable task"
+) -> str:
     """``args`` and ``kwargs`` as the JSON text a journal row keeps; `TypeError`,
-    naming the argument, if one is not JSON or would come back as something else."""
+    naming the argument, if one is not JSON or would come back as something else
+    (``kind``: what the task is, for the message)."""
     try:
         text = _encoder.encode([args, kwargs])
     except (TypeError, ValueError):
@@ -53,11 +56,11 @@ def encode_arguments(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -
             problem = _json_problem(value)
             if problem is not None:
                 raise TypeError(
-                    f"add_task(): {label} of durable task {name} {problem}: a durable "
-                    f"task's arguments are kept as JSON, so pass str, int, float, bool, "
+                    f"add_task(): {label} of {kind} {name} {problem}: a {kind}'s "
+                    f"arguments are kept as JSON, so pass str, int, float, bool, "
                     f"None, and lists and dicts (with str keys) of them"
                 ) from None
-        raise TypeError(f"add_task(): the arguments of durable task {name} are not JSON")
+        raise TypeError(f"add_task(): the arguments of {kind} {name} are not JSON")
     return text
 
 
@@ -102,11 +105,11 @@ def _json_problem(value: object) -> str | None:
         return f"is not JSON (it holds a {type(_first_unencodable(value)).__name__})"
     if json.loads(text) != value:
         return (
-            f"would come back as something else when replayed from the journal "
+            f"would come back from JSON as something else "
             f"(a {type(value).__name__} holding a tuple, or int dict keys, say)"
             if isinstance(value, list | dict)
-            else f"would come back as a {type(json.loads(text)).__name__}, not a "
-            f"{type(value).__name__}, when replayed from the journal"
+            else f"would come back from JSON as a {type(json.loads(text)).__name__}, "
+            f"not a {type(value).__name__}"
         )
     return None
 

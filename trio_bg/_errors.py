@@ -21,3 +21,10 @@ class JournalError(Exception):
     journal (or a newer one), a corrupt, locked or full database. At startup the
     lifespan fails with it; during a request, the response becomes a 503 (or, already
     streaming, is aborted) and its tasks are discarded."""
+
+
+class HandoffError(Exception):
+    """Remote tasks could not be handed to their task engine (Redis unreachable, or too
+    slow to answer). At startup the lifespan fails with it; during a request, the
+    response becomes a 503 (or, already streaming, is aborted) and its tasks are
+    discarded: a failed hand-off never looks like success."""

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 EventKind = Literal["accepted", "started", "retrying", "finished"]
-Outcome = Literal["completed", "failed", "timed_out", "cancelled", "abandoned"]
+Outcome = Literal["completed", "failed", "timed_out", "cancelled", "abandoned", "handed_off"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,7 +17,9 @@ class TaskEvent:
     running slot; ``waited`` is how long it was pending), ``"retrying"`` (the attempt
     ended with ``outcome`` ``"failed"`` or ``"timed_out"`` after ``duration``, and the
     task runs again in ``delay`` seconds) or ``"finished"``, once, at the end
-    (``outcome`` says how; ``duration`` is how long its last attempt ran).
+    (``outcome`` says how; ``duration`` is how long its last attempt ran). A remote
+    task's life here is ``"accepted"``, then ``"finished"`` with ``"handed_off"``
+    once its worker's queue in Redis has it.
     ``attempt`` is the run the event is about: 1, then 2 once a retry is due. Times
     are seconds of trio's clock. The task's arguments are never part of an event.
     """

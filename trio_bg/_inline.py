@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from ._durable import needs_a_journal
+from ._handoff import needs_a_handoff
 
 if TYPE_CHECKING:
     from ._tasks import Task
@@ -45,9 +46,11 @@ class InlineSink:
         """No limits: the tasks run in the request's own call; but no journal either."""
         if task.durable:
             raise needs_a_journal(task.name, "no lifespan started, so no journal keeps it")
+        if task.remote is not None:
+            raise needs_a_handoff(task.name, "no lifespan started, so nothing hands it off")
 
     async def commit(self, tasks: Sequence[Task]) -> None:
-        """Nothing to store: `admit` refuses durable tasks."""
+        """Nothing to store: `admit` refuses durable and remote tasks."""
 
     def accept(self, tasks: Sequence[Task]) -> None:
         """Keep ``tasks`` for `run` (from any thread: ``list.extend`` is atomic)."""

@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any, ParamSpec, Unpack
 import trio
 
 from ._durable import decode_arguments, needs_a_journal, registered, registered_names
-from ._errors import JournalError, NurseryClosed, Overloaded
+from ._errors import HandoffError, JournalError, NurseryClosed, Overloaded
 from ._events import EventKind, Outcome, TaskEvent
+from ._handoff import Handoff, needs_a_handoff
 from ._journal import Journal
 from ._journal_file import Row
 from ._options import NurseryOptions, Settings
@@ -98,6 +99,10 @@ class BackgroundNursery:
         self._kept: list[int] = []
         self._backlog = False
         self._feed_wake = trio.Event()
+        # With a streaq worker: what sends remote tasks to its queue (set by
+        # open_nursery), and how many it did.
+        self._handoff: Handoff | None = None
+        self._handed_off = 0
 
     # -- taking work ---------------------------------------------------------------
 
@@ -117,6 +122,14 @@ class BackgroundNursery:
         """Reserve room for ``task`` or raise `Overloaded` (part of `TaskSink`)."""
         if task.durable and self._journal is None:
             raise needs_a_journal(task.name, "this background nursery has no journal")
+        if task.remote is not None and task.remote.worker is not self._settings.streaq:
+            raise needs_a_handoff(
+                task.name,
+                "this background nursery hands off to no streaq worker"
+                if self._settings.streaq is None
+                else f"this background nursery hands off to another streaq worker "
+                f"(queue {self._settings.streaq.queue_name!r})",
+            )
         with self._admission_lock:
             if self._closed:
                 raise NurseryClosed(
@@ -145,28 +158,38 @@ class BackgroundNursery:
             raise NurseryClosed("the background nursery has shut down")
         observed = self._observed()
         for task in tasks:
-            if task.durable and task.journal_id is None:
-                # Added outside a request, or after its response: stored first.
-                self._nursery.start_soon(self._store_then_accept, task, name=task.name)
+            if (task.durable and task.journal_id is None) or (task.remote and not task.sent):
+                # Added outside a request, or after its response: kept first.
+                self._nursery.start_soon(self._commit_then_accept, task, name=task.name)
                 continue
             if observed:  # before the counts change: a hook reading stats sees them balance
                 task.accepted_at = trio.current_time()
                 self._emit("accepted", task)
             self._accepted += 1
-            self._place(task, observed)
+            if task.remote is not None:
+                self._end(task, "handed_off", observed)  # Redis has it: the workers' now
+            else:
+                self._place(task, observed)
 
     async def commit(self, tasks: Sequence[Task]) -> None:
-        """Store the durable ones of ``tasks`` in the journal (part of `TaskSink`)."""
+        """Store the durable ones of ``tasks`` in the journal, and hand the remote ones
+        to Redis (part of `TaskSink`)."""
         durable = [task for task in tasks if task.durable and task.journal_id is None]
         if durable:
             assert self._journal is not None  # (admit refuses them without one)
             await self._journal.append(durable)
+        remote = [task for task in tasks if task.remote is not None and not task.sent]
+        if remote:
+            assert self._handoff is not None  # (admit refuses them without one)
+            await self._handoff.send(remote)
+            for task in remote:
+                task.sent = True
 
-    async def _store_then_accept(self, task: Task) -> None:
+    async def _commit_then_accept(self, task: Task) -> None:
         try:
             await self.commit((task,))
-        except JournalError as error:
-            self.discard((task,), f"the journal could not store it: {error}")
+        except (JournalError, HandoffError) as error:
+            self.discard((task,), f"it could not be kept: {error}")
         else:
             self.accept((task,))
 
@@ -210,6 +233,24 @@ class BackgroundNursery:
         if threading.get_ident() != self._trio_thread:
             trio.from_thread.run_sync(self.discard, tasks, reason, trio_token=self._trio_token)
             return
+        sent = [task for task in tasks if task.sent]
+        if sent:
+            # Redis had them before the response failed: they are the workers' now.
+            logger.warning(
+                "%d remote task(s) had been handed off already (%s): %s",
+                len(sent),
+                reason,
+                ", ".join(task.name for task in sent),
+            )
+            observed = self._observed()
+            for task in sent:
+                self._accepted += 1
+                if observed:
+                    self._emit("accepted", task)
+                self._end(task, "handed_off", observed)
+            tasks = [task for task in tasks if not task.sent]
+            if not tasks:
+                return
         self._released += len(tasks)
         self._discarded += len(tasks)
         stored = [task.journal_id for task in tasks if task.journal_id is not None]
@@ -271,6 +312,7 @@ class BackgroundNursery:
             recovered=self._recovered,
             deferred=self._deferred,
             unknown=self._unknown,
+            handed_off=self._handed_off,
         )
 
     @property
@@ -363,6 +405,7 @@ class BackgroundNursery:
                 duration=0.0 if started is None else trio.current_time() - started,
                 deferred=self._deferred,
                 recovered=self._recovered,
+                handed_off=self._handed_off,
             )
             log = logger.info if self._report.all_completed else logger.warning
             log("background tasks shut down: %s", self._report)
@@ -515,6 +558,8 @@ class BackgroundNursery:
             logger.warning(
                 "background task %s timed out after %ss%s", task.name, task.timeout, _of(task)
             )
+        elif outcome == "handed_off":
+            self._handed_off += 1
         else:
             self._unfinished.append(task.name)
             if outcome == "cancelled":
@@ -835,6 +880,8 @@ async def open_nursery(
     body_error: BaseException | None = None
     try:
         async with trio.open_nursery() as host_nursery:
+            if settings.streaq is not None:
+                nursery._handoff = await host_nursery.start(Handoff(settings.streaq).run)
             await host_nursery.start(nursery._host)
             if journal is not None:
                 await nursery._nursery.start(nursery._feed, journal)
@@ -848,14 +895,18 @@ async def open_nursery(
                 nursery.cancel()
                 raise
             await nursery.shutdown()
+            if nursery._handoff is not None:
+                nursery._handoff.close()
     except BaseExceptionGroup as group:
         # trio wraps an error of the block (or the KeyboardInterrupt / SystemExit of a
         # task) in a group; when it is the only error, raise it as itself.
         for own in (body_error, nursery._fatal):
             if own is not None and group.exceptions == (own,):
                 raise own from own.__cause__  # (keeps the original cause)
-        if len(group.exceptions) == 1 and isinstance(group.exceptions[0], JournalError):
-            raise group.exceptions[0] from None  # the journal failed at startup
+        if len(group.exceptions) == 1 and isinstance(
+            group.exceptions[0], JournalError | HandoffError
+        ):
+            raise group.exceptions[0] from None  # the journal or Redis failed at startup
         raise
     finally:
         if nursery._all_ended.is_set():

@@ -6,7 +6,7 @@ import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from ._callables import is_async_callable, name_of
 from ._journal import DEFAULT_LEASE
@@ -60,6 +60,7 @@ class NurseryOptions(TypedDict, total=False):
     journal: str | os.PathLike[str] | None
     journal_lease: float
     journal_synchronous: str
+    streaq: Any
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -76,6 +77,7 @@ class Settings:
     journal: str | os.PathLike[str] | None = None
     journal_lease: float = DEFAULT_LEASE
     journal_synchronous: str = DEFAULT_SYNCHRONOUS
+    streaq: Any = None  # a streaq Worker (streaq is an optional dependency)
 
     @classmethod
     def from_options(cls, options: NurseryOptions) -> Settings:
@@ -103,6 +105,10 @@ class Settings:
         if self.tracing:
             from . import _tracing  # noqa: F401 -- an ImportError naming the extra, now
         self._check_journal()
+        if self.streaq is not None:
+            from .streaq import check_worker  # (imports streaq: only when asked for)
+
+            check_worker(self.streaq)
 
         for name in ("on_error", "on_event"):
             hook = getattr(self, name)

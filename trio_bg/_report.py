@@ -13,7 +13,7 @@ class TaskStats:
 
     ``accepted`` counts every task the nursery took since it opened; each is in
     exactly one of the other states, so ``accepted == pending + running + completed
-    + failed + timed_out + cancelled + abandoned`` always holds. ``pending`` counts
+    + failed + timed_out + cancelled + abandoned + handed_off`` always holds. ``pending`` counts
     the tasks not running yet: queued for a running slot, waiting for a worker
     thread, or waiting for a retry (those are also ``retrying``). ``discarded``
     counts tasks admitted by a request whose response never completed: they never
@@ -28,6 +28,9 @@ class TaskStats:
     cancelled and abandoned durable tasks kept in the journal for a later run, and
     ``unknown`` the journal's tasks whose name no durable task of this process has
     (found at startup; logged, and left in the journal).
+
+    With a streaq worker: ``handed_off`` counts the remote tasks its queue in Redis
+    acknowledged; from there, they are the workers' to run.
     """
 
     accepted: int = 0
@@ -48,11 +51,19 @@ class TaskStats:
     recovered: int = 0
     deferred: int = 0
     unknown: int = 0
+    handed_off: int = 0
 
     @property
     def finished(self) -> int:
         """Tasks that reached a final state."""
-        return self.completed + self.failed + self.timed_out + self.cancelled + self.abandoned
+        return (
+            self.completed
+            + self.failed
+            + self.timed_out
+            + self.cancelled
+            + self.abandoned
+            + self.handed_off
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,12 +72,13 @@ class ShutdownReport:
 
     The counts have the same names as in `TaskStats`; after a shutdown nothing is
     pending or running, so ``accepted == completed + failed + timed_out + cancelled +
-    abandoned``. ``unfinished`` names, one entry per task, the tasks the shutdown cut
+    abandoned + handed_off``. ``unfinished`` names, one entry per task, the tasks the shutdown cut
     short (cancelled before or while running, or abandoned in their thread); failed
     and timed-out tasks were logged when they ended. ``duration`` is how long the
     shutdown took, in seconds of trio's clock. With a journal, ``deferred`` counts the
     cancelled and abandoned durable tasks kept in it for the next start, and
-    ``recovered`` the accepted tasks that came from it.
+    ``recovered`` the accepted tasks that came from it. ``handed_off`` counts the
+    remote tasks given to a streaq worker's queue.
     """
 
     accepted: int
@@ -80,11 +92,12 @@ class ShutdownReport:
     duration: float
     deferred: int = 0
     recovered: int = 0
+    handed_off: int = 0
 
     @property
     def all_completed(self) -> bool:
-        """True when every accepted task ran to completion."""
-        return self.completed == self.accepted
+        """True when every accepted task ran to completion, or was handed off."""
+        return self.completed + self.handed_off == self.accepted
 
     def __str__(self) -> str:
         outcomes = [
@@ -95,6 +108,7 @@ class ShutdownReport:
                 ("timed out", self.timed_out),
                 ("cancelled", self.cancelled),
                 ("abandoned", self.abandoned),
+                ("handed off", self.handed_off),
             )
             if count
         ]

@@ -101,6 +101,7 @@ def combined(exits: Sequence[WorkerExit]) -> ShutdownReport:
         duration=max((report.duration for report in reports), default=0.0),
         deferred=sum(report.deferred for report in reports),
         recovered=sum(report.recovered for report in reports),
+        handed_off=sum(report.handed_off for report in reports),
     )
 
 

@@ -12,6 +12,7 @@ from typing import Any, ParamSpec, Protocol, final
 from ._callables import spec_of
 from ._durable import encode_arguments, needs_a_journal
 from ._errors import NurseryClosed
+from ._handoff import needs_a_handoff
 from ._inline import run_inline
 
 P = ParamSpec("P")
@@ -37,7 +38,9 @@ class Task:
         "kwargs",
         "name",
         "payload",
+        "remote",
         "retries",
+        "sent",
         "started_at",
         "stops_chain",
         "then",
@@ -72,6 +75,12 @@ class Task:
         if spec.durable and payload is None:
             self.payload = encode_arguments(spec.name, args, kwargs)
         self.journal_id: int | None = None
+        # A streaq task (run by a worker, elsewhere): its arguments checked as JSON now,
+        # and whether Redis has it.
+        self.remote = spec.remote
+        if self.remote is not None and payload is None:
+            self.payload = encode_arguments(spec.name, args, kwargs, kind="remote task")
+        self.sent = False
         self.attempt = 1  # which run this is: 2 once a first retry is due
         # The caller's context, copied when the task is deferred (collected by a
         # request, or queued); None while it may still be spawned from the caller. A
@@ -94,11 +103,11 @@ class Task:
 
 
 class TaskSink(Protocol):
-    """Where accepted tasks go: today the in-process `BackgroundNursery`.
+    """Where accepted tasks go: the in-process `BackgroundNursery`.
 
     This is the one seam between collecting tasks and running them: the nursery
-    keeps durable tasks in its journal (`commit`) before it runs them; a hand-off to
-    a distributed task engine plugs in here too.
+    keeps durable tasks in its journal (`commit`) before it runs them, and hands
+    remote tasks to their streaq worker's queue in Redis (`commit` too).
     """
 
     def admit(self, task: Task) -> None:
@@ -116,8 +125,9 @@ class TaskSink(Protocol):
         called from a worker thread."""
 
     async def commit(self, tasks: Sequence[Task]) -> None:
-        """Store the durable ones of ``tasks`` in the journal before the response
-        completes; `JournalError` if that fails. Called in trio's thread."""
+        """Store the durable ones of ``tasks`` in the journal, and hand the remote ones
+        to Redis, before the response completes; `JournalError` or `HandoffError` if
+        that fails. Called in trio's thread."""
 
 
 class BackgroundTasks:
@@ -137,7 +147,6 @@ class BackgroundTasks:
 
     __slots__ = (
         "_discarded_because",
-        "_durable",
         "_handed_off",
         "_lock",
         "_ordered",
@@ -145,6 +154,7 @@ class BackgroundTasks:
         "_sink",
         "_stop_on_failure",
         "_tasks",
+        "_uncommitted",
     )
 
     def __init__(self, tasks: Iterable[Any] | None = None) -> None:
@@ -173,7 +183,9 @@ class BackgroundTasks:
         self._owner = self  # others made in the same request point here
         self._sink = sink  # None: no middleware; run inline when awaited
         self._tasks: list[Task] = []
-        self._durable = 0  # how many of them are durable and not stored yet
+        # How many of them must be kept before the response completes and are not yet:
+        # durable tasks (stored in the journal) and remote ones (handed to Redis).
+        self._uncommitted = 0
         self._handed_off = False
         self._discarded_because: str | None = None
         self._ordered = ordered
@@ -258,6 +270,8 @@ class BackgroundTasks:
         if sink is None:  # no middleware: run inline when awaited
             if task.durable:
                 raise needs_a_journal(task.name, "no BackgroundTaskMiddleware serves this request")
+            if task.remote is not None:
+                raise needs_a_handoff(task.name, "no BackgroundTaskMiddleware serves this request")
             with self._lock:
                 self._tasks.append(task)
             return
@@ -267,7 +281,7 @@ class BackgroundTasks:
             discarded_because = self._discarded_because
             if not self._handed_off and discarded_because is None:
                 self._tasks.append(task)
-                self._durable += task.durable
+                self._uncommitted += task.durable or task.remote is not None
                 return
         # Too late to collect it (the sink hops to trio's thread if need be).
         if discarded_because is None:
@@ -281,12 +295,13 @@ class BackgroundTasks:
         return self._handed_off or self._discarded_because is not None
 
     async def _commit(self) -> None:
-        """Store the collected durable tasks in the journal (`JournalError` if that
-        fails): the response may complete once this returns."""
+        """Store the collected durable tasks in the journal and hand the remote ones to
+        Redis (`JournalError`, `HandoffError` if that fails): the response may complete
+        once this returns."""
         assert self._sink is not None
         with self._lock:
             tasks = list(self._tasks)
-            self._durable = 0  # (those added from now on are stored next time)
+            self._uncommitted = 0  # (those added from now on are kept next time)
         await self._sink.commit(tasks)
 
     def _hand_off(self) -> None:
@@ -301,10 +316,12 @@ class BackgroundTasks:
         assert self._sink is not None
         heads = tasks
         if self._ordered and len(tasks) > 1:
-            for task, successor in itertools.pairwise(tasks):
+            # Remote tasks run elsewhere, so only the tasks run here take turns.
+            local = [task for task in tasks if task.remote is None]
+            for task, successor in itertools.pairwise(local):
                 task.then = successor  # the sink starts it once ``task`` has ended
                 task.stops_chain = self._stop_on_failure
-            heads = tasks[:1]
+            heads = [task for task in tasks if task.remote is not None] + local[:1]
         try:
             self._sink.accept(heads)
         except NurseryClosed:

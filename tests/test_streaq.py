@@ -1,0 +1,279 @@
+"""Remote tasks, web side: handed to a streaq worker's queue in a real Redis before the
+response's body goes out, batched, counted, and never lost silently."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+import streaq
+import trio
+from conftest import StartupFailed, asgi_client, run_lifespan
+from redis_server import RedisServer
+
+import trio_bg
+import trio_bg.streaq
+from trio_bg._asgi import HANDOFF_FAILED_TEXT, ASGIApp
+from trio_bg._events import TaskEvent
+
+Handler = Callable[[trio_bg.BackgroundTasks], Any]
+
+
+def endpoint(handler: Handler) -> ASGIApp:
+    """A raw ASGI app whose requests call ``handler(current_tasks())``, then answer OK."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        handler(trio_bg.current_tasks())
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"OK"})
+
+    return app  # type: ignore[return-value]
+
+
+class Queue:
+    """A worker made the trio_bg way, with two remote tasks, and what its queue holds."""
+
+    def __init__(self, url: str) -> None:
+        self.worker = trio_bg.streaq.worker(url)
+        self.done: list[str] = []
+        self._changed = trio.Event()
+
+        @self.worker.task(name="tests.welcome")
+        async def welcome(address: str, *, name: str = "you") -> None:
+            self.done.append(f"{address} {name}")
+            self._changed.set()
+
+        self.welcome = welcome
+        self.look: streaq.Worker[Any]  # set by the fixture
+
+    async def wait_done(self, count: int) -> None:
+        while len(self.done) < count:
+            self._changed = trio.Event()
+            await self._changed.wait()
+
+    async def stored(self) -> list[dict[str, Any]]:
+        """The task data in Redis, read back raw (each must be JSON)."""
+        redis = self.look.redis
+        keys = await redis.keys(self.worker.task_key + "*")
+        return [json.loads(await redis.get(key)) for key in sorted(keys)]  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def queue(redis_server: RedisServer) -> AsyncIterator[Queue]:
+    queue = Queue(redis_server.url)
+    async with queue.worker._sender() as queue.look:  # the test's own connection
+        yield queue
+
+
+async def run_worker_until_empty(queue: Queue) -> None:
+    """Run ``queue``'s worker in this process, on trio, until its queue is empty."""
+    queue.worker.burst = True
+    with trio.fail_after(10):
+        await queue.worker.run_async()
+
+
+async def test_a_remote_task_reaches_redis_as_json_before_the_response(queue: Queue) -> None:
+    events: list[TaskEvent] = []
+    app = trio_bg.BackgroundTaskMiddleware(
+        endpoint(lambda tasks: tasks.add_task(queue.welcome, "a@example.com", name="Ann")),
+        streaq=queue.worker,
+        on_event=events.append,
+    )
+    async with run_lifespan(app), asgi_client(app) as client:
+        assert (await client.get("/")).text == "OK"
+        # Acknowledged by Redis before the body went out: there now, as JSON.
+        [data] = await queue.stored()
+        assert data["f"] == "tests.welcome"
+        assert (data["a"], data["k"]) == (["a@example.com"], {"name": "Ann"})
+        stats = app.nursery.stats
+        assert (stats.accepted, stats.handed_off, stats.pending, stats.running) == (1, 1, 0, 0)
+        assert stats.accepted == stats.finished
+    assert app.report.handed_off == 1
+    assert app.report.all_completed
+    assert "1 handed off" in str(app.report)
+    assert [(event.kind, event.outcome) for event in events] == [
+        ("accepted", None),
+        ("finished", "handed_off"),
+    ]
+
+
+async def test_a_worker_on_trio_runs_what_a_handler_added(queue: Queue) -> None:
+    app = trio_bg.BackgroundTaskMiddleware(
+        endpoint(lambda tasks: tasks.add_task(queue.welcome, "b@example.com")),
+        streaq=queue.worker,
+    )
+    async with run_lifespan(app), asgi_client(app) as client:
+        for _ in range(3):
+            assert (await client.get("/")).status_code == 200
+    await run_worker_until_empty(queue)
+    assert queue.done == ["b@example.com you"] * 3
+    assert await queue.stored() == []  # done: streaq removed the task data
+
+
+async def test_local_and_remote_tasks_in_one_request(queue: Queue) -> None:
+    ran: list[str] = []
+
+    async def local(what: str) -> None:
+        ran.append(what)
+
+    def handler(tasks: trio_bg.BackgroundTasks) -> None:
+        tasks.ordered = True
+        tasks.add_task(local, "first")
+        tasks.add_task(queue.welcome, "c@example.com")
+        tasks.add_task(local, "second")
+
+    app = trio_bg.BackgroundTaskMiddleware(endpoint(handler), streaq=queue.worker)
+    async with run_lifespan(app), asgi_client(app) as client:
+        await client.get("/")
+        await app.nursery.wait_idle()
+        stats = app.nursery.stats
+        assert (stats.completed, stats.handed_off) == (2, 1)
+    assert ran == ["first", "second"]  # the local ones still take turns
+    assert len(await queue.stored()) == 1
+
+
+async def test_concurrent_requests_share_a_round_trip(queue: Queue) -> None:
+    app = trio_bg.BackgroundTaskMiddleware(
+        endpoint(lambda tasks: tasks.add_task(queue.welcome, "d@example.com")),
+        streaq=queue.worker,
+    )
+    async with run_lifespan(app), asgi_client(app) as client:
+        handoff = app.nursery._handoff
+        assert handoff is not None
+        trips = 0
+        publish = handoff._publish
+
+        async def counted(tasks: Any, **options: Any) -> None:
+            nonlocal trips
+            trips += 1
+            await publish(tasks, **options)
+
+        handoff._publish = counted  # type: ignore[method-assign]
+        async with trio.open_nursery() as nursery:
+            for _ in range(50):
+                nursery.start_soon(client.get, "/")
+        assert app.nursery.stats.handed_off == 50
+    assert len(await queue.stored()) == 50
+    assert trips < 50 / 2  # each round trip carried the tasks gathered meanwhile
+
+
+async def test_bad_calls_fail_in_the_handler(queue: Queue) -> None:
+    errors: list[str] = []
+
+    def handler(tasks: trio_bg.BackgroundTasks) -> None:
+        for call in (
+            lambda: tasks.add_task(queue.welcome, object()),  # not JSON
+            lambda: tasks.add_task(queue.welcome, ("a", "b")),  # a tuple comes back a list
+            lambda: tasks.add_task(queue.welcome),  # a missing argument
+            lambda: tasks.add_task(queue.welcome, "x", nobody=1),  # type: ignore[call-arg]
+        ):
+            try:
+                call()
+            except TypeError as error:
+                errors.append(str(error))
+
+    app = trio_bg.BackgroundTaskMiddleware(endpoint(handler), streaq=queue.worker)
+    async with run_lifespan(app), asgi_client(app) as client:
+        assert (await client.get("/")).status_code == 200
+        assert app.nursery.stats.accepted == 0
+    assert len(errors) == 4
+    assert "argument 1 of remote task tests.welcome is not JSON (it holds a object)" in errors[0]
+    assert "would come back from JSON as a list, not a tuple" in errors[1]
+    assert "missing 1 required positional argument: 'address'" in errors[2]
+    assert "unexpected keyword argument 'nobody'" in errors[3]
+    assert await queue.stored() == []
+
+
+async def test_a_remote_task_needs_its_worker_given_to_the_nursery(queue: Queue) -> None:
+    other = trio_bg.streaq.worker("redis://127.0.0.1:1")
+
+    @other.task(name="tests.other")
+    async def elsewhere() -> None: ...
+
+    async with trio_bg.open_background_nursery() as nursery:
+        with pytest.raises(RuntimeError, match="hands off to no streaq worker: give its worker"):
+            nursery.start_soon(queue.welcome, "e@example.com")
+    async with trio_bg.open_background_nursery(streaq=queue.worker) as nursery:
+        with pytest.raises(RuntimeError, match="to another streaq worker"):
+            nursery.start_soon(elsewhere)
+
+
+def test_a_pickling_worker_is_refused() -> None:
+    pickling = streaq.Worker(redis_url="redis://127.0.0.1:1", anyio_backend="trio")
+    with pytest.raises(TypeError, match="unpickles what it reads"):
+        trio_bg.BackgroundTaskMiddleware(endpoint(lambda tasks: None), streaq=pickling)
+    with pytest.raises(TypeError, match="expected a streaq Worker"):
+        trio_bg.BackgroundTaskMiddleware(endpoint(lambda tasks: None), streaq="redis://")
+    with pytest.raises(TypeError, match="sets serializer itself"):
+        trio_bg.streaq.worker(serializer=json.dumps)
+
+
+async def test_a_nursery_started_outside_a_request_hands_off_too(queue: Queue) -> None:
+    async with trio_bg.open_background_nursery(streaq=queue.worker) as nursery:
+        nursery.start_soon(queue.welcome, "f@example.com")
+        await nursery._wait_drained()
+        assert nursery.stats.handed_off == 1
+    assert nursery.report.handed_off == 1
+    assert len(await queue.stored()) == 1
+
+
+async def test_redis_down_turns_the_response_into_a_503(
+    queue: Queue, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = trio_bg.BackgroundTaskMiddleware(
+        endpoint(lambda tasks: tasks.add_task(queue.welcome, "g@example.com")),
+        streaq=queue.worker,
+    )
+    async with run_lifespan(app), asgi_client(app) as client:
+        redis_server.kill()
+        response = await client.get("/")
+        assert response.status_code == 503
+        assert response.text == HANDOFF_FAILED_TEXT
+        stats = app.nursery.stats
+        assert (stats.accepted, stats.discarded, stats.handed_off) == (0, 1, 0)
+        redis_server.start()  # back: hand-offs work again (streaq's functions reloaded)
+        assert (await client.get("/")).status_code == 200
+        assert app.nursery.stats.handed_off == 1
+    assert "Redis did not take 1 task(s)" in caplog.text
+    assert "discarded 1 background task(s)" in caplog.text
+
+
+async def test_a_streaming_response_is_aborted_when_redis_is_down(
+    queue: Queue, redis_server: RedisServer
+) -> None:
+    async def streaming(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"part", "more_body": True})
+        trio_bg.current_tasks().add_task(queue.welcome, "h@example.com")
+        redis_server.kill()
+        await send({"type": "http.response.body", "body": b"end"})
+
+    app = trio_bg.BackgroundTaskMiddleware(streaming, streaq=queue.worker)  # type: ignore[arg-type]
+    async with run_lifespan(app), asgi_client(app) as client:
+        with pytest.raises(trio_bg.HandoffError, match="Redis did not take 1 task"):
+            await client.get("/")
+        assert app.nursery.stats.discarded == 1
+
+
+async def test_redis_unreachable_fails_the_startup(redis_server: RedisServer) -> None:
+    queue = Queue(redis_server.url)
+    redis_server.kill()
+    app = trio_bg.BackgroundTaskMiddleware(endpoint(lambda tasks: None), streaq=queue.worker)
+    with pytest.raises(StartupFailed, match="cannot reach Redis for streaq queue 'default'"):
+        async with run_lifespan(app):
+            pass
+
+
+async def test_no_arguments_are_logged(queue: Queue, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="trio_bg")
+    app = trio_bg.BackgroundTaskMiddleware(
+        endpoint(lambda tasks: tasks.add_task(queue.welcome, "secret@example.com")),
+        streaq=queue.worker,
+    )
+    async with run_lifespan(app), asgi_client(app) as client:
+        await client.get("/")
+    assert "tests.welcome" in caplog.text
+    assert "secret" not in caplog.text

@@ -1,0 +1,173 @@
+"""The hand-off of remote tasks to a streaq worker's queue in Redis, in batches: every
+task handed over while one batch is on its way goes in the next, one round trip."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, final
+
+import trio
+
+from ._errors import HandoffError
+
+if TYPE_CHECKING:
+    from streaq import Worker
+
+    from ._tasks import Task
+
+logger = logging.getLogger("trio_bg")
+
+SEND_TIMEOUT = 5.0
+"""Seconds a batch may take to reach Redis before its tasks count as not handed off."""
+
+
+@final
+class _Shipment:
+    """Tasks gathered for one round trip, and the requests waiting on it."""
+
+    __slots__ = ("done", "error", "tasks")
+
+    def __init__(self) -> None:
+        self.tasks: list[Task] = []
+        self.done = trio.Event()
+        self.error: HandoffError | None = None
+
+
+class Handoff:
+    """Sends remote tasks to their streaq worker's queue: `send` returns once Redis has
+    them (`HandoffError` if it cannot take them). `run` holds the connection."""
+
+    def __init__(self, worker: Worker[Any]) -> None:
+        from .streaq import _Worker
+
+        assert isinstance(worker, _Worker)  # (checked with the nursery's options)
+        self.worker = worker._sender()  # the app's own worker may run in this process
+        self._open: _Shipment | None = None  # the next batch, gathering tasks
+        self._on_its_way: _Shipment | None = None
+        self._wake = trio.Event()
+        self._closed = False
+
+    async def send(self, tasks: Sequence[Task]) -> None:
+        """Hand ``tasks`` to Redis: return once it acknowledged them, or raise
+        `HandoffError`. Not cancellable: a round trip is short (and bounded by
+        `SEND_TIMEOUT`), and waiting it out keeps the books exact."""
+        if self._closed:
+            raise HandoffError("the hand-off to Redis has closed")
+        shipment = self._open
+        if shipment is None:
+            shipment = self._open = _Shipment()
+            self._wake.set()
+        shipment.tasks.extend(tasks)
+        with trio.CancelScope(shield=True):
+            await shipment.done.wait()
+        if shipment.error is not None:
+            raise shipment.error
+
+    def close(self) -> None:
+        """Stop once the batches handed over so far are delivered."""
+        self._closed = True
+        self._wake.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[Handoff]) -> None:
+        """Connect (`HandoffError` if Redis cannot be reached), then send batches until
+        `close`. Cancelled, the waiting requests hear that their tasks were not sent."""
+        connected = False
+        try:
+            async with self.worker:
+                connected = True
+                task_status.started(self)
+                await self._ship()
+        except Exception as error:  # (a group, from streaq's task groups)
+            if connected:
+                raise
+            raise HandoffError(
+                f"cannot reach Redis for streaq queue {self.worker.queue_name!r}: "
+                f"{_describe(error)}"
+            ) from None
+        finally:
+            self._closed = True
+            for shipment in (self._on_its_way, self._open):
+                if shipment is not None and not shipment.done.is_set():
+                    shipment.error = HandoffError("the hand-off was cancelled")
+                    shipment.done.set()
+
+    async def _ship(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            shipment, self._open = self._open, None
+            if shipment is None:
+                if self._closed:
+                    return
+                continue
+            self._on_its_way = shipment
+            try:
+                with trio.fail_after(SEND_TIMEOUT):
+                    await self._publish(shipment.tasks)
+            except trio.TooSlowError:
+                shipment.error = HandoffError(
+                    f"Redis did not take {len(shipment.tasks)} task(s) within {SEND_TIMEOUT}s"
+                )
+            except Exception as error:  # (groups too: see _describe)
+                shipment.error = HandoffError(
+                    f"Redis did not take {len(shipment.tasks)} task(s): {_describe(error)}"
+                )
+            if shipment.error is not None:
+                logger.error("%s", shipment.error)
+            self._on_its_way = None
+            shipment.done.set()
+            if self._closed and self._open is None:
+                return
+
+    async def _publish(self, tasks: Sequence[Task], *, reloaded: bool = False) -> None:
+        from coredis.exceptions import ResponseError
+        from streaq.task import Task as StreaqTask
+        from streaq.types import Streaq
+        from streaq.utils import now_ms
+
+        worker = self.worker
+        now = now_ms()
+        try:
+            async with worker.redis.pipeline(transaction=False) as pipe:
+                library = Streaq(pipe)
+                for task in tasks:
+                    job: StreaqTask[..., Any] = StreaqTask(
+                        task.args, task.kwargs, task.remote, worker
+                    )
+                    data = worker.serializer(
+                        {"f": task.name, "a": task.args, "k": task.kwargs, "t": now}
+                    )
+                    worker.publish_task(pipe, job, data, now, lib=library)
+        except ResponseError as error:
+            # A Redis restarted without persistence has lost streaq's functions.
+            if reloaded or "function not found" not in str(error).lower():
+                raise
+            await self._load_library()
+            await self._publish(tasks, reloaded=True)
+
+    async def _load_library(self) -> None:
+        import streaq
+        from streaq.types import Streaq
+
+        code = await trio.Path(Path(streaq.__file__).parent / "lua" / "streaq.lua").read_text()
+        self.worker._lib = await Streaq(self.worker.redis, code=code, replace=True)
+        logger.warning("Redis had lost streaq's functions (restarted?): loaded them again")
+
+
+def needs_a_handoff(name: str, where: str) -> RuntimeError:
+    """The error for a remote task added where nothing hands it to its worker."""
+    return RuntimeError(
+        f"{name} is a streaq task, and {where}: give its worker to the nursery with "
+        f"streaq=worker (BackgroundTaskMiddleware, trio_bg.serve, open_background_nursery, "
+        f"the integrations)"
+    )
+
+
+def _describe(error: BaseException) -> str:
+    """What went wrong, from the innermost errors of any group (streaq's task groups
+    wrap coredis's errors)."""
+    if isinstance(error, BaseExceptionGroup):
+        return "; ".join(_describe(inner) for inner in error.exceptions)
+    return f"{type(error).__name__}: {error}"

@@ -118,6 +118,6 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 @pytest.fixture
 def durable_redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     """A fresh Redis whose data survives `RedisServer.stop` and `RedisServer.start`."""
-    directory = tmp_path / "redis"
+    directory = tmp_path / "durable-redis"
     directory.mkdir()
     yield from redis_server_or_skip(directory, appendonly=True)

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, closing
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -61,10 +64,22 @@ class Queue:
         return [json.loads(await redis.get(key)) for key in sorted(keys)]  # type: ignore[arg-type]
 
 
+@asynccontextmanager
+async def looking_into(url: str) -> AsyncIterator[Queue]:
+    queue = Queue(url)
+    async with queue.worker._sender() as queue.look:  # the test's own connection
+        yield queue
+
+
 @pytest.fixture
 async def queue(redis_server: RedisServer) -> AsyncIterator[Queue]:
-    queue = Queue(redis_server.url)
-    async with queue.worker._sender() as queue.look:  # the test's own connection
+    async with looking_into(redis_server.url) as queue:
+        yield queue
+
+
+@pytest.fixture
+async def durable_queue(durable_redis_server: RedisServer) -> AsyncIterator[Queue]:
+    async with looking_into(durable_redis_server.url) as queue:
         yield queue
 
 
@@ -277,3 +292,110 @@ async def test_no_arguments_are_logged(queue: Queue, caplog: pytest.LogCaptureFi
         await client.get("/")
     assert "tests.welcome" in caplog.text
     assert "secret" not in caplog.text
+
+
+# -- with a journal: the outbox --------------------------------------------------------
+
+
+def journal_rows(path: Path) -> list[tuple[str, str]]:
+    with closing(sqlite3.connect(path)) as connection:
+        return connection.execute("SELECT name, arguments FROM tasks ORDER BY id").fetchall()
+
+
+class HandedOff:
+    """An ``on_event`` hook: `wait_for` returns once ``count`` tasks were handed off."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._changed = trio.Event()
+
+    def __call__(self, event: TaskEvent) -> None:
+        if event.outcome == "handed_off":
+            self.count += 1
+            self._changed.set()
+
+    async def wait_for(self, count: int) -> None:
+        with trio.fail_after(10):
+            while self.count < count:
+                self._changed = trio.Event()
+                await self._changed.wait()
+
+
+async def test_with_a_journal_redis_down_loses_nothing(
+    durable_queue: Queue, durable_redis_server: RedisServer, tmp_path: Path
+) -> None:
+    queue = durable_queue
+    path = tmp_path / "tasks.db"
+    handed_off = HandedOff()
+    app = trio_bg.BackgroundTaskMiddleware(
+        endpoint(lambda tasks: tasks.add_task(queue.welcome, "i@example.com")),
+        streaq=queue.worker,
+        journal=path,
+        on_event=handed_off,
+    )
+    async with run_lifespan(app), asgi_client(app) as client:
+        assert (await client.get("/")).status_code == 200
+        await handed_off.wait_for(1)
+        durable_redis_server.stop()
+        for _ in range(3):  # Redis is down: the journal keeps them, the answers are 200
+            assert (await client.get("/")).status_code == 200
+        assert journal_rows(path) == [("streaq:tests.welcome", '[["i@example.com"],{}]')] * 3
+        stats = app.nursery.stats
+        assert (stats.accepted, stats.pending, stats.handed_off) == (4, 3, 1)
+        durable_redis_server.start()  # forwarding resumes on its own
+        await handed_off.wait_for(4)
+    assert app.report.handed_off == 4
+    assert journal_rows(path) == []
+    assert len(await queue.stored()) == 4
+
+
+async def test_with_a_journal_the_backlog_is_bounded(
+    queue: Queue, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    app = trio_bg.BackgroundTaskMiddleware(
+        endpoint(lambda tasks: tasks.add_task(queue.welcome, "j@example.com")),
+        streaq=queue.worker,
+        journal=tmp_path / "tasks.db",
+        max_running=1,
+        max_pending=2,
+        grace_period=0,
+    )
+    async with run_lifespan(app), asgi_client(app) as client:
+        redis_server.kill()
+        statuses = [(await client.get("/")).status_code for _ in range(5)]
+        assert statuses == [200, 200, 200, 503, 503]  # room for 3 (1 running + 2 pending)
+        assert app.nursery.stats.rejected == 2
+    assert (app.report.cancelled, app.report.deferred) == (3, 3)
+
+
+async def test_what_was_not_forwarded_at_shutdown_goes_at_the_next_start(
+    queue: Queue, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    path = tmp_path / "tasks.db"
+
+    handed_off = HandedOff()
+
+    def make_app() -> trio_bg.BackgroundTaskMiddleware:
+        return trio_bg.BackgroundTaskMiddleware(
+            endpoint(lambda tasks: tasks.add_task(queue.welcome, "k@example.com")),
+            streaq=queue.worker,
+            journal=path,
+            grace_period=0.2,
+            on_event=handed_off,
+        )
+
+    redis_server.kill()
+    first = make_app()
+    async with run_lifespan(first), asgi_client(first) as client:  # starts without Redis
+        for _ in range(2):
+            assert (await client.get("/")).status_code == 200
+    assert (first.report.accepted, first.report.cancelled, first.report.deferred) == (2, 2, 2)
+    assert len(journal_rows(path)) == 2
+
+    redis_server.start()
+    second = make_app()
+    async with run_lifespan(second):
+        await handed_off.wait_for(2)
+    assert (second.report.recovered, second.report.handed_off) == (2, 2)
+    assert journal_rows(path) == []
+    assert len(await queue.stored()) == 2

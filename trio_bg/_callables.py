@@ -190,9 +190,9 @@ class CallSpec:
         if self.remote is not None:
             # Registered on a streaq worker, it runs there; its timeout and retries are
             # streaq's. Only its call is checked here.
-            self.name = self.remote.fn_name
+            self.name: str = self.remote.fn_name
             self.is_async = True
-            self.timeout = None
+            self.timeout: float | None = None
             self.retries = 0
             self.backoff = _DEFAULT_BACKOFF
             self.durable = False

@@ -22,6 +22,11 @@ logger = logging.getLogger("trio_bg")
 SEND_TIMEOUT = 5.0
 """Seconds a batch may take to reach Redis before its tasks count as not handed off."""
 
+RETRY_FIRST = 0.1
+RETRY_MAX = 5.0
+"""Seconds between tries to reach Redis while a journal keeps the tasks: the first
+wait, doubling up to the last."""
+
 
 @final
 class _Shipment:
@@ -43,10 +48,13 @@ class Handoff:
         from .streaq import _Worker
 
         assert isinstance(worker, _Worker)  # (checked with the nursery's options)
+        self._origin = worker
         self.worker = worker._sender()  # the app's own worker may run in this process
         self._open: _Shipment | None = None  # the next batch, gathering tasks
         self._on_its_way: _Shipment | None = None
         self._wake = trio.Event()
+        self._connected = False
+        self._on_connect = trio.Event()
         self._closed = False
 
     async def send(self, tasks: Sequence[Task]) -> None:
@@ -55,6 +63,8 @@ class Handoff:
         `SEND_TIMEOUT`), and waiting it out keeps the books exact."""
         if self._closed:
             raise HandoffError("the hand-off to Redis has closed")
+        if not self._connected:
+            raise HandoffError(f"not connected to Redis for {self._describe_queue()} yet")
         shipment = self._open
         if shipment is None:
             shipment = self._open = _Shipment()
@@ -65,33 +75,65 @@ class Handoff:
         if shipment.error is not None:
             raise shipment.error
 
+    async def wait_connected(self) -> None:
+        """Return once connected to Redis (at once if it is)."""
+        if not self._connected:
+            await self._on_connect.wait()
+
     def close(self) -> None:
         """Stop once the batches handed over so far are delivered."""
         self._closed = True
         self._wake.set()
 
-    async def run(self, *, task_status: trio.TaskStatus[Handoff]) -> None:
-        """Connect (`HandoffError` if Redis cannot be reached), then send batches until
-        `close`. Cancelled, the waiting requests hear that their tasks were not sent."""
-        connected = False
+    async def run(self, *, patient: bool, task_status: trio.TaskStatus[Handoff]) -> None:
+        """Connect, then send batches until `close`; a lost connection is made again.
+        Not ``patient``, the first connection must succeed (else `HandoffError`);
+        ``patient`` (a journal keeps the tasks meanwhile), it starts at once and
+        connects when it can. Cancelled, the waiting requests hear that their tasks
+        were not sent."""
+        started = patient
+        if patient:
+            task_status.started(self)
+        delay = 0.0
         try:
-            async with self.worker:
-                connected = True
-                task_status.started(self)
-                await self._ship()
-        except Exception as error:  # (a group, from streaq's task groups)
-            if connected:
-                raise
-            raise HandoffError(
-                f"cannot reach Redis for streaq queue {self.worker.queue_name!r}: "
-                f"{_describe(error)}"
-            ) from None
+            while not self._closed:
+                try:
+                    async with self.worker:
+                        self._connected = True
+                        self._on_connect.set()
+                        if not started:
+                            started = True
+                            task_status.started(self)
+                        delay = 0.0
+                        await self._ship()
+                except Exception as error:  # (a group, from streaq's task groups)
+                    problem = f"Redis for {self._describe_queue()}: {_describe(error)}"
+                    if not started:
+                        raise HandoffError(f"cannot reach {problem}") from None
+                    if self._closed:  # (closing the connection failed: it is over anyway)
+                        logger.warning("closing the connection to %s", problem)
+                        return
+                    self._connected = False
+                    self._on_connect = trio.Event()
+                    self._fail_waiting(HandoffError(f"lost {problem}"))
+                    delay = min(max(2 * delay, RETRY_FIRST), RETRY_MAX)
+                    logger.error("lost or cannot reach %s; trying again in %.3gs", problem, delay)
+                    await trio.sleep(delay)
+                    self.worker = self._origin._sender()  # (a worker is entered only once)
         finally:
             self._closed = True
-            for shipment in (self._on_its_way, self._open):
-                if shipment is not None and not shipment.done.is_set():
-                    shipment.error = HandoffError("the hand-off was cancelled")
-                    shipment.done.set()
+            self._fail_waiting(HandoffError("the hand-off to Redis was cancelled"))
+
+    def _fail_waiting(self, error: HandoffError) -> None:
+        """Tell whoever waits on a batch not delivered that its tasks were not sent."""
+        for shipment in (self._on_its_way, self._open):
+            if shipment is not None and not shipment.done.is_set():
+                shipment.error = error
+                shipment.done.set()
+        self._on_its_way = self._open = None
+
+    def _describe_queue(self) -> str:
+        return f"streaq queue {self.worker.queue_name!r}"
 
     async def _ship(self) -> None:
         while True:

@@ -35,6 +35,15 @@ LAZY_COMMIT = 0.05
 """Seconds work that nobody waits on (removing the rows of done tasks) waits for work
 that someone does, to share its commit: each commit costs a sync to the disk."""
 
+REMOTE_PREFIX = "streaq:"
+"""How a journal row names a remote task (kept until Redis has it): before its name."""
+
+
+def row_name(task: Task) -> str:
+    """The name of ``task``'s row: its own, or, for a remote task, prefixed."""
+    return task.name if task.remote is None else REMOTE_PREFIX + task.name
+
+
 _Run = Callable[[sqlite3.Connection], Any]
 _Kind = Literal["store", "remove"]
 
@@ -274,7 +283,7 @@ class Journal:
 
     def _store(self, batch: _Batch, connection: sqlite3.Connection) -> None:
         tasks: list[Task] = batch.items
-        rows = [(task.name, task.payload or "[[],{}]", task.attempt) for task in tasks]
+        rows = [(row_name(task), task.payload or "[[],{}]", task.attempt) for task in tasks]
         ids = journal_file.append(connection, self._owner, rows)
         for task, journal_id in zip(tasks, ids, strict=True):
             task.journal_id = journal_id  # read in trio's thread once the batch is settled

@@ -21,7 +21,7 @@ from ._durable import decode_arguments, needs_a_journal, registered, registered_
 from ._errors import HandoffError, JournalError, NurseryClosed, Overloaded
 from ._events import EventKind, Outcome, TaskEvent
 from ._handoff import Handoff, needs_a_handoff
-from ._journal import Journal
+from ._journal import REMOTE_PREFIX, Journal
 from ._journal_file import Row
 from ._options import NurseryOptions, Settings
 from ._report import ShutdownReport, TaskStats
@@ -100,9 +100,13 @@ class BackgroundNursery:
         self._backlog = False
         self._feed_wake = trio.Event()
         # With a streaq worker: what sends remote tasks to its queue (set by
-        # open_nursery), and how many it did.
+        # open_nursery), and how many it did. With a journal too, the journal is the
+        # outbox: remote tasks are stored, then wait (pending) in _outbox until the
+        # forwarder has handed them off.
         self._handoff: Handoff | None = None
         self._handed_off = 0
+        self._outbox: deque[Task] = deque()
+        self._outbox_wake = trio.Event()
 
     # -- taking work ---------------------------------------------------------------
 
@@ -158,7 +162,7 @@ class BackgroundNursery:
             raise NurseryClosed("the background nursery has shut down")
         observed = self._observed()
         for task in tasks:
-            if (task.durable and task.journal_id is None) or (task.remote and not task.sent):
+            if _not_kept(task):
                 # Added outside a request, or after its response: kept first.
                 self._nursery.start_soon(self._commit_then_accept, task, name=task.name)
                 continue
@@ -166,23 +170,25 @@ class BackgroundNursery:
                 task.accepted_at = trio.current_time()
                 self._emit("accepted", task)
             self._accepted += 1
-            if task.remote is not None:
+            if task.remote is None:
+                self._place(task, observed)
+            elif task.sent:
                 self._end(task, "handed_off", observed)  # Redis has it: the workers' now
             else:
-                self._place(task, observed)
+                self._to_forward(task, observed)
 
     async def commit(self, tasks: Sequence[Task]) -> None:
         """Store the durable ones of ``tasks`` in the journal, and hand the remote ones
-        to Redis (part of `TaskSink`)."""
-        durable = [task for task in tasks if task.durable and task.journal_id is None]
-        if durable:
-            assert self._journal is not None  # (admit refuses them without one)
-            await self._journal.append(durable)
-        remote = [task for task in tasks if task.remote is not None and not task.sent]
-        if remote:
+        to Redis, or, with a journal, store them in it too (part of `TaskSink`)."""
+        unkept = [task for task in tasks if _not_kept(task)]
+        if self._journal is not None:
+            if unkept:
+                await self._journal.append(unkept)
+            return
+        if unkept:
             assert self._handoff is not None  # (admit refuses them without one)
-            await self._handoff.send(remote)
-            for task in remote:
+            await self._handoff.send(unkept)  # (remote ones: admit refuses durable ones)
+            for task in unkept:
                 task.sent = True
 
     async def _commit_then_accept(self, task: Task) -> None:
@@ -206,6 +212,51 @@ class BackgroundNursery:
             if task.context is None:
                 task.context = contextvars.copy_context()
             self._queue.append(task)
+
+    def _to_forward(self, task: Task, observed: bool) -> None:
+        """A remote task stored in the journal: pending until the forwarder sent it."""
+        if self._nursery.cancel_scope.cancel_called:
+            self._end(task, "cancelled", observed)  # past the grace period: kept for later
+            return
+        self._pending += 1
+        self._outbox.append(task)
+        self._outbox_wake.set()
+
+    async def _forward(self, handoff: Handoff) -> None:
+        """Hand the journal's remote tasks to Redis, in batches, in order; while Redis
+        cannot take them they wait (pending, in the journal), and it tries again."""
+        delay = 0.0
+        while True:
+            while not self._outbox:
+                self._outbox_wake = trio.Event()
+                await self._outbox_wake.wait()
+            await handoff.wait_connected()
+            batch = [self._outbox.popleft() for _ in range(min(len(self._outbox), _SEND_BATCH))]
+            try:
+                await handoff.send(batch)
+            except HandoffError as error:
+                if self._nursery.cancel_scope.cancel_called:
+                    self._forwarded(batch, "cancelled")
+                    return
+                self._outbox.extendleft(reversed(batch))  # first in line, still
+                if not delay:
+                    logger.warning(
+                        "remote tasks wait in the journal until Redis takes them (%s)", error
+                    )
+                delay = min(max(2 * delay, _FORWARD_FIRST), _FORWARD_MAX)
+                await trio.sleep(delay)
+                continue
+            if delay:
+                logger.warning("Redis takes remote tasks again: the journal's are on their way")
+                delay = 0.0
+            self._forwarded(batch, "handed_off")
+
+    def _forwarded(self, batch: list[Task], outcome: Outcome) -> None:
+        observed = self._observed()
+        for task in batch:
+            task.sent = outcome == "handed_off"
+            self._pending -= 1
+            self._end(task, outcome, observed)
 
     def _cancel_unstarted(self, task: Task, observed: bool, *, accepting: bool = False) -> None:
         """``task``, accepted past the grace period (or skipped: ``accepting`` it
@@ -387,6 +438,13 @@ class BackgroundNursery:
             task = self._queue.popleft()
             self._pending -= 1
             self._end(task, "cancelled", observed)
+        if self._outbox:  # (a batch on its way is the forwarder's to settle)
+            logger.warning(
+                "%d remote task(s) not yet handed to Redis stay in the journal for the next start",
+                len(self._outbox),
+            )
+            self._forwarded(list(self._outbox), "cancelled")
+            self._outbox.clear()
         self._nursery.cancel_scope.cancel()
 
     def _finish(self) -> ShutdownReport:
@@ -593,7 +651,7 @@ class BackgroundNursery:
         by the shutdown (its row stays, for the next start)."""
         journal = self._journal
         assert journal is not None
-        if outcome == "completed":
+        if outcome in ("completed", "handed_off"):
             journal.remove((journal_id,))
         elif outcome == "failed":
             journal.bury(journal_id, f"attempt {task.attempt}: {error!r}")
@@ -730,7 +788,7 @@ class BackgroundNursery:
         deferred by a draining process, or of a process that died): first as many as
         there is room for, before the nursery is reported started; then, until the
         shutdown, whenever room frees up while more wait, and every poll interval."""
-        names = registered_names()
+        names = self._journal_names()
         unknown = await journal.unknown(names)
         if unknown:
             self._unknown = sum(unknown.values())
@@ -761,7 +819,7 @@ class BackgroundNursery:
         room = limit - (self._admitted - self._released)
         while room > 0 and not self._closed:
             asked = min(room, _CLAIM_BATCH)
-            rows = await journal.claim(registered_names(), asked)
+            rows = await journal.claim(self._journal_names(), asked)
             for row in rows:
                 self._take_from_journal(journal, row)
             if len(rows) < asked:
@@ -770,8 +828,20 @@ class BackgroundNursery:
             room -= asked
         self._backlog = True  # more may wait: a task's end starts the next round
 
+    def _journal_names(self) -> list[str]:
+        """The names of the journal's rows this process can run (or hand off)."""
+        names = registered_names()
+        if self._handoff is not None:
+            names += [REMOTE_PREFIX + name for name in self._handoff.worker.registry]
+        return names
+
     def _take_from_journal(self, journal: Journal, row: Row) -> None:
-        func = registered(row.name)
+        func: Callable[..., Any] | None
+        if row.name.startswith(REMOTE_PREFIX):
+            assert self._handoff is not None  # (only known names are claimed)
+            func = self._handoff.worker.registry.get(row.name.removeprefix(REMOTE_PREFIX))
+        else:
+            func = registered(row.name)
         try:
             assert func is not None  # (only known names are claimed)
             args, kwargs = decode_arguments(row.arguments)
@@ -813,6 +883,20 @@ class BackgroundNursery:
 
 _CLAIM_BATCH = 1_000
 """Journal rows claimed in one transaction, at most."""
+
+_SEND_BATCH = 1_000
+"""Remote tasks the forwarder hands to Redis in one round trip, at most."""
+
+_FORWARD_FIRST = 0.1
+_FORWARD_MAX = 5.0
+"""Seconds the forwarder waits before it tries Redis again: the first wait, doubling
+up to the last."""
+
+
+def _not_kept(task: Task) -> bool:
+    """Whether ``task`` must be stored in the journal (or handed to Redis) before it is
+    accepted, and is not yet."""
+    return (task.durable or task.remote is not None) and task.journal_id is None and not task.sent
 
 
 def _split_cancellation(exc: BaseException) -> tuple[BaseException | None, BaseException | None]:
@@ -881,9 +965,12 @@ async def open_nursery(
     try:
         async with trio.open_nursery() as host_nursery:
             if settings.streaq is not None:
-                nursery._handoff = await host_nursery.start(Handoff(settings.streaq).run)
+                run = partial(Handoff(settings.streaq).run, patient=journal is not None)
+                nursery._handoff = await host_nursery.start(run)
             await host_nursery.start(nursery._host)
             if journal is not None:
+                if nursery._handoff is not None:
+                    nursery._nursery.start_soon(nursery._forward, nursery._handoff)
                 await nursery._nursery.start(nursery._feed, journal)
             host_nursery.start_soon(
                 partial(nursery._shut_down_when_stopped, raise_fatal=raise_fatal)

@@ -12,8 +12,10 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from redis_server import RedisServer
 
 import trio_bg
+import trio_bg.streaq
 from trio_bg._asgi import Receive, Scope, Send
 from trio_bg.testing import open_test_client
 
@@ -134,3 +136,36 @@ async def test_no_spans_without_the_option(spans: InMemorySpanExporter) -> None:
 def test_tracing_must_be_a_bool() -> None:
     with pytest.raises(TypeError, match="tracing must be True or False"):
         trio_bg.BackgroundTaskMiddleware(lambda *a: None, tracing="yes")  # type: ignore[arg-type]
+
+
+async def test_a_remote_task_takes_the_trace_to_its_worker(
+    spans: InMemorySpanExporter, redis_server: RedisServer
+) -> None:
+    tracer = trace.get_tracer("the app")
+    worker = trio_bg.streaq.worker(redis_server.url)
+
+    @worker.task(name="tests.remote_traced")
+    async def remote_traced() -> None:
+        with tracer.start_as_current_span("inside"):
+            await trio.lowlevel.checkpoint()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        with tracer.start_as_current_span("request"):
+            trio_bg.current_tasks().add_task(remote_traced)
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+    middleware = trio_bg.BackgroundTaskMiddleware(app, tracing=True, streaq=worker)
+    async with open_test_client(middleware) as client:
+        await client.get("/")
+    worker.burst = True  # the worker, in this process: it stops once the queue is empty
+    with trio.fail_after(10):
+        await worker.run_async()
+
+    found = by_name(spans)
+    request, remote = found["request"], found["remote task tests.remote_traced"]
+    assert remote.parent is not None and remote.parent.span_id == request.context.span_id
+    assert remote.context.trace_id == request.context.trace_id
+    assert remote.kind is trace.SpanKind.CONSUMER
+    assert found["inside"].parent is not None
+    assert found["inside"].parent.span_id == remote.context.span_id

@@ -178,9 +178,10 @@ class Handoff:
                     job: StreaqTask[..., Any] = StreaqTask(
                         task.args, task.kwargs, task.remote, worker
                     )
-                    data = worker.serializer(
-                        {"f": task.name, "a": task.args, "k": task.kwargs, "t": now}
-                    )
+                    record = {"f": task.name, "a": task.args, "k": task.kwargs, "t": now}
+                    if task.trace is not None:
+                        record["trio_bg"] = {"trace": task.trace}
+                    data = worker.serializer(record)
                     worker.publish_task(pipe, job, data, now, lib=library)
         except ResponseError as error:
             # A Redis restarted without persistence has lost streaq's functions.

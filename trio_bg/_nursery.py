@@ -134,6 +134,8 @@ class BackgroundNursery:
                 else f"this background nursery hands off to another streaq worker "
                 f"(queue {self._settings.streaq.queue_name!r})",
             )
+        if task.remote is not None and self._tracer is not None:
+            task.trace = self._tracer.carrier()  # (the caller's, the request's, context)
         with self._admission_lock:
             if self._closed:
                 raise NurseryClosed(

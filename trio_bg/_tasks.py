@@ -46,6 +46,7 @@ class Task:
         "then",
         "thread_started",
         "timeout",
+        "trace",
     )
 
     def __init__(
@@ -81,6 +82,7 @@ class Task:
         if self.remote is not None and payload is None:
             self.payload = encode_arguments(spec.name, args, kwargs, kind="remote task")
         self.sent = False
+        self.trace: dict[str, str] | None = None  # the trace context it takes along
         self.attempt = 1  # which run this is: 2 once a first retry is due
         # The caller's context, copied when the task is deferred (collected by a
         # request, or queued); None while it may still be spawned from the caller. A

@@ -6,8 +6,10 @@ The span is a child of what was current when the task was added (the request's s
 say): one trace shows the request and the work it left behind. It carries the task's
 name, the attempt, how long it waited, its outcome and how long it ran; a failed or
 timed-out attempt sets the span's status to error (a failure is recorded as an exception
-event). Only the API package is needed (``pip install "trio-bg[opentelemetry]"``); with
-no SDK set up the spans cost next to nothing.
+event). A remote task takes the trace context to its streaq worker, whose span for it
+is then a child of the same request (see trio_bg.streaq). Only the API package is
+needed (``pip install "trio-bg[opentelemetry]"``); with no SDK set up the spans cost
+next to nothing.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 try:
-    from opentelemetry import trace
+    from opentelemetry import propagate, trace
 except ImportError as error:  # pragma: no cover -- the extra is not installed
     raise ImportError(
         'tracing=True needs OpenTelemetry\'s API: pip install "trio-bg[opentelemetry]"'
@@ -55,6 +57,13 @@ class TaskTracer:
                 yield
             finally:
                 _current.reset(token)
+
+    def carrier(self) -> dict[str, str] | None:
+        """The current trace context as W3C headers (None if there is none), for a
+        remote task to take to its worker."""
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)
+        return carrier or None
 
     def record(self, task: Task, event: TaskEvent) -> None:
         """Put ``event`` on ``task``'s span, if this is the task's own context."""

@@ -22,13 +22,17 @@ worker, which runs it again. Make remote tasks idempotent (README, Remote tasks)
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import json
 import logging
 import pickle
+import sys
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from streaq import Worker
+from streaq import task as streaq_task
 from streaq.types import StreamMessage, StreaqError
 
 __all__ = ["DEFAULT_GRACE_PERIOD", "DEFAULT_IDLE_TIMEOUT", "check_worker", "worker"]
@@ -70,7 +74,7 @@ def worker(
                 f"trio_bg.streaq.worker() sets {name} itself: trio_bg's workers run on "
                 f"trio and keep tasks as JSON"
             )
-    return _Worker(
+    made = _Worker(
         redis_url,
         idle_timeout=idle_timeout,
         grace_period=grace_period,
@@ -79,6 +83,8 @@ def worker(
         deserializer=json.loads,
         **options,
     )
+    made.middleware(_traced)
+    return made
 
 
 def check_worker(worker: object) -> None:
@@ -151,6 +157,37 @@ def _as_json(value: object) -> object:
     return repr(value)
 
 
+# The trace context a task was handed off with (None: none), from its data in Redis to
+# the middleware around its run: set as its consumer reads the data, in the same task.
+_trace_carrier: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
+    "trio_bg.streaq.trace_carrier", default=None
+)
+
+
+def _traced(
+    run: Callable[..., Coroutine[Any, Any, Any]],
+) -> Callable[..., Coroutine[Any, Any, Any]]:
+    """streaq middleware: with OpenTelemetry in use, a task that came with a trace
+    context runs in a span of its own, a child of the request that added it."""
+
+    async def traced(*args: Any, **kwargs: Any) -> Any:
+        carrier = _trace_carrier.get()
+        if carrier is None or "opentelemetry.trace" not in sys.modules:
+            return await run(*args, **kwargs)
+        from opentelemetry import propagate, trace
+
+        name = streaq_task._task_context.get().fn_name
+        with trace.get_tracer("trio_bg").start_as_current_span(
+            f"remote task {name}",
+            context=propagate.extract(carrier),
+            kind=trace.SpanKind.CONSUMER,
+            attributes={"trio_bg.task.name": name},
+        ):
+            return await run(*args, **kwargs)
+
+    return traced
+
+
 class _Worker(Worker[Any]):
     """streaq's worker, but a task of a name it does not know stays in the queue; and
     it can make its twin for a web process to send tasks with."""
@@ -158,6 +195,12 @@ class _Worker(Worker[Any]):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._arguments = args, kwargs
+
+    async def deserialize(self, data: Any) -> Any:
+        value = await super().deserialize(data)
+        if isinstance(value, dict) and "a" in value:  # a task's data (not a result)
+            _trace_carrier.set(value.get("trio_bg", {}).get("trace"))
+        return value
 
     def _sender(self) -> Worker[Any]:
         """A worker like this one (same Redis, queue and format, same tasks) with a

@@ -1,4 +1,5 @@
-"""The command line, ``python -m trio_bg``: ``serve`` an ASGI app, or ``drill`` its shutdown."""
+"""The command line, ``python -m trio_bg``: ``serve`` an ASGI app, or ``drill`` its shutdown;
+run a streaq ``worker``."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from ._options import (
 from ._report import ShutdownReport
 from ._serve import SHUTDOWN_MARGIN, default_config, serve, serve_worker, wrap
 from ._supervisor import WorkerExit, combined, describe_exit, supervise
+from ._worker_command import add_worker_parser, worker_command
 
 EXIT_OK = 0
 EXIT_CUT_SHORT = 1
@@ -92,6 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve_command(parser, args)
     if args.command == "journal":
         return journal_command(args)
+    if args.command == "worker":
+        return worker_command(args)
     try:
         from ._crash_drill import DRILL_LEASE, crash_drill
         from ._drill import DrillPlan, drill  # needs httpx, which serving does not
@@ -232,6 +236,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     drill_parser.add_argument("--json", action="store_true", help="print the result as JSON")
     add_journal_parser(commands)
+    add_worker_parser(commands)
     return parser
 
 

@@ -1,0 +1,57 @@
+"""The streaq worker the remote-task process tests run (``python -m trio_bg worker
+streaq_app:tasks``) and enqueue to, on the Redis at ``$TRIO_BG_TEST_REDIS``.
+
+Each task appends a line to the ledger file ``$TRIO_BG_TEST_LEDGER``: ``KEY PID``,
+or ``KEY started PID`` and ``KEY done PID``. With ``$TRIO_BG_TEST_HOLD`` set, a `slow`
+task never ends in that process; with ``$TRIO_BG_TEST_NEWER`` set, the worker knows a
+task more, as a newer deployment would.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import streaq
+import trio
+
+import trio_bg.streaq
+
+tasks = trio_bg.streaq.worker(
+    os.environ["TRIO_BG_TEST_REDIS"],
+    idle_timeout=float(os.environ.get("TRIO_BG_TEST_IDLE_TIMEOUT", "2")),
+    grace_period=int(os.environ.get("TRIO_BG_TEST_GRACE_PERIOD", "10")),
+)
+
+
+@tasks.task(name="tests.streaq_app.record")
+async def record(key: str) -> None:
+    note_in_ledger(f"{key} {os.getpid()}")
+
+
+@tasks.task(name="tests.streaq_app.slow")
+async def slow(key: str, seconds: float) -> None:
+    note_in_ledger(f"{key} started {os.getpid()}")
+    await trio.sleep(math.inf if os.environ.get("TRIO_BG_TEST_HOLD") else seconds)
+    note_in_ledger(f"{key} done {os.getpid()}")
+
+
+if os.environ.get("TRIO_BG_TEST_NEWER"):
+
+    @tasks.task(name="tests.streaq_app.added_later")
+    async def added_later(key: str) -> None:
+        note_in_ledger(f"{key} {os.getpid()}")
+
+
+def note_in_ledger(line: str) -> None:
+    """Append ``line`` to the ledger: one write with O_APPEND, so lines stay whole
+    across processes."""
+    descriptor = os.open(os.environ["TRIO_BG_TEST_LEDGER"], os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    try:
+        os.write(descriptor, f"{line}\n".encode())
+    finally:
+        os.close(descriptor)
+
+
+pickling_tasks = streaq.Worker(os.environ["TRIO_BG_TEST_REDIS"])
+"""A worker of streaq's defaults, which pickles: ``python -m trio_bg worker`` refuses it."""

@@ -1,0 +1,239 @@
+"""``python -m trio_bg worker``: real worker processes (``streaq_app:tasks``), a real
+Redis, real SIGTERMs and SIGKILLs; the tasks are enqueued from this process with the
+same module's worker.
+
+Every wait is bounded; every child process is killed on the way out.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import trio
+from conftest import Output
+from redis_server import RedisServer
+
+BOUND = 20.0
+"""Seconds any single wait may take before the test fails (generous: a noisy machine)."""
+
+TESTS = Path(__file__).parent
+
+LOST_REDIS = r"ERROR trio_bg: streaq worker \w+ cannot use Redis"
+
+
+@dataclass
+class WorkerProcess:
+    process: trio.Process
+    output: Output
+
+    async def stop(self) -> int:
+        """SIGTERM, and wait for the exit status."""
+        self.process.send_signal(signal.SIGTERM)
+        with trio.fail_after(BOUND):
+            return await self.process.wait()
+
+
+@asynccontextmanager
+async def worker_process(
+    tmp_path: Path, redis_url: str, **env: str
+) -> AsyncIterator[WorkerProcess]:
+    """``python -m trio_bg worker streaq_app:tasks``, its output collected from a pipe;
+    yielded once it has started (it may not have connected to Redis yet)."""
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "trio_bg", "worker", "streaq_app:tasks"],
+        cwd=TESTS,
+        env=os.environ
+        | {"TRIO_BG_TEST_REDIS": redis_url, "TRIO_BG_TEST_LEDGER": str(tmp_path / "ledger")}
+        | env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    output = Output()
+    try:
+        async with trio.open_nursery() as nursery:
+            assert process.stdout is not None
+            nursery.start_soon(output.collect, process.stdout)
+            with trio.fail_after(BOUND):
+                await output.wait_for("starting worker")
+            yield WorkerProcess(process, output)
+            if process.returncode is None:
+                process.kill()
+            await process.wait()
+    finally:
+        if process.returncode is None:
+            process.kill()
+        with trio.CancelScope(shield=True), trio.move_on_after(BOUND):
+            await process.wait()
+
+
+def streaq_app(monkeypatch: pytest.MonkeyPatch, redis_url: str) -> ModuleType:
+    """The test app's module, imported afresh: its worker uses the Redis at ``redis_url``."""
+    monkeypatch.setenv("TRIO_BG_TEST_REDIS", redis_url)
+    sys.modules.pop("streaq_app", None)
+    return importlib.import_module("streaq_app")
+
+
+def ledger(tmp_path: Path) -> list[str]:
+    path = tmp_path / "ledger"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+async def wait_for_ledger(tmp_path: Path, line: str) -> None:
+    """Return once a line of the ledger starts with ``line`` (the caller bounds it)."""
+    # The ledger is a file that other processes append to: there is no event to wait on.
+    while not any(entry.startswith(line) for entry in ledger(tmp_path)):  # noqa: ASYNC110
+        await trio.sleep(0.05)
+
+
+async def test_a_task_is_stored_as_json_and_runs_on_a_worker(
+    tmp_path: Path, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = streaq_app(monkeypatch, redis_server.url)
+    async with app.tasks:
+        task = await app.record.enqueue("first")
+        raw = await app.tasks.redis.get(f"streaq:default:task:data:{task.id}")
+    assert json.loads(raw)["f"] == "tests.streaq_app.record"
+    assert json.loads(raw)["a"] == ["first"]
+
+    async with worker_process(tmp_path, redis_server.url) as worker:
+        with trio.fail_after(BOUND):
+            await worker.output.wait_for(rf"task tests\.streaq_app\.record ■ {task.id}")
+        assert await worker.stop() == 0
+    assert ledger(tmp_path) == [f"first {worker.process.pid}"]
+
+
+async def test_sigterm_lets_the_running_task_finish(
+    tmp_path: Path, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = streaq_app(monkeypatch, redis_server.url)
+    async with app.tasks:
+        await app.slow.enqueue("slow", 2.0)
+
+    async with worker_process(tmp_path, redis_server.url) as worker:
+        with trio.fail_after(BOUND):
+            await wait_for_ledger(tmp_path, "slow started")
+        assert await worker.stop() == 0
+    pid = worker.process.pid
+    assert ledger(tmp_path) == [f"slow started {pid}", f"slow done {pid}"]
+    assert "waiting up to 10s for tasks to finish" in worker.output.text
+
+
+async def test_a_killed_workers_task_runs_on_another(
+    tmp_path: Path, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = streaq_app(monkeypatch, redis_server.url)
+    async with app.tasks:
+        await app.slow.enqueue("killed", 0.1)
+
+    idle = {"TRIO_BG_TEST_IDLE_TIMEOUT": "1"}
+    async with worker_process(tmp_path, redis_server.url, TRIO_BG_TEST_HOLD="1", **idle) as first:
+        with trio.fail_after(BOUND):
+            await wait_for_ledger(tmp_path, "killed started")
+            first.process.kill()
+            assert await first.process.wait() == -signal.SIGKILL
+    async with worker_process(tmp_path, redis_server.url, **idle) as second:
+        with trio.fail_after(BOUND):
+            await wait_for_ledger(tmp_path, "killed done")
+        assert await second.stop() == 0
+    assert ledger(tmp_path) == [
+        f"killed started {first.process.pid}",
+        f"killed started {second.process.pid}",
+        f"killed done {second.process.pid}",
+    ]
+
+
+async def test_a_task_the_worker_does_not_know_waits_for_one_that_does(
+    tmp_path: Path, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = streaq_app(monkeypatch, redis_server.url)
+    async with app.tasks:
+        await app.tasks.enqueue_unsafe("tests.streaq_app.added_later", "later")
+
+    idle = {"TRIO_BG_TEST_IDLE_TIMEOUT": "1"}
+    async with worker_process(tmp_path, redis_server.url, **idle) as older:
+        with trio.fail_after(BOUND):
+            await older.output.wait_for(
+                r"ERROR trio_bg: streaq worker \w+ does not know task "
+                r"tests\.streaq_app\.added_later"
+            )
+        assert await older.stop() == 0
+    assert ledger(tmp_path) == []
+    async with worker_process(tmp_path, redis_server.url, TRIO_BG_TEST_NEWER="1", **idle) as newer:
+        with trio.fail_after(BOUND):
+            await wait_for_ledger(tmp_path, "later")
+        assert await newer.stop() == 0
+    assert ledger(tmp_path) == [f"later {newer.process.pid}"]
+
+
+async def test_what_is_not_a_json_worker_is_refused() -> None:
+    refused = {
+        "streaq_app:pickling_tasks": "cannot run 'streaq_app:pickling_tasks': streaq worker "
+        "'default' unpickles what it reads",
+        "streaq_app:record": "cannot run 'streaq_app:record': expected a streaq Worker",
+        "streaq_app": "cannot load 'streaq_app': give the worker as module:name",
+        "streaq_app:nobody": "cannot load 'streaq_app:nobody': streaq_app has no 'nobody'",
+        "no_such_app:tasks": "cannot load 'no_such_app:tasks': no module named 'no_such_app'",
+    }
+    results: dict[str, subprocess.CompletedProcess[bytes]] = {}
+
+    async def run(spec: str) -> None:
+        results[spec] = await trio.run_process(
+            [sys.executable, "-m", "trio_bg", "worker", spec],
+            cwd=TESTS,
+            env=os.environ | {"TRIO_BG_TEST_REDIS": "redis://127.0.0.1:1"},  # never used
+            stdin=subprocess.DEVNULL,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+
+    with trio.fail_after(BOUND):
+        async with trio.open_nursery() as nursery:
+            for spec in refused:
+                nursery.start_soon(run, spec)
+    for spec, message in refused.items():
+        stderr = results[spec].stderr.decode()
+        assert results[spec].returncode == 2, stderr
+        assert f"python -m trio_bg worker: error: {message}" in stderr
+
+
+async def test_the_worker_outlives_a_redis_restart(
+    tmp_path: Path, durable_redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    redis = durable_redis_server
+    app = streaq_app(monkeypatch, redis.url)
+    async with worker_process(tmp_path, redis.url) as worker:
+        with trio.fail_after(BOUND):
+            async with app.tasks:
+                await app.record.enqueue("before")
+            await wait_for_ledger(tmp_path, "before")
+
+            await trio.to_thread.run_sync(redis.stop)
+            await worker.output.wait_for(LOST_REDIS)
+            await trio.to_thread.run_sync(redis.start)
+            async with app.tasks:
+                await app.record.enqueue("after")
+            await wait_for_ledger(tmp_path, "after")
+
+            # Lost again: a SIGTERM while it waits for Redis stops it.
+            await trio.to_thread.run_sync(redis.stop)
+            await worker.output.wait_for(
+                LOST_REDIS, len(re.findall(LOST_REDIS, worker.output.text)) + 1
+            )
+        assert await worker.stop() == 0
+    assert "INFO trio_bg: received SIGTERM: the worker stops" in worker.output.text
+    pid = worker.process.pid
+    assert ledger(tmp_path) == [f"before {pid}", f"after {pid}"]

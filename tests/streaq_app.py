@@ -5,16 +5,22 @@ Each task appends a line to the ledger file ``$TRIO_BG_TEST_LEDGER``: ``KEY PID`
 or ``KEY started PID`` and ``KEY done PID``. With ``$TRIO_BG_TEST_HOLD`` set, a `slow`
 task never ends in that process; with ``$TRIO_BG_TEST_NEWER`` set, the worker knows a
 task more, as a newer deployment would.
+
+``app`` is the web side (``python -m trio_bg serve streaq_app:app``): ``GET /?key=K``
+hands ``record(K)`` to the worker's queue; with ``$TRIO_BG_TEST_JOURNAL`` set, through
+that journal.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from typing import Any
 
 import streaq
 import trio
 
+import trio_bg
 import trio_bg.streaq
 
 tasks = trio_bg.streaq.worker(
@@ -55,3 +61,20 @@ def note_in_ledger(line: str) -> None:
 
 pickling_tasks = streaq.Worker(os.environ["TRIO_BG_TEST_REDIS"])
 """A worker of streaq's defaults, which pickles: ``python -m trio_bg worker`` refuses it."""
+
+
+async def _web(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] != "http":
+        return
+    query = dict(pair.split("=", 1) for pair in scope["query_string"].decode().split("&") if pair)
+    trio_bg.current_tasks().add_task(record, query["key"])
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"OK"})
+
+
+app = trio_bg.BackgroundTaskMiddleware(
+    _web,  # type: ignore[arg-type]
+    streaq=tasks,
+    journal=os.environ.get("TRIO_BG_TEST_JOURNAL") or None,
+    grace_period=5,
+)

@@ -1,0 +1,226 @@
+"""Remote tasks across real processes: a web server (``python -m trio_bg serve
+streaq_app:app``) handing tasks to a real Redis under load, real SIGTERMs and a Redis
+that goes away; then a real worker (``python -m trio_bg worker streaq_app:tasks
+--burst``) runs what the queue holds, and the ledger says what ran.
+
+Every wait is bounded; every child process is killed on the way out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+from conftest import Output
+from redis_server import RedisServer, free_port
+
+BOUND = 20.0
+"""Seconds any single wait may take before the test fails (generous: a noisy machine)."""
+
+TESTS = Path(__file__).parent
+
+
+@dataclass
+class Process:
+    process: trio.Process
+    output: Output
+
+    async def stop(self) -> int:
+        """SIGTERM, and wait for the exit status."""
+        self.process.send_signal(signal.SIGTERM)
+        with trio.fail_after(BOUND):
+            return await self.process.wait()
+
+
+@asynccontextmanager
+async def started(
+    tmp_path: Path, redis: RedisServer, *command: str, ready: str, **env: str
+) -> AsyncIterator[Process]:
+    """``python -m trio_bg COMMAND...`` in tests/, for the Redis of ``redis``, its output
+    collected; yielded once ``ready`` appears in it."""
+    environment = os.environ | {
+        "TRIO_BG_TEST_REDIS": redis.url,
+        "TRIO_BG_TEST_LEDGER": str(tmp_path / "ledger"),
+        **env,
+    }
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "trio_bg", *command],
+        cwd=TESTS,
+        env=environment,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    output = Output()
+    try:
+        async with trio.open_nursery() as nursery:
+            assert process.stdout is not None
+            nursery.start_soon(output.collect, process.stdout)
+            with trio.fail_after(BOUND):
+                await output.wait_for(ready)
+            yield Process(process, output)
+            if process.returncode is None:
+                process.kill()
+            await process.wait()
+    finally:
+        if process.returncode is None:
+            process.kill()
+        with trio.CancelScope(shield=True), trio.move_on_after(BOUND):
+            await process.wait()
+
+
+@asynccontextmanager
+async def web_server(
+    tmp_path: Path, redis: RedisServer, **env: str
+) -> AsyncIterator[tuple[Process, httpx.AsyncClient]]:
+    port = free_port()
+    async with (
+        started(
+            tmp_path,
+            redis,
+            "serve",
+            "streaq_app:app",
+            f"--bind=127.0.0.1:{port}",
+            f"--report-json={tmp_path / 'report.json'}",
+            ready="Running on http://127.0.0.1",
+            **env,
+        ) as server,
+        httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{port}", trust_env=False, timeout=BOUND
+        ) as http,
+    ):
+        yield server, http
+
+
+async def run_worker_until_empty(tmp_path: Path, redis: RedisServer) -> None:
+    async with started(
+        tmp_path, redis, "worker", "streaq_app:tasks", "--burst", ready="starting worker"
+    ) as worker:
+        with trio.fail_after(BOUND):
+            assert await worker.process.wait() == 0, worker.output.text
+
+
+def report(tmp_path: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((tmp_path / "report.json").read_text())
+    return data
+
+
+def ledger(tmp_path: Path) -> Counter[str]:
+    """How many times each task ran, by key."""
+    path = tmp_path / "ledger"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return Counter(line.split()[0] for line in lines)
+
+
+class Load:
+    """Clients sending ``GET /?key=...`` until told to stop; what each answer was."""
+
+    def __init__(self, http: httpx.AsyncClient) -> None:
+        self.http = http
+        self.answered: dict[str, int] = {}  # key -> status
+        self.failed: set[str] = set()  # no answer (the connection went away)
+        self.stop = False
+        self._progress = trio.Event()
+
+    async def client(self, name: str, limit: int = 2000) -> None:
+        for number in range(limit):
+            if self.stop:
+                return
+            key = f"{name}-{number}"
+            try:
+                response = await self.http.get("/", params={"key": key})
+            except httpx.HTTPError:
+                self.failed.add(key)
+                return  # the server is going away
+            self.answered[key] = response.status_code
+            self._progress.set()
+
+    async def wait_for_answers(self, count: int) -> None:
+        while len(self.answered) < count:
+            self._progress = trio.Event()
+            await self._progress.wait()
+
+    def keys(self, status: int) -> set[str]:
+        return {key for key, answer in self.answered.items() if answer == status}
+
+
+async def test_sigterm_mid_load_loses_no_answered_task(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    async with web_server(tmp_path, redis_server) as (server, http):
+        load = Load(http)
+        with trio.fail_after(BOUND):
+            async with trio.open_nursery() as nursery:
+                for name in "abcd":
+                    nursery.start_soon(load.client, name)
+                await load.wait_for_answers(80)
+                assert await server.stop() == 0, server.output.text  # mid-load
+    ok = load.keys(200)
+    assert len(ok) >= 80 and set(load.answered) == ok  # refused connections, not errors
+    assert report(tmp_path)["handed_off"] == report(tmp_path)["accepted"] == len(ok)
+    await run_worker_until_empty(tmp_path, redis_server)
+    assert set(ledger(tmp_path)) == ok  # each answered task ran; nothing else did
+
+
+async def test_redis_gone_mid_load_without_a_journal_every_failure_shows(
+    tmp_path: Path, durable_redis_server: RedisServer
+) -> None:
+    redis = durable_redis_server
+    async with web_server(tmp_path, redis) as (server, http):
+        load = Load(http)
+        with trio.fail_after(BOUND):
+            async with trio.open_nursery() as nursery:
+                for name in "abcd":
+                    nursery.start_soon(load.client, name)
+                await load.wait_for_answers(40)
+                redis.stop()  # mid-load
+                await server.output.wait_for("Redis did not take")
+                await load.wait_for_answers(len(load.answered) + 20)
+                load.stop = True
+        assert await server.stop() == 0
+    ok, refused = load.keys(200), load.keys(503)
+    assert ok and refused and set(load.answered) == ok | refused
+    final = report(tmp_path)
+    assert final["handed_off"] == len(ok)
+    assert final["discarded"] == len(refused)  # counted, and logged
+    assert "discarded 1 background task(s)" in server.output.text
+    redis.start()
+    await run_worker_until_empty(tmp_path, redis)
+    assert set(ledger(tmp_path)) == ok  # what was acknowledged survived the restart
+
+
+async def test_redis_gone_mid_load_with_a_journal_loses_nothing(
+    tmp_path: Path, durable_redis_server: RedisServer
+) -> None:
+    redis = durable_redis_server
+    journal = {"TRIO_BG_TEST_JOURNAL": str(tmp_path / "tasks.db")}
+    async with web_server(tmp_path, redis, **journal) as (server, http):
+        load = Load(http)
+        with trio.fail_after(BOUND):
+            async with trio.open_nursery() as nursery:
+                for name in "abcd":
+                    nursery.start_soon(load.client, name)
+                await load.wait_for_answers(40)
+                redis.stop()  # mid-load: the journal keeps what Redis cannot take
+                await server.output.wait_for("remote tasks wait in the journal")
+                await load.wait_for_answers(len(load.answered) + 40)
+                load.stop = True
+            redis.start()  # forwarding resumes on its own
+            await server.output.wait_for("Redis takes remote tasks again")
+        assert await server.stop() == 0, server.output.text
+    assert set(load.answered) == load.keys(200)  # never a 503
+    final = report(tmp_path)
+    assert final["handed_off"] == final["accepted"] == len(load.answered)
+    await run_worker_until_empty(tmp_path, redis)
+    assert set(ledger(tmp_path)) == set(load.answered)

@@ -9,16 +9,18 @@ import sqlite3
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, closing
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import fastapi
 import pytest
 import streaq
 import trio
-from conftest import StartupFailed, asgi_client, run_lifespan
+from conftest import StartupFailed, asgi_client, run_lifespan, served
 from redis_server import RedisServer
 
 import trio_bg
 import trio_bg.streaq
+from trio_bg import fastapi as trio_bg_fastapi
 from trio_bg._asgi import HANDOFF_FAILED_TEXT, ASGIApp
 from trio_bg._events import TaskEvent
 
@@ -399,3 +401,42 @@ async def test_what_was_not_forwarded_at_shutdown_goes_at_the_next_start(
     assert (second.report.recovered, second.report.handed_off) == (2, 2)
     assert journal_rows(path) == []
     assert len(await queue.stored()) == 2
+
+
+# -- the integrations ------------------------------------------------------------------
+
+
+async def test_quart_add_background_task_of_a_remote_task_hands_it_off(queue: Queue) -> None:
+    from quart_trio import QuartTrio
+
+    from trio_bg import quart_trio as trio_bg_quart_trio
+
+    app = QuartTrio(__name__)
+    trio_bg_quart_trio.init_app(app, streaq=queue.worker)
+
+    @app.route("/")
+    async def index() -> str:
+        app.add_background_task(queue.welcome, "l@example.com")
+        return "OK"
+
+    async with served(cast(ASGIApp, app)) as client:
+        assert (await client.get("/")).text == "OK"
+        [data] = await queue.stored()  # in Redis before the answer: not run here
+        assert (data["f"], data["a"]) == ("tests.welcome", ["l@example.com"])
+    assert queue.done == []
+
+
+async def test_fastapi_background_tasks_of_a_remote_task_hand_it_off(queue: Queue) -> None:
+    app = fastapi.FastAPI()
+    trio_bg_fastapi.install(app, streaq=queue.worker)
+
+    @app.get("/")
+    async def index(background_tasks: fastapi.BackgroundTasks) -> str:
+        background_tasks.add_task(queue.welcome, "m@example.com", name="Max")
+        return "OK"
+
+    async with served(cast(ASGIApp, app)) as client:
+        assert (await client.get("/")).json() == "OK"
+        [data] = await queue.stored()
+        assert (data["a"], data["k"]) == (["m@example.com"], {"name": "Max"})
+    assert queue.done == []

@@ -179,7 +179,7 @@ def _add(
 
 def _in_app_context(app: QuartTrio, func: Callable[P, Any]) -> Callable[P, Any]:
     """``func``, run inside a fresh app context when it is async (like Quart-Trio's),
-    unless it is a durable task.
+    unless it is a durable or a remote task.
 
     The wrapper keeps ``func``'s signature (``__wrapped__``), name and `trio_bg.task`
     options, so the call is checked, reported and timed out as ``func`` itself would be.
@@ -187,9 +187,9 @@ def _in_app_context(app: QuartTrio, func: Callable[P, Any]) -> Callable[P, Any]:
     spec = spec_of(func)  # TypeError, here, for what could never run
     if not spec.is_async:
         return func  # runs in one of trio_bg's worker threads
-    if spec.durable:
-        # Kept in the journal by name, it must stay itself; and replayed after a
-        # restart it would have no app context either: it never gets one.
+    if spec.durable or spec.remote is not None:
+        # Kept in the journal (or Redis) by name, it must stay itself; and replayed after
+        # a restart (or run by a worker) it would have no app context either.
         return func
 
     async def in_app_context(*args: P.args, **kwargs: P.kwargs) -> None:

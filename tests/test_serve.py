@@ -193,6 +193,7 @@ async def test_sigterm_mid_load_drains_every_task_and_exits_0(tmp_path: Path) ->
         "deferred": 0,
         "recovered": 0,
         "handed_off": 0,
+        "outbox": 0,
     }
     assert "SIGTERM received: shutting down gracefully" in log
 

@@ -391,7 +391,9 @@ async def test_what_was_not_forwarded_at_shutdown_goes_at_the_next_start(
     async with run_lifespan(first), asgi_client(first) as client:  # starts without Redis
         for _ in range(2):
             assert (await client.get("/")).status_code == 200
-    assert (first.report.accepted, first.report.cancelled, first.report.deferred) == (2, 2, 2)
+    report = first.report
+    assert (report.accepted, report.cancelled, report.deferred, report.outbox) == (2, 2, 2, 2)
+    assert "2 deferred to the next start (2 remote, not yet handed to Redis)" in str(report)
     assert len(journal_rows(path)) == 2
 
     redis_server.start()

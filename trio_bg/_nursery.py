@@ -107,6 +107,7 @@ class BackgroundNursery:
         self._handed_off = 0
         self._outbox: deque[Task] = deque()
         self._outbox_wake = trio.Event()
+        self._left_in_outbox = 0
 
     # -- taking work ---------------------------------------------------------------
 
@@ -238,6 +239,7 @@ class BackgroundNursery:
                 await handoff.send(batch)
             except HandoffError as error:
                 if self._nursery.cancel_scope.cancel_called:
+                    self._left_in_outbox += len(batch)
                     self._forwarded(batch, "cancelled")
                     return
                 self._outbox.extendleft(reversed(batch))  # first in line, still
@@ -445,6 +447,7 @@ class BackgroundNursery:
                 "%d remote task(s) not yet handed to Redis stay in the journal for the next start",
                 len(self._outbox),
             )
+            self._left_in_outbox += len(self._outbox)
             self._forwarded(list(self._outbox), "cancelled")
             self._outbox.clear()
         self._nursery.cancel_scope.cancel()
@@ -466,6 +469,7 @@ class BackgroundNursery:
                 deferred=self._deferred,
                 recovered=self._recovered,
                 handed_off=self._handed_off,
+                outbox=self._left_in_outbox,
             )
             log = logger.info if self._report.all_completed else logger.warning
             log("background tasks shut down: %s", self._report)

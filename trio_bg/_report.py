@@ -78,7 +78,9 @@ class ShutdownReport:
     shutdown took, in seconds of trio's clock. With a journal, ``deferred`` counts the
     cancelled and abandoned durable tasks kept in it for the next start, and
     ``recovered`` the accepted tasks that came from it. ``handed_off`` counts the
-    remote tasks given to a streaq worker's queue.
+    remote tasks given to a streaq worker's queue; ``outbox``, those that were still
+    waiting in the journal for Redis when the grace period ended (counted cancelled
+    and deferred: they go at the next start).
     """
 
     accepted: int
@@ -93,6 +95,7 @@ class ShutdownReport:
     deferred: int = 0
     recovered: int = 0
     handed_off: int = 0
+    outbox: int = 0
 
     @property
     def all_completed(self) -> bool:
@@ -121,6 +124,8 @@ class ShutdownReport:
             text += f", {self.recovered} recovered from the journal"
         if self.deferred:
             text += f", {self.deferred} deferred to the next start"
+        if self.outbox:
+            text += f" ({self.outbox} remote, not yet handed to Redis)"
         return f"{text} in {self.duration:.3f}s"
 
 

@@ -102,6 +102,7 @@ def combined(exits: Sequence[WorkerExit]) -> ShutdownReport:
         deferred=sum(report.deferred for report in reports),
         recovered=sum(report.recovered for report in reports),
         handed_off=sum(report.handed_off for report in reports),
+        outbox=sum(report.outbox for report in reports),
     )
 
 

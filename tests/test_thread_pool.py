@@ -10,6 +10,7 @@ import time
 import pytest
 import trio
 import trio.lowlevel
+import trio.testing
 
 import trio_bg
 from trio_bg import _thread_pool
@@ -198,3 +199,52 @@ async def test_trio_from_thread_works_in_a_thread_task() -> None:
     async with trio_bg.open_background_nursery() as nursery:
         nursery.start_soon(calls_back)
     assert seen == ["from the worker thread"]
+
+
+async def test_a_thread_tasks_timeout_runs_from_its_own_start(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """One trio task keeps every thread task's deadline: a task that starts later with
+    a shorter timeout must wake it, not wait for the earlier task's longer one. (The
+    clock moves only when told: threads report in real time.)"""
+    release = threading.Event()
+    events: list[trio_bg.TaskEvent] = []
+    changed = trio.Event()
+
+    def on_event(event: trio_bg.TaskEvent) -> None:
+        events.append(event)
+        changed.set()
+
+    async def until_started(count: int) -> None:  # (threads report in real time)
+        nonlocal changed
+        while sum(event.kind == "started" for event in events) < count:
+            changed = trio.Event()
+            await changed.wait()
+
+    async def finished_after(seconds: float) -> list[tuple[str, str | None, float | None]]:
+        mock_clock.jump(seconds)
+        await trio.testing.wait_all_tasks_blocked()  # (the keeper has had its turn)
+        return [(e.name, e.outcome, e.duration) for e in events if e.kind == "finished"]
+
+    @trio_bg.task(name="slow", timeout=10)
+    def slow() -> None:
+        release.wait(BOUND)
+
+    @trio_bg.task(name="quick", timeout=1)
+    def quick() -> None:
+        release.wait(BOUND)
+
+    try:
+        async with trio_bg.open_background_nursery(on_event=on_event) as bg:
+            bg.start_soon(slow)
+            await until_started(1)
+            bg.start_soon(quick)
+            await until_started(2)
+            assert await finished_after(1) == [("quick", "timed_out", 1.0)]
+            assert await finished_after(9) == [
+                ("quick", "timed_out", 1.0),
+                ("slow", "timed_out", 10.0),
+            ]
+    finally:
+        release.set()
+    assert bg.report.timed_out == 2

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import heapq
 import inspect
+import itertools
 import logging
 import os
 import random
@@ -16,6 +18,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, ParamSpec, Unpack
 
 import trio
+from outcome import Error, Value
 
 from ._durable import decode_arguments, needs_a_journal, registered, registered_names
 from ._errors import HandoffError, JournalError, NurseryClosed, Overloaded
@@ -26,7 +29,7 @@ from ._journal_file import Row
 from ._options import NurseryOptions, Settings
 from ._report import ShutdownReport, TaskStats
 from ._tasks import Task
-from ._thread_pool import ThreadPool
+from ._thread_pool import Job, ThreadPool
 
 if TYPE_CHECKING:
     from ._tracing import TaskTracer
@@ -98,6 +101,12 @@ class BackgroundNursery:
         self._recovered = self._deferred = self._unknown = 0
         self._kept: list[int] = []
         self._backlog = False
+        # Plain-function tasks handed to the worker threads (no trio task waits on
+        # them), and the deadlines of those with a timeout that have started.
+        self._thread_jobs: dict[Task, Job] = {}
+        self._deadlines: list[tuple[float, int, Task, Job]] = []
+        self._deadline_order = itertools.count()  # (ties: no comparing tasks)
+        self._deadline_wake = trio.Event()
         self._feed_wake = trio.Event()
         # With a streaq worker: what sends remote tasks to its queue (set by
         # open_nursery), and how many it did. With a journal too, the journal is the
@@ -321,6 +330,9 @@ class BackgroundNursery:
         )
 
     def _spawn(self, task: Task) -> None:
+        if not task.is_async and self._tracer is None:
+            self._submit(task)  # no trio task for it (with tracing, one holds its span)
+            return
         # trio gives the new task a copy of the current context: the caller's, or
         # (run from inside it) the one the task was deferred with.
         if task.context is None:
@@ -442,6 +454,18 @@ class BackgroundNursery:
             task = self._queue.popleft()
             self._pending -= 1
             self._end(task, "cancelled", observed)
+        self._nursery.cancel_scope.cancel()  # (before the thread tasks: none is retried)
+        for task, job in list(self._thread_jobs.items()):
+            state = self._threads.cancel(job)
+            if state == "done":
+                self._threads.settle(job)  # it finished: heard now, not after the report
+                continue
+            del self._thread_jobs[task]
+            if state == "refused":  # it never ran
+                self._awaiting_thread -= 1
+                self._attempt_over(task, "cancelled", observed)
+            else:
+                self._attempt_over(task, "abandoned", observed)
         if self._outbox:  # (a batch on its way is the forwarder's to settle)
             logger.warning(
                 "%d remote task(s) not yet handed to Redis stay in the journal for the next start",
@@ -450,7 +474,6 @@ class BackgroundNursery:
             self._left_in_outbox += len(self._outbox)
             self._forwarded(list(self._outbox), "cancelled")
             self._outbox.clear()
-        self._nursery.cancel_scope.cancel()
 
     def _finish(self) -> ShutdownReport:
         """Build (once) and log the report; every task has ended."""
@@ -517,20 +540,114 @@ class BackgroundNursery:
             if cancellation is not None:
                 raise cancellation from None  # the cancellation goes on; the error stays here
         finally:
-            self._running -= 1
-            duration = (
-                trio.current_time() - task.started_at
-                if observed and task.started_at is not None
-                else None
+            self._attempt_over(task, outcome, observed, error, retry)
+
+    def _attempt_over(
+        self,
+        task: Task,
+        outcome: Outcome,
+        observed: bool,
+        error: BaseException | None = None,
+        retry: bool = False,
+    ) -> None:
+        """``task``'s attempt ended with ``outcome``: it ends, or waits for its retry;
+        then the next pending task gets its running slot."""
+        self._running -= 1
+        duration = (
+            trio.current_time() - task.started_at
+            if observed and task.started_at is not None
+            else None
+        )
+        if retry or (outcome == "timed_out" and self._may_retry(task)):
+            self._retry_later(task, outcome, error, observed, duration)
+        else:
+            self._end(task, outcome, observed, duration, error)
+        if self._queue and not self._nursery.cancel_scope.cancel_called:
+            self._pending -= 1
+            self._running += 1
+            self._spawn(self._queue.popleft())
+
+    # -- running a plain-function task ---------------------------------------------
+
+    def _submit(self, task: Task) -> None:
+        """Hand a plain-function task to the worker threads (one attempt). No trio task
+        waits on it: the pool calls `_thread_started`, then `_thread_done`; a timeout
+        is `_abandon_overdue`'s, a shutdown `_cancel_rest`'s."""
+        # Each attempt runs in a copy of the caller's context (the one it was deferred
+        # with, or, taken at once, the caller's own), as a trio task would.
+        context = contextvars.copy_context() if task.context is None else task.context.copy()
+        self._awaiting_thread += 1
+        self._thread_jobs[task] = self._threads.submit(
+            partial(task.func, *task.args, **task.kwargs),
+            context,
+            partial(self._thread_started, task),
+            partial(self._thread_done, task),
+        )
+
+    def _thread_started(self, task: Task) -> None:
+        """A worker thread started ``task``: from now on its timeout runs."""
+        task.thread_started = True
+        self._awaiting_thread -= 1
+        self._started(task, self._observed())
+        if task.timeout is not None:
+            job = self._thread_jobs[task]
+            deadline = trio.current_time() + task.timeout
+            heapq.heappush(self._deadlines, (deadline, next(self._deadline_order), task, job))
+            if self._deadlines[0][3] is job:  # the new first: the keeper sleeps too long
+                self._deadline_wake.set()
+
+    def _thread_done(self, task: Task, result: Value[object] | Error) -> None:
+        """``task``'s call returned (or raised) in its worker thread."""
+        del self._thread_jobs[task]
+        if len(self._deadlines) > 2 * len(self._thread_jobs) + 64:
+            self._forget_past_deadlines()
+        error: BaseException | None = None
+        if isinstance(result, Error):
+            error = result.error
+        elif inspect.isawaitable(value := result.value):
+            if inspect.iscoroutine(value):
+                value.close()
+            error = TypeError(
+                f"{task.name} returned an awaitable from a worker thread, so nothing awaited "
+                f"it; define it with async def to run it as a trio task"
             )
-            if retry or (outcome == "timed_out" and self._may_retry(task)):
-                self._retry_later(task, outcome, error, observed, duration)
+        observed = self._observed()
+        if error is None:
+            self._attempt_over(task, "completed", observed)
+            return
+        retry = isinstance(error, Exception) and self._may_retry(task)
+        if not retry:
+            self._report_failure(task, error)
+        self._attempt_over(task, "failed", observed, error, retry)
+
+    async def _keep_deadlines(self) -> None:
+        """One trio task for every thread task's timeout: it sleeps until the next."""
+        while True:
+            self._deadline_wake = trio.Event()
+            if self._deadlines:
+                with trio.move_on_at(self._deadlines[0][0]):
+                    await self._deadline_wake.wait()  # (a task with an earlier deadline)
             else:
-                self._end(task, outcome, observed, duration, error)
-            if self._queue and not self._nursery.cancel_scope.cancel_called:
-                self._pending -= 1
-                self._running += 1
-                self._spawn(self._queue.popleft())
+                await self._deadline_wake.wait()
+            self._abandon_overdue()
+
+    def _abandon_overdue(self) -> None:
+        """Thread tasks past their timeout: their threads are abandoned (and replaced),
+        the tasks timed out. (One that has just finished is heard as it finished.)"""
+        now = trio.current_time()
+        observed = self._observed()
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, _, task, job = heapq.heappop(self._deadlines)
+            if self._thread_jobs.get(task) is job and self._threads.cancel(job) == "abandoned":
+                del self._thread_jobs[task]
+                self._attempt_over(task, "timed_out", observed)
+
+    def _forget_past_deadlines(self) -> None:
+        """Drop the deadlines of calls that have finished (they pile up otherwise)."""
+        self._deadlines = [
+            entry for entry in self._deadlines if self._thread_jobs.get(entry[2]) is entry[3]
+        ]
+        heapq.heapify(self._deadlines)
 
     async def _run_traced(self, task: Task) -> None:
         assert self._tracer is not None
@@ -869,6 +986,8 @@ class BackgroundNursery:
         """Own the tasks' nursery, so that its cancel scope covers the tasks only."""
         try:
             async with trio.open_nursery() as self._nursery:
+                self._nursery.start_soon(self._threads.deliver_news)
+                self._nursery.start_soon(self._keep_deadlines)
                 task_status.started()
                 await trio.sleep_forever()
         finally:

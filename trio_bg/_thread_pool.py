@@ -3,7 +3,8 @@
 ``trio.to_thread.run_sync`` costs two wake-ups per call: a thread woken to run it, then
 trio woken to hear back. Here a thread that finishes a task takes the next one itself,
 and what the threads did (a task started, a task finished) goes back to trio in
-batches: one ``run_sync_soon`` for everything that happened since trio last heard.
+batches: one ``run_sync_soon`` for everything that happened since trio last heard, and
+no trio task waits on a call (the nursery hears of it through callbacks).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import contextvars
 import threading
 from collections import deque
 from collections.abc import Callable
+from functools import partial
 from typing import Literal, final
 
 import outcome
@@ -30,30 +32,24 @@ _State = Literal["queued", "running", "refused", "abandoned", "done"]
 
 
 @final
-class _Job:
-    """One call for a worker thread, and the trio task waiting for it."""
+class Job:
+    """One call for a worker thread, and whom to tell about it in trio's thread."""
 
-    __slots__ = (
-        "call",
-        "context",
-        "on_start",
-        "result",
-        "start_told",
-        "state",
-        "waiter",
-        "waiter_context",
-    )
+    __slots__ = ("call", "context", "on_done", "on_start", "result", "start_told", "state")
 
     def __init__(
-        self, call: Callable[[], object], on_start: Callable[[], None], waiter: trio.lowlevel.Task
+        self,
+        call: Callable[[], object],
+        context: contextvars.Context,
+        on_start: Callable[[], object],
+        on_done: Callable[[outcome.Outcome[object]], object],
     ) -> None:
         self.call = call
-        self.context = contextvars.copy_context()  # the waiting trio task's: the task's own
+        self.context = context  # what the call runs in (used by nobody else meanwhile)
         self.on_start = on_start
+        self.on_done: Callable[[outcome.Outcome[object]], object] | None = on_done
         self.state: _State = "queued"
         self.start_told = False  # whether trio has heard that it started
-        self.waiter: trio.lowlevel.Task | None = waiter
-        self.waiter_context = waiter.context  # where on_start runs (not in use meanwhile)
         self.result: outcome.Outcome[object] | None = None
 
 
@@ -61,9 +57,11 @@ class ThreadPool:
     """At most ``limit`` worker threads (not counting abandoned ones), started as work
     comes and ending after `IDLE_TIMEOUT` idle seconds, or when the pool closes.
 
-    `run` queues a call and waits for its result. Cancelled while the call is queued,
-    the call never runs; cancelled while it runs, the thread is abandoned (it runs on,
-    its result unheard) and replaced, so abandoned threads never starve the pool.
+    `submit` queues a call; what the threads do is heard in trio's thread, in batches,
+    by `deliver_news` (a trio task): each call's ``on_start``, then its ``on_done``
+    with its outcome. `cancel` takes a call back: queued, it never runs; running, its
+    thread is abandoned (it runs on, its result unheard) and replaced, so abandoned
+    threads never starve the pool. `run` is the same for one awaiting trio task.
     """
 
     def __init__(self, limit: int, trio_token: trio.lowlevel.TrioToken) -> None:
@@ -71,20 +69,24 @@ class ThreadPool:
         self._token = trio_token
         self._lock = threading.Lock()
         self._work_came = threading.Condition(self._lock)
-        self._jobs: deque[_Job] = deque()
+        self._jobs: deque[Job] = deque()
         self._threads = 0  # running worker threads, abandoned ones not counted
         self._idle = 0  # of those, waiting for work
         self._closed = False
-        self._news: list[tuple[_Job, bool]] = []  # (job, done): for trio, under _lock
+        self._news: list[tuple[Job, bool]] = []  # (job, done): for trio, under _lock
+        self._news_came = trio.Event()
         self.in_use = 0
         """Threads running a call, as trio knows it (abandoned ones until they end)."""
 
-    async def run(self, call: Callable[[], object], on_start: Callable[[], None]) -> object:
-        """Run ``call`` in a worker thread, in a copy of this task's context; return
-        what it returned, or raise what it raised. ``on_start`` is called in trio's
-        thread once trio knows a thread has started it (before the result, or the
-        cancellation that abandons it)."""
-        job = _Job(call, on_start, trio.lowlevel.current_task())
+    def submit(
+        self,
+        call: Callable[[], object],
+        context: contextvars.Context,
+        on_start: Callable[[], object],
+        on_done: Callable[[outcome.Outcome[object]], object],
+    ) -> Job:
+        """Queue ``call``, to run in ``context`` in a worker thread."""
+        job = Job(call, context, on_start, on_done)
         with self._lock:
             self._jobs.append(job)
             if self._idle:
@@ -94,22 +96,33 @@ class ThreadPool:
                 self._threads += 1
         if start:
             self._start_thread()
+        return job
+
+    async def run(self, call: Callable[[], object], on_start: Callable[[], None]) -> object:
+        """Run ``call`` in a worker thread, in a copy of this task's context; return
+        what it returned, or raise what it raised. ``on_start`` is called in this
+        task's context once trio knows a thread has started it (before the result, or
+        the cancellation that abandons it)."""
+        waiter = trio.lowlevel.current_task()
+        job = self.submit(
+            call,
+            contextvars.copy_context(),
+            partial(waiter.context.run, on_start),
+            partial(trio.lowlevel.reschedule, waiter),
+        )
 
         def abort(_: object) -> trio.lowlevel.Abort:
-            return self._abort(job)
+            if self.cancel(job) == "done":  # its outcome reschedules this task
+                return trio.lowlevel.Abort.FAILED
+            return trio.lowlevel.Abort.SUCCEEDED
 
         # Rescheduled with the call's outcome: its value comes back, or its error is raised.
         return await trio.lowlevel.wait_task_rescheduled(abort)
 
-    def close(self) -> None:
-        """No more work: idle threads end now, busy ones after their call."""
-        with self._lock:
-            self._closed = True
-            self._work_came.notify_all()
-
-    # -- in trio's thread -------------------------------------------------------------
-
-    def _abort(self, job: _Job) -> trio.lowlevel.Abort:
+    def cancel(self, job: Job) -> Literal["refused", "abandoned", "done"]:
+        """Take ``job`` back: ``"refused"`` if it had not started (it never will),
+        ``"abandoned"`` if it had (its thread runs on, unheard); ``"done"`` if it had
+        finished: its outcome is on its way to ``on_done`` (`settle` tells it now)."""
         with self._lock:
             state = job.state
             if state == "queued":
@@ -117,15 +130,43 @@ class ThreadPool:
             elif state == "running":
                 job.state = "abandoned"
                 self._threads -= 1  # it no longer counts: a replacement may start
-            else:  # done: its result is on its way to trio, which will hear it
-                return trio.lowlevel.Abort.FAILED
+        if state == "queued":
+            job.on_done = None
+            return "refused"
         if state == "running":
+            job.on_done = None
             self._tell_start(job)
             # Once this round of cancellations is over: a shutdown cancels the queued
             # calls too, and a replacement must not start one of those meanwhile.
             self._token.run_sync_soon(self._replace_abandoned)
-        job.waiter = None
-        return trio.lowlevel.Abort.SUCCEEDED
+            return "abandoned"
+        return "done"
+
+    def settle(self, job: Job) -> None:
+        """Call a done ``job``'s ``on_start`` and ``on_done`` now, not with the next news."""
+        self._tell_start(job)
+        self._tell_done(job)
+
+    def close(self) -> None:
+        """No more work: idle threads end now, busy ones after their call."""
+        with self._lock:
+            self._closed = True
+            self._work_came.notify_all()
+
+    async def deliver_news(self) -> None:
+        """Tell trio, batch by batch, what the threads did: run until cancelled."""
+        while True:
+            await self._news_came.wait()
+            self._news_came = trio.Event()
+            with self._lock:
+                news, self._news = self._news, []
+            for job, done in news:
+                self._tell_start(job)
+                if done:
+                    self.in_use -= 1
+                    self._tell_done(job)
+
+    # -- in trio's thread -------------------------------------------------------------
 
     def _replace_abandoned(self) -> None:
         with self._lock:
@@ -136,24 +177,20 @@ class ThreadPool:
         if start:
             self._start_thread()
 
-    def _tell_start(self, job: _Job) -> None:
+    def _tell_start(self, job: Job) -> None:
         if not job.start_told:
             job.start_told = True
             self.in_use += 1
-            job.waiter_context.run(job.on_start)
+            job.on_start()
 
-    def _deliver(self) -> None:
-        """Hear everything the threads did since the last time."""
-        with self._lock:
-            news, self._news = self._news, []
-        for job, done in news:
-            self._tell_start(job)
-            if done:
-                self.in_use -= 1
-                if job.waiter is not None:
-                    assert job.result is not None
-                    trio.lowlevel.reschedule(job.waiter, job.result)
-                    job.waiter = None
+    def _tell_done(self, job: Job) -> None:
+        on_done, job.on_done = job.on_done, None
+        if on_done is not None:
+            assert job.result is not None
+            on_done(job.result)
+
+    def _news_arrived(self) -> None:
+        self._news_came.set()
 
     def _start_thread(self) -> None:
         threading.Thread(target=self._work, name="trio_bg worker", daemon=True).start()
@@ -168,6 +205,7 @@ class ThreadPool:
             PARENT_TASK_DATA.abandon_on_cancel = True
             PARENT_TASK_DATA.cancel_register = [None]
             PARENT_TASK_DATA.task_register = [None]
+        job: Job | None
         while (job := self._next_job()) is not None:
             self._tell(job, done=False)
             result = job.context.run(outcome.capture, job.call)
@@ -179,7 +217,7 @@ class ThreadPool:
             if abandoned:
                 return  # a replacement took this thread's place
 
-    def _next_job(self) -> _Job | None:
+    def _next_job(self) -> Job | None:
         """The next queued job, now running; None when this thread should end."""
         with self._lock:
             while True:
@@ -198,10 +236,10 @@ class ThreadPool:
             self._threads -= 1
             return None
 
-    def _tell(self, job: _Job, *, done: bool) -> None:
+    def _tell(self, job: Job, *, done: bool) -> None:
         with self._lock:
             first = not self._news
             self._news.append((job, done))
         if first:  # trio has not been woken for news yet: one wake-up for all of it
             with contextlib.suppress(trio.RunFinishedError):
-                self._token.run_sync_soon(self._deliver)
+                self._token.run_sync_soon(self._news_arrived)

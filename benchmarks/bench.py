@@ -23,6 +23,7 @@ from . import (
     bench_memory,
     bench_shutdown,
     bench_spawn,
+    bench_streaq,
     bench_threads,
     machine,
     pinning,
@@ -31,7 +32,16 @@ from .load import LoadError, choose
 from .section import Section
 
 RESULTS = Path(__file__).with_name("results")
-BENCHMARKS = ("overhead", "anchors", "spawn", "memory", "shutdown", "journal", "threads")
+BENCHMARKS = (
+    "overhead",
+    "anchors",
+    "spawn",
+    "memory",
+    "shutdown",
+    "journal",
+    "threads",
+    "streaq",
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -111,6 +121,14 @@ def main(argv: list[str] | None = None) -> int:
             cpu=load_cpu,
         ),
         "threads": lambda: bench_threads.run(http(2), reps=reps, tasks=in_process, cpu=load_cpu),
+        "streaq": lambda: bench_streaq.run(
+            http(2),
+            reps=reps,
+            tasks=5_000 if quick else 20_000,
+            end_to_end_tasks=2_000 if quick else 10_000,
+            server_cpu=server_cpu,
+            load_cpu=load_cpu,
+        ),
     }
 
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")

@@ -338,7 +338,7 @@ async def _requests(
         for _ in range(requests):
             collection = BackgroundTasks._of_request(nursery, ordered=False)
             collection.add_task(func, **ARGUMENTS)
-            if collection._durable:
+            if collection._uncommitted:
                 await collection._commit()
             await trio.lowlevel.checkpoint()
             collection._hand_off()

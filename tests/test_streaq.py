@@ -442,3 +442,11 @@ async def test_fastapi_background_tasks_of_a_remote_task_hand_it_off(queue: Queu
         [data] = await queue.stored()
         assert (data["a"], data["k"]) == (["m@example.com"], {"name": "Max"})
     assert queue.done == []
+
+
+async def test_a_remote_tasks_analysis_is_kept(queue: Queue) -> None:
+    """A streaq task cannot be hashed (a dataclass): its analysis is kept by identity
+    all the same, not redone (an ``inspect.signature`` and a compile) at every add."""
+    from trio_bg._callables import spec_of
+
+    assert spec_of(queue.welcome) is spec_of(queue.welcome)

@@ -17,6 +17,7 @@ import types
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar, final, overload
 
 from ._durable import register, registered
@@ -228,6 +229,11 @@ _specs: weakref.WeakKeyDictionary[Any, CallSpec] = weakref.WeakKeyDictionary()
 _method_specs: weakref.WeakKeyDictionary[Any, CallSpec] = weakref.WeakKeyDictionary()
 
 
+# Callables that cannot be hashed (a streaq task is a dataclass), by identity, for as
+# long as they live.
+_unhashable_specs: dict[int, tuple[weakref.ref[Any], CallSpec]] = {}
+
+
 def spec_of(func: object) -> CallSpec:
     """The `CallSpec` of ``func``; `TypeError` if it could never run as a task."""
     key: object = func
@@ -236,12 +242,24 @@ def spec_of(func: object) -> CallSpec:
         key, specs = func.__func__, _method_specs
     try:
         return specs[key]
-    except (KeyError, TypeError):  # TypeError: not hashable, or not weakly referable
+    except KeyError:
         pass
+    except TypeError:  # not hashable, or not weakly referable
+        known = _unhashable_specs.get(id(func))
+        if known is not None and known[0]() is func:
+            return known[1]
     spec = CallSpec(func)
-    with contextlib.suppress(TypeError):  # such a callable is analysed on every call
+    try:
         specs[key] = spec
+    except TypeError:
+        with contextlib.suppress(TypeError):  # not weakly referable: analysed every call
+            forget = partial(_forget_unhashable, id(func))
+            _unhashable_specs[id(func)] = (weakref.ref(func, forget), spec)
     return spec
+
+
+def _forget_unhashable(identity: int, _: object) -> None:
+    _unhashable_specs.pop(identity, None)
 
 
 def is_async_callable(func: object) -> bool:

@@ -39,19 +39,25 @@ def registered_names() -> list[str]:
     return list(_registry)
 
 
-def encode_arguments(
-    name: str, args: tuple[Any, ...], kwargs: dict[str, Any], *, kind: str = "durable task"
-) -> str:
-    """``args`` and ``kwargs`` as the JSON text a journal row keeps; `TypeError`,
-    naming the argument, if one is not JSON or would come back as something else
-    (``kind``: what the task is, for the message)."""
+def encode_arguments(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    """``args`` and ``kwargs`` of durable task ``name`` as the JSON text a journal row
+    keeps (see `encode_parts`)."""
+    return "[{},{}]".format(*encode_parts(name, args, kwargs, kind="durable task"))
+
+
+def encode_parts(
+    name: str, args: tuple[Any, ...], kwargs: dict[str, Any], *, kind: str
+) -> tuple[str, str]:
+    """The JSON of ``args`` (as a list) and of ``kwargs``; `TypeError`, naming the
+    argument, if one is not JSON or would come back as something else (``kind``: what
+    the task is, for the message)."""
     try:
-        text = _encoder.encode([args, kwargs])
+        parts = _encoder.encode(args), _encoder.encode(kwargs)
     except (TypeError, ValueError):
-        text = None
-    if text is not None and all(map(_comes_back, args)) and all(map(_comes_back, kwargs.values())):
-        return text  # (the common case, checked without decoding)
-    if text is None or json.loads(text) != [list(args), kwargs]:
+        parts = None
+    if parts is not None and all(map(_comes_back, args)) and all(map(_comes_back, kwargs.values())):
+        return parts  # (the common case, checked without decoding)
+    if parts is None or [json.loads(part) for part in parts] != [list(args), kwargs]:
         for label, value in _labelled(args, kwargs):
             problem = _json_problem(value)
             if problem is not None:
@@ -61,7 +67,7 @@ def encode_arguments(
                     f"None, and lists and dicts (with str keys) of them"
                 ) from None
         raise TypeError(f"add_task(): the arguments of {kind} {name} are not JSON")
-    return text
+    return parts
 
 
 _SCALARS = (str, int, bool, type(None))

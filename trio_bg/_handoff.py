@@ -3,6 +3,7 @@ task handed over while one batch is on its way goes in the next, one round trip.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -174,15 +175,18 @@ class Handoff:
         try:
             async with worker.redis.pipeline(transaction=False) as pipe:
                 library = Streaq(pipe)
+                # The record is the JSON the worker reads (the worker was checked to
+                # read JSON), made of the arguments encoded when they were checked.
+                ending = f',"t":{now}}}'
                 for task in tasks:
                     job: StreaqTask[..., Any] = StreaqTask(
                         task.args, task.kwargs, task.remote, worker
                     )
-                    record = {"f": task.name, "a": task.args, "k": task.kwargs, "t": now}
+                    assert task.remote_record is not None
+                    record = task.remote_record
                     if task.trace is not None:
-                        record["trio_bg"] = {"trace": task.trace}
-                    data = worker.serializer(record)
-                    worker.publish_task(pipe, job, data, now, lib=library)
+                        record += f',"trio_bg":{{"trace":{json.dumps(task.trace)}}}'
+                    worker.publish_task(pipe, job, record + ending, now, lib=library)
         except ResponseError as error:
             # A Redis restarted without persistence has lost streaq's functions.
             if reloaded or "function not found" not in str(error).lower():

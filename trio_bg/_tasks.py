@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextvars
 import itertools
+import json
 import logging
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ParamSpec, Protocol, final
 
 from ._callables import spec_of
-from ._durable import encode_arguments, needs_a_journal
+from ._durable import encode_arguments, encode_parts, needs_a_journal
 from ._errors import NurseryClosed
 from ._handoff import needs_a_handoff
 from ._inline import run_inline
@@ -39,6 +40,7 @@ class Task:
         "name",
         "payload",
         "remote",
+        "remote_record",
         "retries",
         "sent",
         "started_at",
@@ -77,10 +79,14 @@ class Task:
             self.payload = encode_arguments(spec.name, args, kwargs)
         self.journal_id: int | None = None
         # A streaq task (run by a worker, elsewhere): its arguments checked as JSON now,
-        # and whether Redis has it.
+        # its record for Redis made of them (but its time), and whether Redis has it.
         self.remote = spec.remote
-        if self.remote is not None and payload is None:
-            self.payload = encode_arguments(spec.name, args, kwargs, kind="remote task")
+        self.remote_record: str | None = None
+        if self.remote is not None:
+            arguments, keywords = encode_parts(spec.name, args, kwargs, kind="remote task")
+            if payload is None:
+                self.payload = f"[{arguments},{keywords}]"
+            self.remote_record = f'{{"f":{json.dumps(spec.name)},"a":{arguments},"k":{keywords}'
         self.sent = False
         self.trace: dict[str, str] | None = None  # the trace context it takes along
         self.attempt = 1  # which run this is: 2 once a first retry is due

@@ -288,14 +288,20 @@ async def test_a_thread_tasks_timeout_does_not_count_its_wait_for_a_thread(
 ) -> None:
     release = threading.Event()
     events: list[trio_bg.TaskEvent] = []
+    holding = trio.Event()
+
+    def on_event(event: trio_bg.TaskEvent) -> None:
+        events.append(event)
+        if event.kind == "started":
+            holding.set()
 
     @trio_bg.task(name="quick", timeout=1)
     def quick() -> None:
         pass
 
-    async with trio_bg.open_background_nursery(thread_limit=1, on_event=events.append) as bg:
+    async with trio_bg.open_background_nursery(thread_limit=1, on_event=on_event) as bg:
         bg.start_soon(release.wait, 5)
-        await trio.testing.wait_all_tasks_blocked()  # it holds the only thread now
+        await holding.wait()  # it holds the only thread now (the thread said so)
         bg.start_soon(quick)
         await trio.sleep(10)  # virtual: far past quick's timeout, had it been running
         stats = bg.stats

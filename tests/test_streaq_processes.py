@@ -168,9 +168,15 @@ async def test_sigterm_mid_load_loses_no_answered_task(
                 assert await server.stop() == 0, server.output.text  # mid-load
     ok = load.keys(200)
     assert len(ok) >= 80 and set(load.answered) == ok  # refused connections, not errors
-    assert report(tmp_path)["handed_off"] == report(tmp_path)["accepted"] == len(ok)
+    # A request under way at the SIGTERM may have handed its task off and then lost
+    # its answer with its connection: handed off, and not claimed by an answer.
+    final = report(tmp_path)
+    assert final["handed_off"] == final["accepted"]
+    assert len(ok) <= final["handed_off"] <= len(ok) + len(load.failed)
     await run_worker_until_empty(tmp_path, redis_server)
-    assert set(ledger(tmp_path)) == ok  # each answered task ran; nothing else did
+    ran = set(ledger(tmp_path))
+    assert ok <= ran <= ok | load.failed  # each answered task ran; no other did
+    assert len(ran) == final["handed_off"]
 
 
 async def test_redis_gone_mid_load_without_a_journal_every_failure_shows(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, final
@@ -33,12 +34,25 @@ wait, doubling up to the last."""
 class _Shipment:
     """Tasks gathered for one round trip, and the requests waiting on it."""
 
-    __slots__ = ("done", "error", "tasks")
+    __slots__ = ("done", "error", "tasks", "waiters")
 
     def __init__(self) -> None:
         self.tasks: list[Task] = []
-        self.done = trio.Event()
+        self.waiters: list[trio.lowlevel.Task] = []
+        self.done = False
         self.error: HandoffError | None = None
+
+    def settle(self, error: HandoffError | None = None) -> None:
+        """Done (``error``: not sent): wake whoever waits on it, once."""
+        if not self.done:
+            self.done = True
+            self.error = error
+            for waiter in self.waiters:
+                trio.lowlevel.reschedule(waiter)
+
+
+def _not_now(_: object) -> trio.lowlevel.Abort:
+    return trio.lowlevel.Abort.FAILED
 
 
 class Handoff:
@@ -71,8 +85,9 @@ class Handoff:
             shipment = self._open = _Shipment()
             self._wake.set()
         shipment.tasks.extend(tasks)
-        with trio.CancelScope(shield=True):
-            await shipment.done.wait()
+        # Not cancellable (cheaper than a shielded cancel scope, on every request).
+        shipment.waiters.append(trio.lowlevel.current_task())
+        await trio.lowlevel.wait_task_rescheduled(_not_now)
         if shipment.error is not None:
             raise shipment.error
 
@@ -128,9 +143,8 @@ class Handoff:
     def _fail_waiting(self, error: HandoffError) -> None:
         """Tell whoever waits on a batch not delivered that its tasks were not sent."""
         for shipment in (self._on_its_way, self._open):
-            if shipment is not None and not shipment.done.is_set():
-                shipment.error = error
-                shipment.done.set()
+            if shipment is not None:
+                shipment.settle(error)
         self._on_its_way = self._open = None
 
     def _describe_queue(self) -> str:
@@ -146,47 +160,55 @@ class Handoff:
                     return
                 continue
             self._on_its_way = shipment
+            error = None
             try:
                 with trio.fail_after(SEND_TIMEOUT):
                     await self._publish(shipment.tasks)
             except trio.TooSlowError:
-                shipment.error = HandoffError(
+                error = HandoffError(
                     f"Redis did not take {len(shipment.tasks)} task(s) within {SEND_TIMEOUT}s"
                 )
-            except Exception as error:  # (groups too: see _describe)
-                shipment.error = HandoffError(
-                    f"Redis did not take {len(shipment.tasks)} task(s): {_describe(error)}"
+            except Exception as failure:  # (groups too: see _describe)
+                error = HandoffError(
+                    f"Redis did not take {len(shipment.tasks)} task(s): {_describe(failure)}"
                 )
-            if shipment.error is not None:
-                logger.error("%s", shipment.error)
+            if error is not None:
+                logger.error("%s", error)
             self._on_its_way = None
-            shipment.done.set()
+            shipment.settle(error)
             if self._closed and self._open is None:
                 return
 
     async def _publish(self, tasks: Sequence[Task], *, reloaded: bool = False) -> None:
         from coredis.exceptions import ResponseError
-        from streaq.task import Task as StreaqTask
-        from streaq.types import Streaq
-        from streaq.utils import now_ms
+        from streaq.utils import now_ms, to_ms
 
         worker = self.worker
         now = now_ms()
+        # What streaq's Worker.publish_task sends for a task to run now (no delay, no
+        # schedule, no dependencies, the default priority), as one FCALL of streaq's
+        # own Redis function: without streaq's Python wrapper around it, which checks
+        # every call's arguments against a signature and costs more than all the rest.
+        priority = worker.priorities[-1]
+        stream, queue = worker.stream_key + priority, worker.queue_key + priority
+        shared = (worker.dependents_key, worker.dependencies_key, worker.results_key)
+        # The record is the JSON the worker reads (the worker was checked to read
+        # JSON), made of the arguments encoded when they were checked.
+        ending = f',"t":{now}}}'
         try:
             async with worker.redis.pipeline(transaction=False) as pipe:
-                library = Streaq(pipe)
-                # The record is the JSON the worker reads (the worker was checked to
-                # read JSON), made of the arguments encoded when they were checked.
-                ending = f',"t":{now}}}'
                 for task in tasks:
-                    job: StreaqTask[..., Any] = StreaqTask(
-                        task.args, task.kwargs, task.remote, worker
-                    )
+                    identifier = uuid.uuid4().hex
                     assert task.remote_record is not None
                     record = task.remote_record
                     if task.trace is not None:
                         record += f',"trio_bg":{{"trace":{json.dumps(task.trace)}}}'
-                    worker.publish_task(pipe, job, record + ending, now, lib=library)
+                    expire = to_ms(task.remote.expire or 0)
+                    pipe.fcall(
+                        "publish_task",
+                        keys=[stream, queue, worker.task_key + identifier, *shared],
+                        args=[identifier, record + ending, 0, expire, now],
+                    )
         except ResponseError as error:
             # A Redis restarted without persistence has lost streaq's functions.
             if reloaded or "function not found" not in str(error).lower():

@@ -12,7 +12,6 @@ import os
 import resource
 import shutil
 import signal
-import subprocess
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -24,33 +23,21 @@ from typing import Any
 import httpx
 import pytest
 import trio
-from conftest import Output
-
-BOUND = 20.0
-"""Seconds any single wait may take before the test fails (generous: a noisy machine)."""
+from processes import BOUND, TESTS, Child, trio_bg_process
+from redis_server import free_port
 
 LEASE = 1.0
 """The servers' journal lease: a dead process's rows are resumed within about this."""
 
-TESTS = Path(__file__).parent
-
 
 @dataclass
-class Server:
-    process: trio.Process
+class Server(Child):
     url: str
-    output: Output
     report_path: Path
 
     def report(self) -> dict[str, Any]:
         data: dict[str, Any] = json.loads(self.report_path.read_text())
         return data
-
-    async def stop(self) -> int:
-        """SIGTERM, and wait for the exit status."""
-        self.process.send_signal(signal.SIGTERM)
-        with trio.fail_after(BOUND):
-            return await self.process.wait()
 
 
 @asynccontextmanager
@@ -63,61 +50,28 @@ async def journal_server(
     prefix: tuple[str, ...] = (),
     preexec_fn: Callable[[], None] | None = None,
 ) -> AsyncIterator[Server]:
-    """``python -m trio_bg serve journal_app:app --journal JOURNAL`` on a free port,
-    its output collected from a pipe; yielded once it accepts connections."""
+    """``python -m trio_bg serve journal_app:app --journal JOURNAL`` on a free port;
+    yielded once it accepts connections."""
     port = free_port()
     report_path = tmp_path / f"{name}-report.json"
-    env = os.environ | {
-        "TRIO_BG_TEST_LEDGER": str(tmp_path / "ledger"),
-        "TRIO_BG_TEST_TASK_SECONDS": str(task_seconds),
-    }
-    process = await trio.lowlevel.open_process(
-        [
-            *prefix,
-            sys.executable,
-            "-m",
-            "trio_bg",
-            "serve",
-            "journal_app:app",
-            f"--bind=127.0.0.1:{port}",
-            f"--journal={journal}",
-            f"--journal-lease={LEASE}",
-            f"--report-json={report_path}",
-            "--log-level=info",
-            *options,
-        ],
-        cwd=TESTS,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+    async with trio_bg_process(
+        "serve",
+        "journal_app:app",
+        f"--bind=127.0.0.1:{port}",
+        f"--journal={journal}",
+        f"--journal-lease={LEASE}",
+        f"--report-json={report_path}",
+        "--log-level=info",
+        *options,
+        ready="Running on http://127.0.0.1",
+        env={
+            "TRIO_BG_TEST_LEDGER": str(tmp_path / "ledger"),
+            "TRIO_BG_TEST_TASK_SECONDS": str(task_seconds),
+        },
+        prefix=prefix,
         preexec_fn=preexec_fn,
-    )
-    output = Output()
-    try:
-        async with trio.open_nursery() as nursery:
-            assert process.stdout is not None
-            nursery.start_soon(output.collect, process.stdout)
-            with trio.fail_after(BOUND):
-                await output.wait_for("Running on http://127.0.0.1")
-            yield Server(process, f"http://127.0.0.1:{port}", output, report_path)
-            if process.returncode is None:
-                process.kill()
-            await process.wait()
-    finally:
-        if process.returncode is None:
-            process.kill()
-        with trio.CancelScope(shield=True), trio.move_on_after(BOUND):
-            await process.wait()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
+    ) as child:
+        yield Server(child.process, child.output, f"http://127.0.0.1:{port}", report_path)
 
 
 def client(url: str) -> httpx.AsyncClient:

@@ -9,81 +9,34 @@ Every wait is bounded; every child process is killed on the way out.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from collections import Counter
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import trio
-from conftest import Output
+from processes import BOUND, Child, trio_bg_process
 from redis_server import RedisServer, free_port
 
-BOUND = 20.0
-"""Seconds any single wait may take before the test fails (generous: a noisy machine)."""
 
-TESTS = Path(__file__).parent
-
-
-@dataclass
-class Process:
-    process: trio.Process
-    output: Output
-
-    async def stop(self) -> int:
-        """SIGTERM, and wait for the exit status."""
-        self.process.send_signal(signal.SIGTERM)
-        with trio.fail_after(BOUND):
-            return await self.process.wait()
-
-
-@asynccontextmanager
-async def started(
+def started(
     tmp_path: Path, redis: RedisServer, *command: str, ready: str, **env: str
-) -> AsyncIterator[Process]:
-    """``python -m trio_bg COMMAND...`` in tests/, for the Redis of ``redis``, its output
-    collected; yielded once ``ready`` appears in it."""
-    environment = os.environ | {
-        "TRIO_BG_TEST_REDIS": redis.url,
-        "TRIO_BG_TEST_LEDGER": str(tmp_path / "ledger"),
-        **env,
-    }
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "trio_bg", *command],
-        cwd=TESTS,
-        env=environment,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+) -> AbstractAsyncContextManager[Child]:
+    """``python -m trio_bg COMMAND...`` for the Redis of ``redis``."""
+    ledger = str(tmp_path / "ledger")
+    return trio_bg_process(
+        *command,
+        ready=ready,
+        env={"TRIO_BG_TEST_REDIS": redis.url, "TRIO_BG_TEST_LEDGER": ledger, **env},
     )
-    output = Output()
-    try:
-        async with trio.open_nursery() as nursery:
-            assert process.stdout is not None
-            nursery.start_soon(output.collect, process.stdout)
-            with trio.fail_after(BOUND):
-                await output.wait_for(ready)
-            yield Process(process, output)
-            if process.returncode is None:
-                process.kill()
-            await process.wait()
-    finally:
-        if process.returncode is None:
-            process.kill()
-        with trio.CancelScope(shield=True), trio.move_on_after(BOUND):
-            await process.wait()
 
 
 @asynccontextmanager
 async def web_server(
     tmp_path: Path, redis: RedisServer, **env: str
-) -> AsyncIterator[tuple[Process, httpx.AsyncClient]]:
+) -> AsyncIterator[tuple[Child, httpx.AsyncClient]]:
     port = free_port()
     async with (
         started(

@@ -14,69 +14,30 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 import trio
-from conftest import Output
+from processes import BOUND, TESTS, Child, trio_bg_process
 from redis_server import RedisServer
-
-BOUND = 20.0
-"""Seconds any single wait may take before the test fails (generous: a noisy machine)."""
-
-TESTS = Path(__file__).parent
 
 LOST_REDIS = r"ERROR trio_bg: streaq worker \w+ cannot use Redis"
 
 
-@dataclass
-class WorkerProcess:
-    process: trio.Process
-    output: Output
-
-    async def stop(self) -> int:
-        """SIGTERM, and wait for the exit status."""
-        self.process.send_signal(signal.SIGTERM)
-        with trio.fail_after(BOUND):
-            return await self.process.wait()
-
-
-@asynccontextmanager
-async def worker_process(
+def worker_process(
     tmp_path: Path, redis_url: str, **env: str
-) -> AsyncIterator[WorkerProcess]:
-    """``python -m trio_bg worker streaq_app:tasks``, its output collected from a pipe;
-    yielded once it has started (it may not have connected to Redis yet)."""
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "trio_bg", "worker", "streaq_app:tasks"],
-        cwd=TESTS,
-        env=os.environ
-        | {"TRIO_BG_TEST_REDIS": redis_url, "TRIO_BG_TEST_LEDGER": str(tmp_path / "ledger")}
+) -> AbstractAsyncContextManager[Child]:
+    """``python -m trio_bg worker streaq_app:tasks``; yielded once it has started (it
+    may not have connected to Redis yet)."""
+    return trio_bg_process(
+        "worker",
+        "streaq_app:tasks",
+        ready="starting worker",
+        env={"TRIO_BG_TEST_REDIS": redis_url, "TRIO_BG_TEST_LEDGER": str(tmp_path / "ledger")}
         | env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
     )
-    output = Output()
-    try:
-        async with trio.open_nursery() as nursery:
-            assert process.stdout is not None
-            nursery.start_soon(output.collect, process.stdout)
-            with trio.fail_after(BOUND):
-                await output.wait_for("starting worker")
-            yield WorkerProcess(process, output)
-            if process.returncode is None:
-                process.kill()
-            await process.wait()
-    finally:
-        if process.returncode is None:
-            process.kill()
-        with trio.CancelScope(shield=True), trio.move_on_after(BOUND):
-            await process.wait()
 
 
 def streaq_app(monkeypatch: pytest.MonkeyPatch, redis_url: str) -> ModuleType:

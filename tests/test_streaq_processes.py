@@ -86,6 +86,10 @@ class Load:
         self.stop = False
         self._progress = trio.Event()
 
+    def start(self, nursery: trio.Nursery, clients: int = 4) -> None:
+        for number in range(clients):
+            nursery.start_soon(self.client, f"c{number}")
+
     async def client(self, name: str, limit: int = 2000) -> None:
         for number in range(limit):
             if self.stop:
@@ -115,8 +119,7 @@ async def test_sigterm_mid_load_loses_no_answered_task(
         load = Load(http)
         with trio.fail_after(BOUND):
             async with trio.open_nursery() as nursery:
-                for name in "abcd":
-                    nursery.start_soon(load.client, name)
+                load.start(nursery)
                 await load.wait_for_answers(80)
                 assert await server.stop() == 0, server.output.text  # mid-load
     ok = load.keys(200)
@@ -140,8 +143,7 @@ async def test_redis_gone_mid_load_without_a_journal_every_failure_shows(
         load = Load(http)
         with trio.fail_after(BOUND):
             async with trio.open_nursery() as nursery:
-                for name in "abcd":
-                    nursery.start_soon(load.client, name)
+                load.start(nursery)
                 await load.wait_for_answers(40)
                 redis.stop()  # mid-load
                 await server.output.wait_for("Redis did not take")
@@ -168,8 +170,7 @@ async def test_redis_gone_mid_load_with_a_journal_loses_nothing(
         load = Load(http)
         with trio.fail_after(BOUND):
             async with trio.open_nursery() as nursery:
-                for name in "abcd":
-                    nursery.start_soon(load.client, name)
+                load.start(nursery)
                 await load.wait_for_answers(40)
                 redis.stop()  # mid-load: the journal keeps what Redis cannot take
                 await server.output.wait_for("remote tasks wait in the journal")

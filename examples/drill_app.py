@@ -17,6 +17,18 @@ are stored in the journal before the response completes and survive a crash. Eac
 notes its run in the ledger file, and the response names them in
 ``x-trio-bg-durable``: the crash drill's books (``drill ... --journal PATH --kill``).
 
+With Redis (``--redis [URL]``, the distributed drill, which sets ``$TRIO_BG_DRILL_REDIS``
+and the ledger) the module defines ``worker``, a streaq worker (``idle_timeout`` from
+``$TRIO_BG_DRILL_IDLE_TIMEOUT``, else trio_bg's default), with two remote tasks, a
+thumbnail render and a search-index update; each request hands both to Redis instead
+of adding the durable ones, and names them in ``x-trio-bg-remote``. Each run notes
+``KEY started PID`` and ``KEY ran PID`` in the ledger (``python -m trio_bg worker
+examples.drill_app:worker`` runs them)::
+
+    python -m trio_bg drill examples.drill_app:app --redis --workers 2 --kill-worker
+
+Without ``$TRIO_BG_DRILL_REDIS`` the module needs no streaq.
+
 The app is not wrapped in the middleware: ``python -m trio_bg serve`` (and the drill)
 wrap it, with the options given on the command line.
 """
@@ -41,7 +53,9 @@ Send = Callable[[Message], Awaitable[None]]
 
 TASKS_HEADER = b"x-trio-bg-tasks"
 DURABLE_HEADER = b"x-trio-bg-durable"
-LEDGER = os.environ.get("TRIO_BG_DRILL_LEDGER")  # set by the drill, with a journal
+REMOTE_HEADER = b"x-trio-bg-remote"
+LEDGER = os.environ.get("TRIO_BG_DRILL_LEDGER")  # set by the drill, with a journal or Redis
+REDIS = os.environ.get("TRIO_BG_DRILL_REDIS")  # set by the distributed drill
 
 
 def note_run(key: str) -> None:
@@ -66,6 +80,31 @@ def archive_order(key: str, seconds: float) -> None:
     """Durable, and blocking: runs in a worker thread."""
     time.sleep(seconds)
     note_run(key)
+
+
+if REDIS is not None:
+    import trio_bg.streaq
+
+    worker = trio_bg.streaq.worker(
+        REDIS,
+        idle_timeout=float(
+            os.environ.get("TRIO_BG_DRILL_IDLE_TIMEOUT", trio_bg.streaq.DEFAULT_IDLE_TIMEOUT)
+        ),
+    )
+
+    @worker.task(name="drill.render_thumbnail")
+    async def render_thumbnail(key: str, seconds: float) -> None:
+        """Remote: runs on a streaq worker, at least once."""
+        note_run(f"{key} started {os.getpid()}")
+        await trio.sleep(seconds)
+        note_run(f"{key} ran {os.getpid()}")
+
+    @worker.task(name="drill.update_search_index")
+    async def update_search_index(key: str, seconds: float) -> None:
+        """Remote, and quick."""
+        note_run(f"{key} started {os.getpid()}")
+        await trio.sleep(seconds)
+        note_run(f"{key} ran {os.getpid()}")
 
 
 async def send_notification(seconds: float) -> None:
@@ -117,7 +156,11 @@ class DrillApp:
         tasks = trio_bg.current_tasks()
         added = self._add_tasks(tasks)
         headers = [(b"content-type", b"text/plain; charset=utf-8")]
-        if LEDGER is not None:
+        if REDIS is not None:
+            remote = self._add_remote_tasks(tasks)
+            added += len(remote)
+            headers.append((REMOTE_HEADER, " ".join(remote).encode()))
+        elif LEDGER is not None:
             durable = self._add_durable_tasks(tasks)
             added += len(durable)
             headers.append((DURABLE_HEADER, " ".join(durable).encode()))
@@ -153,6 +196,14 @@ class DrillApp:
         tasks.add_task(send_receipt, receipt, self._random.uniform(0.05, 1.0))
         tasks.add_task(archive_order, archive, self._random.uniform(0.01, 0.2))
         return [receipt, archive]
+
+    def _add_remote_tasks(self, tasks: trio_bg.BackgroundTasks) -> list[str]:
+        """Hand this request's remote tasks to Redis; return their keys."""
+        image = uuid.uuid4().hex[:12]
+        thumbnail, index = f"{image}-thumbnail", f"{image}-index"
+        tasks.add_task(render_thumbnail, thumbnail, self._random.uniform(0.05, 0.4))
+        tasks.add_task(update_search_index, index, self._random.uniform(0.01, 0.1))
+        return [thumbnail, index]
 
 
 async def _answer_lifespan(receive: Receive, send: Send) -> None:

@@ -144,7 +144,7 @@ async def test_what_is_not_a_json_worker_is_refused() -> None:
         "streaq_app:pickling_tasks": "cannot run 'streaq_app:pickling_tasks': streaq worker "
         "'default' unpickles what it reads",
         "streaq_app:record": "cannot run 'streaq_app:record': expected a streaq Worker",
-        "streaq_app": "cannot load 'streaq_app': give the worker as module:name",
+        "streaq_app": "cannot load 'streaq_app': give the worker as module:attribute",
         "streaq_app:nobody": "cannot load 'streaq_app:nobody': streaq_app has no 'nobody'",
         "no_such_app:tasks": "cannot load 'no_such_app:tasks': no module named 'no_such_app'",
     }

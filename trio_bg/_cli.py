@@ -6,22 +6,29 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import importlib
 import inspect
 import json
 import logging
-import math
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 from hypercorn.config import Config
 
 from ._asgi import ASGIApp, BackgroundTaskMiddleware
+from ._cli_values import (
+    load_attribute,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 from ._journal import DEFAULT_LEASE
 from ._journal_command import add_journal_parser, journal_command
 from ._journal_file import journal_path_problem
@@ -35,7 +42,10 @@ from ._options import (
 from ._report import ShutdownReport
 from ._serve import SHUTDOWN_MARGIN, default_config, serve, serve_worker, wrap
 from ._supervisor import WorkerExit, combined, describe_exit, supervise
-from ._worker_command import add_worker_parser, worker_command
+from ._worker_command import WorkerRefused, add_worker_parser, load_streaq_worker, worker_command
+
+if TYPE_CHECKING:
+    from ._drill import DrillPlan
 
 EXIT_OK = 0
 EXIT_CUT_SHORT = 1
@@ -49,7 +59,8 @@ exit status:
   {EXIT_CUT_SHORT}  the shutdown cut tasks short: cancelled or abandoned after the grace
      period (or a second signal); the log and the report name each one
   {EXIT_USAGE}  usage error: a bad option, the app cannot be loaded or is not an ASGI 3
-     app, the --report-json path is not writable
+     app, the --streaq worker cannot be loaded or is refused, the --report-json path is
+     not writable
   {EXIT_SERVER_FAILED}  the server failed: it could not bind, the app's startup failed, the
      report could not be written; with --workers: a worker failed to start, died, or
      left no report (its tasks are unaccounted for)
@@ -79,10 +90,26 @@ every answered request had its tasks accepted. For the latter the app sets the r
 header `x-trio-bg-tasks: N`, N being the number of tasks that request added (as
 examples/drill_app.py does); without it that check is skipped, and the drill says so.
 
+The distributed drill (--redis) hands remote tasks to streaq workers: it starts Redis
+(unless --redis URL: a Redis, or a queue, of the drill's alone), --workers processes of
+`python -m trio_bg worker` and the web server (`serve APP --streaq MODULE:NAME`), all
+with $TRIO_BG_DRILL_REDIS set to Redis's URL and $TRIO_BG_DRILL_LEDGER to a ledger file.
+Under load it kills Redis a quarter of the way in and starts it again halfway
+(--kill-redis), SIGKILLs the worker running the most remote tasks halfway, or three
+quarters of the way with --kill-redis (--kill-worker), SIGTERMs the web server, waits
+for the workers to run what the answered requests named (a killed worker's tasks go
+to another after its idle timeout), and stops them. The app names its remote tasks'
+keys in `x-trio-bg-remote`, and each run notes `KEY started PID` and `KEY ran PID` in
+the ledger (as examples/drill_app.py does). Every remote task an answered request named
+must have run to the end at least once; runs beyond it are counted, as at-least-once
+delivery allows them. With --journal the journal is the outbox: a Redis outage costs
+no request a 503.
+
 exit status:
   0  the books balance and the server stopped within --deadline
-  1  tasks are unaccounted for, or the server failed or did not stop in time
+  1  tasks are unaccounted for or lost, or a process failed or did not stop in time
   2  usage error
+  130  the drill was interrupted (SIGINT, SIGTERM); the processes it started are stopped
 """
 
 
@@ -105,29 +132,95 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("the drill needs httpx: pip install 'trio-bg[drill]'")
     if args.kill and args.journal is None:
         parser.error("--kill needs --journal: only durable tasks can survive a SIGKILL")
+    _check_remote_options(parser, args)
     _check_journal_path(parser, args)
     lease = args.journal_lease
     if args.kill and lease is None:
         lease = DRILL_LEASE
-    run = crash_drill if args.kill else drill
-    return run(
-        DrillPlan(
-            app=args.app,
-            requests=args.requests,
-            concurrency=args.concurrency,
-            rate=args.rate,
-            signal_after=args.signal_after,
-            grace_period=args.grace_period,
-            graceful_timeout=args.graceful_timeout,
-            max_running=args.max_running,
-            max_pending=args.max_pending,
-            deadline=args.deadline,
-            journal=args.journal,
-            journal_lease=lease,
-            kill=args.kill,
-        ),
-        json_output=args.json,
+    plan = DrillPlan(
+        app=args.app,
+        requests=args.requests,
+        concurrency=args.concurrency,
+        rate=args.rate,
+        signal_after=args.signal_after,
+        grace_period=args.grace_period,
+        graceful_timeout=args.graceful_timeout,
+        max_running=args.max_running,
+        max_pending=args.max_pending,
+        deadline=args.deadline,
+        journal=args.journal,
+        journal_lease=lease,
+        kill=args.kill,
     )
+    if args.redis is not None:
+        return _remote_drill_command(parser, args, plan)
+    run = crash_drill if args.kill else drill
+    return run(plan, json_output=args.json)
+
+
+_REMOTE_ONLY = ("streaq", "workers", "kill_worker", "kill_redis", "idle_timeout")
+
+
+def _check_remote_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse (exit 2) the distributed drill's options where they cannot apply."""
+    if args.redis is None:
+        for name in _REMOTE_ONLY:
+            if getattr(args, name) not in (None, False):
+                parser.error(
+                    f"--{name.replace('_', '-')} needs --redis, the distributed drill "
+                    f"(--redis without a URL: the drill starts a Redis of its own)"
+                )
+        return
+    if args.kill:
+        parser.error("--kill (the crash drill) and --redis (the distributed drill) do not combine")
+    if args.redis and "://" not in args.redis:
+        parser.error(f"--redis: expected a URL (redis://HOST:PORT), not {args.redis!r}")
+    if args.kill_redis and args.redis:
+        parser.error(
+            "--kill-redis needs the drill's own Redis: give --redis without a URL (a Redis "
+            "of yours is not the drill's to kill)"
+        )
+    if args.kill_worker and (args.workers or 2) < 2:
+        parser.error("--kill-worker needs --workers 2 or more: another must take over its tasks")
+    if not args.redis and shutil.which("redis-server") is None:
+        parser.error(
+            "--redis without a URL starts a redis-server, and there is none on the PATH: "
+            "install it, or give --redis URL"
+        )
+
+
+def _remote_drill_command(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, plan: DrillPlan
+) -> int:
+    try:
+        from ._remote_drill import RemotePlan, prepare, remote_drill
+    except ModuleNotFoundError as error:
+        if error.name != "streaq":
+            raise
+        parser.error("the distributed drill needs streaq: pip install 'trio-bg[streaq]'")
+    streaq = args.streaq
+    if streaq is None:
+        streaq = f"{args.app.partition(':')[0]}:worker"
+    remote = RemotePlan(
+        drill=plan,
+        streaq=streaq,
+        redis=args.redis or None,
+        workers=args.workers or 2,
+        kill_worker=args.kill_worker,
+        kill_redis=args.kill_redis,
+        idle_timeout=args.idle_timeout,
+    )
+    try:
+        target = prepare(remote)
+    except (LookupError, WorkerRefused) as error:
+        parser.error(f"--streaq: {error}")
+    except Exception as error:
+        if isinstance(error, ModuleNotFoundError) and error.name == "streaq":
+            parser.error("the distributed drill needs streaq: pip install 'trio-bg[streaq]'")
+        logging.basicConfig(stream=sys.stderr)
+        logging.getLogger("trio_bg").exception("cannot load %s", streaq)
+        return EXIT_USAGE
+    return remote_drill(target, json_output=args.json)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -154,7 +247,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_nursery_options(serve_parser)
     serve_parser.add_argument(
         "--thread-limit",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         help=f"worker threads for plain-function tasks (default {DEFAULT_THREAD_LIMIT})",
     )
@@ -172,11 +265,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve_parser.add_argument(
         "--workers",
-        type=_positive_int,
+        type=positive_int,
         default=1,
         metavar="N",
         help="worker processes; from 2, run them under a supervisor in this process "
         "(default 1: serve in this process)",
+    )
+    serve_parser.add_argument(
+        "--streaq",
+        metavar="MODULE:NAME",
+        help="the streaq worker (made with trio_bg.streaq.worker()) that remote tasks are "
+        "handed to, loaded like the app",
     )
     # A worker of --workers: commands from the supervisor on stdin (see serve_worker).
     serve_parser.add_argument("--supervised", action="store_true", help=argparse.SUPPRESS)
@@ -191,28 +290,28 @@ def _parser() -> argparse.ArgumentParser:
     drill_parser.add_argument("app", help="the app to drill, as module:attribute")
     drill_parser.add_argument(
         "--requests",
-        type=_positive_int,
+        type=positive_int,
         default=400,
         metavar="N",
         help="requests to send at most (default 400)",
     )
     drill_parser.add_argument(
         "--concurrency",
-        type=_positive_int,
+        type=positive_int,
         default=10,
         metavar="C",
         help="concurrent clients (default 10)",
     )
     drill_parser.add_argument(
         "--rate",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=100.0,
         metavar="R",
         help="requests per second, all clients together; 0: as fast as they go (default 100)",
     )
     drill_parser.add_argument(
         "--signal-after",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=2.0,
         metavar="S",
         help="seconds of load before SIGTERM, or less if every request was sent (default 2)",
@@ -220,7 +319,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_nursery_options(drill_parser)
     drill_parser.add_argument(
         "--deadline",
-        type=_positive_float,
+        type=positive_float,
         metavar="S",
         help="seconds the server may take to stop after SIGTERM before it is killed and the "
         f"drill fails (default: graceful timeout + grace period + {SHUTDOWN_MARGIN:g}; pass it "
@@ -235,6 +334,50 @@ def _parser() -> argparse.ArgumentParser:
         "request named ran at least once (journal lease 5 s unless --journal-lease)",
     )
     drill_parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    remote = drill_parser.add_argument_group(
+        "the distributed drill (remote tasks, run by streaq workers)"
+    )
+    remote.add_argument(
+        "--redis",
+        nargs="?",
+        const="",
+        metavar="URL",
+        help="the distributed drill, on the Redis at URL (a Redis of the drill's own, on a "
+        "free port of 127.0.0.1, when no URL is given): see below",
+    )
+    remote.add_argument(
+        "--streaq",
+        metavar="MODULE:NAME",
+        help="the streaq worker the workers run and the web server hands its remote tasks to "
+        "(default: the app's module, attribute worker); the app's own spec, for an app "
+        "wrapped in code with streaq=",
+    )
+    remote.add_argument(
+        "--workers",
+        type=positive_int,
+        metavar="N",
+        help="streaq worker processes, python -m trio_bg worker (default 2); not serve's "
+        "--workers: the web server runs in one process",
+    )
+    remote.add_argument(
+        "--kill-worker",
+        action="store_true",
+        help="SIGKILL the worker running the most remote tasks mid-load; another runs its "
+        "tasks once its idle timeout has passed",
+    )
+    remote.add_argument(
+        "--kill-redis",
+        action="store_true",
+        help="SIGKILL the drill's own Redis mid-load (no --redis URL), and start it again on "
+        "the same port",
+    )
+    remote.add_argument(
+        "--idle-timeout",
+        type=positive_float,
+        metavar="S",
+        help="set $TRIO_BG_DRILL_IDLE_TIMEOUT for the app's module, which builds its worker "
+        "with it (examples/drill_app.py does; default: trio_bg.streaq's 10 s)",
+    )
     add_journal_parser(commands)
     add_worker_parser(commands)
     return parser
@@ -245,20 +388,20 @@ def _add_nursery_options(parser: argparse.ArgumentParser) -> None:
     given: an app that is already a BackgroundTaskMiddleware takes none)."""
     parser.add_argument(
         "--grace-period",
-        type=_non_negative_float,
+        type=non_negative_float,
         metavar="S",
         help="seconds the shutdown waits for background tasks "
         f"(default {DEFAULT_GRACE_PERIOD:g}, or what an app wrapped in code was given)",
     )
     parser.add_argument(
         "--max-running",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         help=f"background tasks running at once (default {DEFAULT_MAX_RUNNING})",
     )
     parser.add_argument(
         "--max-pending",
-        type=_non_negative_int,
+        type=non_negative_int,
         metavar="N",
         help=f"tasks waiting for a slot before requests get 503 (default {DEFAULT_MAX_PENDING})",
     )
@@ -270,14 +413,14 @@ def _add_nursery_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--journal-lease",
-        type=_positive_float,
+        type=positive_float,
         metavar="S",
         help="seconds before another process resumes the journal rows of one that died "
         f"(default {DEFAULT_LEASE:g})",
     )
     parser.add_argument(
         "--graceful-timeout",
-        type=_non_negative_float,
+        type=non_negative_float,
         metavar="S",
         help="seconds in-flight requests get at shutdown (Hypercorn's; default 3)",
     )
@@ -327,6 +470,16 @@ def _serve_command(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     except Exception:  # the app's module raised on import: show where
         logging.getLogger("trio_bg").exception("cannot load %s", args.app)
         return EXIT_USAGE
+    if args.streaq is not None:
+        try:
+            options["streaq"] = load_streaq_worker(args.streaq)
+        except (LookupError, WorkerRefused) as error:
+            parser.error(f"--streaq: {error}")
+        except Exception as error:
+            if isinstance(error, ModuleNotFoundError) and error.name == "streaq":
+                parser.error("--streaq needs streaq: pip install 'trio-bg[streaq]'")
+            logging.getLogger("trio_bg").exception("cannot load %s", args.streaq)
+            return EXIT_USAGE
     if isinstance(loaded, BackgroundTaskMiddleware) and options:
         flags = ", ".join("--" + name.replace("_", "-") for name in options)
         parser.error(
@@ -419,6 +572,7 @@ def _worker_command(args: argparse.Namespace) -> list[str]:
         "thread_limit",
         "journal",
         "journal_lease",
+        "streaq",
     ):
         if (value := getattr(args, name)) is not None:
             command.append(f"--{name.replace('_', '-')}={value}")
@@ -447,26 +601,8 @@ def _leaves(error: BaseException) -> list[BaseException]:
 
 
 def _load_app(spec: str) -> ASGIApp:
-    """Import ``module:attribute`` (attribute defaults to ``app``), with the current
-    directory on ``sys.path`` as Hypercorn does."""
-    module_name, _, attribute = spec.partition(":")
-    attribute = attribute or "app"
-    if not module_name:
-        raise LookupError(f"cannot load {spec!r}: give the app as module:attribute")
-    cwd = os.getcwd()
-    if cwd not in sys.path:
-        sys.path.insert(0, cwd)
-    try:
-        target: object = importlib.import_module(module_name)
-    except ModuleNotFoundError as error:
-        if error.name != module_name and not module_name.startswith(f"{error.name}."):
-            raise  # a module the app's own code imports is missing: show the traceback
-        raise LookupError(f"cannot load {spec!r}: no module named {error.name!r}") from None
-    for part in attribute.split("."):
-        try:
-            target = getattr(target, part)
-        except AttributeError:
-            raise LookupError(f"cannot load {spec!r}: {module_name} has no {attribute!r}") from None
+    """Import ``module:attribute`` (attribute defaults to ``app``): an ASGI 3 app."""
+    target = load_attribute(spec, what="app", default="app")
     if not callable(target):
         raise LookupError(f"cannot serve {spec!r}: it is {type(target).__name__}, not an ASGI app")
     if found := _not_asgi3(target):
@@ -573,31 +709,3 @@ def _write_json(path: Path, data: object) -> None:
 
 
 # -- argument types ------------------------------------------------------------------
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, not {text}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, not {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = _non_negative_float(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, not {text}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, not {text}")
-    return value

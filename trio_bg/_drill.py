@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
@@ -29,9 +29,14 @@ DURABLE_HEADER = "x-trio-bg-durable"
 """The response header through which an app names (space-separated keys) the durable
 tasks it added, for the crash drill's books."""
 
+REMOTE_HEADER = "x-trio-bg-remote"
+"""The response header through which an app names (space-separated keys) the remote
+tasks it handed to streaq workers, for the distributed drill's books."""
+
 LEDGER_ENV = "TRIO_BG_DRILL_LEDGER"
 """The environment variable naming the file where the app's durable tasks append their
-key, one line per run: how the crash drill sees runs across the server's two lives."""
+key, one line per run: how the crash drill sees runs across the server's two lives (and
+the distributed drill, its remote tasks' runs on the workers)."""
 
 STARTUP_TIMEOUT = 20.0
 """Seconds the server may take to accept connections (imports on a busy machine)."""
@@ -122,6 +127,8 @@ class Load:
     errors: Counter[str] = field(default_factory=Counter)
     durable: list[str] = field(default_factory=list)
     """The keys of the durable tasks that answered responses named (`DURABLE_HEADER`)."""
+    remote: list[str] = field(default_factory=list)
+    """The keys of the remote tasks that answered responses named (`REMOTE_HEADER`)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -394,10 +401,12 @@ async def _load_and_stop(
     load: Load,
     progress: Progress,
     stop: signal.Signals = signal.SIGTERM,
+    alongside: Callable[[], Awaitable[object]] | None = None,
 ) -> tuple[float, float | None]:
     """Send the load, signal the server part-way (``stop``), and wait for it to exit.
     Return when the signal went out (seconds of load) and how long the server took to
-    stop (None: it did not by the deadline, and was killed)."""
+    stop (None: it did not by the deadline, and was killed). ``alongside`` runs with
+    the load from its start; the signal waits for it to return."""
     start = trio.current_time()
     all_sent = trio.Event()
     stop_sending = trio.Event()
@@ -423,8 +432,13 @@ async def _load_and_stop(
     ):
         nursery.start_soon(progress.run, render)
         nursery.start_soon(_send_load, plan, client, load, stop_sending, all_sent)
+        if alongside is not None:
+            done = trio.Event()
+            nursery.start_soon(_then_set, alongside, done)
         with trio.move_on_after(plan.signal_after):
             await all_sent.wait()
+        if alongside is not None:
+            await done.wait()
         stop_sending.set()  # requests under way finish; no new ones start
         process.send_signal(stop)
         signal_sent_at = trio.current_time()
@@ -446,6 +460,11 @@ async def _load_and_stop(
         await all_sent.wait()  # every request under way has ended (bounded by its timeout)
         nursery.cancel_scope.cancel()
     return signal_sent_at - start, stopped_after
+
+
+async def _then_set(run: Callable[[], Awaitable[object]], done: trio.Event) -> None:
+    await run()
+    done.set()
 
 
 async def _send_load(
@@ -495,6 +514,7 @@ async def _worker(
             continue
         load.answered += 1
         load.durable.extend(response.headers.get(DURABLE_HEADER, "").split())
+        load.remote.extend(response.headers.get(REMOTE_HEADER, "").split())
         claimed = response.headers.get(TASKS_HEADER, "")
         if claimed.isdigit():
             load.claimed += int(claimed)

@@ -4,16 +4,16 @@ Redis restarts, until a signal stops it."""
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
-import os
 import signal
 import sys
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import trio
+
+from ._cli_values import load_attribute, positive_int
 
 if TYPE_CHECKING:
     from streaq import Worker
@@ -29,7 +29,8 @@ MAX_DELAY = 5.0
 """The most seconds between two connections while Redis fails."""
 
 WORKER_EPILOG = f"""\
-NAME is a streaq Worker that keeps its tasks as JSON: made with trio_bg.streaq.worker().
+NAME is a streaq Worker that keeps its tasks as JSON: made with trio_bg.streaq.worker(),
+or an app wrapped in BackgroundTaskMiddleware with one (streaq=): then its worker runs.
 The worker takes its tasks from Redis and runs them on trio until a signal stops it.
 
 SIGTERM or SIGINT (Ctrl+C) stops it gracefully: it takes no new task, gives the running
@@ -62,11 +63,15 @@ def add_worker_parser(commands: Any) -> None:
         epilog=WORKER_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("worker", metavar="MODULE:NAME", help="the streaq worker to run")
+    parser.add_argument(
+        "worker",
+        metavar="MODULE:NAME",
+        help="the streaq worker to run, or an app whose BackgroundTaskMiddleware has one",
+    )
     parser.add_argument("--burst", action="store_true", help="stop once the queue is empty")
     parser.add_argument(
         "--concurrency",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         help="tasks running at once; the worker also takes up to N more from the queue "
         "ahead of time (default: the worker's concurrency, streaq's default 16)",
@@ -81,7 +86,7 @@ def worker_command(args: argparse.Namespace) -> int:
     """Run ``worker``; return the exit status."""
     parser: argparse.ArgumentParser = args.worker_parser
     try:
-        from .streaq import check_worker  # streaq is optional: serving needs none of it
+        from . import streaq  # noqa: F401 -- streaq is optional: serving needs none of it
     except ModuleNotFoundError as error:
         if error.name != "streaq":
             raise
@@ -94,16 +99,14 @@ def worker_command(args: argparse.Namespace) -> int:
     if not args.verbose:  # coredis logs each command it retries at INFO, a traceback's worth
         logging.getLogger("coredis").setLevel(logging.WARNING)
     try:
-        worker: Any = _load_worker(args.worker)
+        worker: Any = load_streaq_worker(args.worker)
     except LookupError as error:
         parser.error(str(error))  # exits with status 2
+    except WorkerRefused as error:
+        parser.error(f"cannot run {args.worker!r}: {error}")
     except Exception:  # the worker's module raised on import: show where
         logger.exception("cannot load %s", args.worker)
         return EXIT_USAGE
-    try:
-        check_worker(worker)
-    except TypeError as error:
-        parser.error(f"cannot run {args.worker!r}: {error}")
     if args.burst:
         worker.burst = True
     if args.concurrency is not None:
@@ -210,31 +213,28 @@ def _leaves(error: BaseException) -> list[BaseException]:
     return [error]
 
 
-def _load_worker(spec: str) -> object:
-    """Import ``module:name``, with the current directory on ``sys.path`` as
-    ``serve`` does."""
-    module_name, _, attribute = spec.partition(":")
-    if not module_name or not attribute:
-        raise LookupError(f"cannot load {spec!r}: give the worker as module:name")
-    cwd = os.getcwd()
-    if cwd not in sys.path:
-        sys.path.insert(0, cwd)
+def load_streaq_worker(spec: str) -> Worker[Any]:
+    """The streaq worker at ``module:name``: a worker made by `trio_bg.streaq.worker`,
+    or the worker of a `BackgroundTaskMiddleware` given one (``streaq=``). `LookupError`
+    when there is none there, `WorkerRefused` when `trio_bg.streaq.check_worker` refuses
+    it; whatever the module raises on import goes through."""
+    from ._asgi import BackgroundTaskMiddleware
+    from .streaq import check_worker
+
+    target = load_attribute(spec, what="worker")
+    if isinstance(target, BackgroundTaskMiddleware):
+        target = target._settings.streaq
+        if target is None:
+            raise LookupError(
+                f"cannot run {spec!r}: it is a BackgroundTaskMiddleware with no streaq worker "
+                f"(streaq=)"
+            )
     try:
-        target: object = importlib.import_module(module_name)
-    except ModuleNotFoundError as error:
-        if error.name != module_name and not module_name.startswith(f"{error.name}."):
-            raise  # a module the worker's own code imports is missing: show the traceback
-        raise LookupError(f"cannot load {spec!r}: no module named {error.name!r}") from None
-    for part in attribute.split("."):
-        try:
-            target = getattr(target, part)
-        except AttributeError:
-            raise LookupError(f"cannot load {spec!r}: {module_name} has no {attribute!r}") from None
-    return target
+        check_worker(target)
+    except TypeError as error:
+        raise WorkerRefused(str(error)) from None
+    return cast("Worker[Any]", target)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, not {text}")
-    return value
+class WorkerRefused(Exception):
+    """What `load_streaq_worker` found is no streaq worker trio_bg runs (the reason)."""

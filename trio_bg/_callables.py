@@ -240,13 +240,14 @@ def spec_of(func: object) -> CallSpec:
     specs = _specs
     if isinstance(func, types.MethodType):
         key, specs = func.__func__, _method_specs
-    known = _unhashable_specs.get(id(func))  # (first: an exception costs microseconds)
-    if known is not None and known[0]() is func:
-        return known[1]
     try:
         return specs[key]
-    except (KeyError, TypeError):  # TypeError: not hashable, or not weakly referable
+    except KeyError:
         pass
+    except TypeError:  # not hashable, or not weakly referable
+        known = _unhashable_specs.get(id(func))
+        if known is not None and known[0]() is func:
+            return known[1]
     spec = CallSpec(func)
     try:
         specs[key] = spec

@@ -199,11 +199,12 @@ class Handoff:
             async with worker.redis.pipeline(transaction=False) as pipe:
                 for task in tasks:
                     identifier = uuid.uuid4().hex
-                    assert task.remote_record is not None
-                    record = task.remote_record
-                    if task.trace is not None:
-                        record += f',"trio_bg":{{"trace":{json.dumps(task.trace)}}}'
-                    expire = to_ms(task.remote.expire or 0)
+                    remote = task.remote
+                    assert remote is not None
+                    record = remote.record
+                    if remote.trace is not None:
+                        record += f',"trio_bg":{{"trace":{json.dumps(remote.trace)}}}'
+                    expire = to_ms(remote.registered.expire or 0)
                     pipe.fcall(
                         "publish_task",
                         keys=[stream, queue, worker.task_key + identifier, *shared],

@@ -28,7 +28,7 @@ from ._journal import REMOTE_PREFIX, Journal
 from ._journal_file import Row
 from ._options import NurseryOptions, Settings
 from ._report import ShutdownReport, TaskStats
-from ._tasks import Task
+from ._tasks import Task, sent
 from ._thread_pool import Job, ThreadPool
 
 if TYPE_CHECKING:
@@ -136,16 +136,8 @@ class BackgroundNursery:
         """Reserve room for ``task`` or raise `Overloaded` (part of `TaskSink`)."""
         if task.durable and self._journal is None:
             raise needs_a_journal(task.name, "this background nursery has no journal")
-        if task.remote is not None and task.remote.worker is not self._settings.streaq:
-            raise needs_a_handoff(
-                task.name,
-                "this background nursery hands off to no streaq worker"
-                if self._settings.streaq is None
-                else f"this background nursery hands off to another streaq worker "
-                f"(queue {self._settings.streaq.queue_name!r})",
-            )
-        if task.remote is not None and self._tracer is not None:
-            task.trace = self._tracer.carrier()  # (the caller's, the request's, context)
+        if task.remote is not None:
+            self._check_remote(task)
         with self._admission_lock:
             if self._closed:
                 raise NurseryClosed(
@@ -159,6 +151,21 @@ class BackgroundNursery:
                     f"{self._settings.max_pending} pending); refused: {task.name}"
                 )
             self._admitted += 1
+
+    def _check_remote(self, task: Task) -> None:
+        """A remote task needs the nursery's streaq worker; it takes the caller's trace."""
+        assert task.remote is not None
+        streaq = self._settings.streaq
+        if task.remote.registered.worker is not streaq:
+            raise needs_a_handoff(
+                task.name,
+                "this background nursery hands off to no streaq worker"
+                if streaq is None
+                else f"this background nursery hands off to another streaq worker "
+                f"(queue {streaq.queue_name!r})",
+            )
+        if self._tracer is not None:
+            task.remote.trace = self._tracer.carrier()  # (the caller's: the request's)
 
     def accept(self, tasks: Sequence[Task]) -> None:
         """Run or queue admitted ``tasks`` (part of `TaskSink`).
@@ -174,7 +181,7 @@ class BackgroundNursery:
             raise NurseryClosed("the background nursery has shut down")
         observed = self._observed()
         for task in tasks:
-            if _not_kept(task):
+            if (task.durable or task.remote is not None) and _not_kept(task):
                 # Added outside a request, or after its response: kept first.
                 self._nursery.start_soon(self._commit_then_accept, task, name=task.name)
                 continue
@@ -184,7 +191,7 @@ class BackgroundNursery:
             self._accepted += 1
             if task.remote is None:
                 self._place(task, observed)
-            elif task.sent:
+            elif task.remote.sent:
                 self._end(task, "handed_off", observed)  # Redis has it: the workers' now
             else:
                 self._to_forward(task, observed)
@@ -201,7 +208,8 @@ class BackgroundNursery:
             assert self._handoff is not None  # (admit refuses them without one)
             await self._handoff.send(unkept)  # (remote ones: admit refuses durable ones)
             for task in unkept:
-                task.sent = True
+                assert task.remote is not None
+                task.remote.sent = True
 
     async def _commit_then_accept(self, task: Task) -> None:
         try:
@@ -267,7 +275,8 @@ class BackgroundNursery:
     def _forwarded(self, batch: list[Task], outcome: Outcome) -> None:
         observed = self._observed()
         for task in batch:
-            task.sent = outcome == "handed_off"
+            assert task.remote is not None
+            task.remote.sent = outcome == "handed_off"
             self._pending -= 1
             self._end(task, outcome, observed)
 
@@ -297,22 +306,22 @@ class BackgroundNursery:
         if threading.get_ident() != self._trio_thread:
             trio.from_thread.run_sync(self.discard, tasks, reason, trio_token=self._trio_token)
             return
-        sent = [task for task in tasks if task.sent]
-        if sent:
+        handed = [task for task in tasks if sent(task)]
+        if handed:
             # Redis had them before the response failed: they are the workers' now.
             logger.warning(
                 "%d remote task(s) had been handed off already (%s): %s",
-                len(sent),
+                len(handed),
                 reason,
-                ", ".join(task.name for task in sent),
+                ", ".join(task.name for task in handed),
             )
             observed = self._observed()
-            for task in sent:
+            for task in handed:
                 self._accepted += 1
                 if observed:
                     self._emit("accepted", task)
                 self._end(task, "handed_off", observed)
-            tasks = [task for task in tasks if not task.sent]
+            tasks = [task for task in tasks if not sent(task)]
             if not tasks:
                 return
         self._released += len(tasks)
@@ -1021,7 +1030,7 @@ up to the last."""
 def _not_kept(task: Task) -> bool:
     """Whether ``task`` must be stored in the journal (or handed to Redis) before it is
     accepted, and is not yet."""
-    return (task.durable or task.remote is not None) and task.journal_id is None and not task.sent
+    return (task.durable or task.remote is not None) and task.journal_id is None and not sent(task)
 
 
 def _split_cancellation(exc: BaseException) -> tuple[BaseException | None, BaseException | None]:

@@ -40,15 +40,12 @@ class Task:
         "name",
         "payload",
         "remote",
-        "remote_record",
         "retries",
-        "sent",
         "started_at",
         "stops_chain",
         "then",
         "thread_started",
         "timeout",
-        "trace",
     )
 
     def __init__(
@@ -78,17 +75,14 @@ class Task:
         if spec.durable and payload is None:
             self.payload = encode_arguments(spec.name, args, kwargs)
         self.journal_id: int | None = None
-        # A streaq task (run by a worker, elsewhere): its arguments checked as JSON now,
-        # its record for Redis made of them (but its time), and whether Redis has it.
-        self.remote = spec.remote
-        self.remote_record: str | None = None
-        if self.remote is not None:
+        # A streaq task (run by a worker, elsewhere): its arguments checked as JSON now.
+        self.remote: RemoteCall | None = None
+        if spec.remote is not None:
             arguments, keywords = encode_parts(spec.name, args, kwargs, kind="remote task")
             if payload is None:
                 self.payload = f"[{arguments},{keywords}]"
-            self.remote_record = f'{{"f":{json.dumps(spec.name)},"a":{arguments},"k":{keywords}'
-        self.sent = False
-        self.trace: dict[str, str] | None = None  # the trace context it takes along
+            record = f'{{"f":{json.dumps(spec.name)},"a":{arguments},"k":{keywords}'
+            self.remote = RemoteCall(spec.remote, record)
         self.attempt = 1  # which run this is: 2 once a first retry is due
         # The caller's context, copied when the task is deferred (collected by a
         # request, or queued); None while it may still be spawned from the caller. A
@@ -102,12 +96,32 @@ class Task:
         self.then: Task | None = None  # the next of an ordered request's tasks
         self.stops_chain = False  # if it fails, ``then`` and those after it never run
         # A cancelled thread task that had started is "abandoned"; one that had not is
-        # "cancelled", and never runs (see _run_in_thread).
+        # "cancelled", and never runs (see BackgroundNursery._cancel_rest).
         self.thread_started = False
 
     def __repr__(self) -> str:
         # Never show the arguments: they may hold personal data.
         return f"<trio_bg task {self.name}>"
+
+
+@final
+class RemoteCall:
+    """What a remote task takes to its streaq worker's queue: the streaq task, the
+    JSON record the worker reads (made of the arguments checked at ``add_task``; the
+    time goes last), the trace context, and whether Redis has it (``sent``)."""
+
+    __slots__ = ("record", "registered", "sent", "trace")
+
+    def __init__(self, registered: Any, record: str) -> None:
+        self.registered = registered
+        self.record = record
+        self.trace: dict[str, str] | None = None
+        self.sent = False
+
+
+def sent(task: Task) -> bool:
+    """Whether ``task`` is a remote task that Redis has acknowledged."""
+    return task.remote is not None and task.remote.sent
 
 
 class TaskSink(Protocol):

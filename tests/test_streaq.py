@@ -450,3 +450,16 @@ async def test_a_remote_tasks_analysis_is_kept(queue: Queue) -> None:
     from trio_bg._callables import spec_of
 
     assert spec_of(queue.welcome) is spec_of(queue.welcome)
+
+
+def test_the_worker_for_trio_bg_has_its_own_defaults() -> None:
+    made = trio_bg.streaq.worker("redis://127.0.0.1:1", concurrency=4)
+    assert made.anyio_backend == "trio"
+    assert made.idle_timeout == trio_bg.streaq.DEFAULT_IDLE_TIMEOUT * 1000 == 10_000  # ms
+    assert made.grace_period == trio_bg.streaq.DEFAULT_GRACE_PERIOD == 10
+    assert made.concurrency == 4  # streaq's own options pass through
+    assert json.loads(made.serializer({"r": ValueError("no"), "t": (1, 2)})) == {
+        "r": {"error": "ValueError", "message": "no"},  # a failed task's result is stored
+        "t": [1, 2],
+    }
+    trio_bg.streaq.check_worker(made)

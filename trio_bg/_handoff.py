@@ -26,8 +26,8 @@ SEND_TIMEOUT = 5.0
 
 RETRY_FIRST = 0.1
 RETRY_MAX = 5.0
-"""Seconds between tries to reach Redis while a journal keeps the tasks: the first
-wait, doubling up to the last."""
+"""Seconds between tries to reach Redis once it was lost (or, with a journal, while it
+was never reached): the first wait, doubling up to the last."""
 
 
 @final
@@ -79,7 +79,7 @@ class Handoff:
         if self._closed:
             raise HandoffError("the hand-off to Redis has closed")
         if not self._connected:
-            raise HandoffError(f"not connected to Redis for {self._describe_queue()} yet")
+            raise HandoffError(f"not connected to Redis for {self._describe_queue()}")
         shipment = self._open
         if shipment is None:
             shipment = self._open = _Shipment()

@@ -463,3 +463,8 @@ def test_the_worker_for_trio_bg_has_its_own_defaults() -> None:
         "t": [1, 2],
     }
     trio_bg.streaq.check_worker(made)
+
+
+async def test_a_remote_task_where_no_middleware_serves_is_refused(queue: Queue) -> None:
+    with pytest.raises(RuntimeError, match="no BackgroundTaskMiddleware serves this request"):
+        trio_bg.BackgroundTasks().add_task(queue.welcome, "n@example.com")

@@ -468,3 +468,27 @@ def test_the_worker_for_trio_bg_has_its_own_defaults() -> None:
 async def test_a_remote_task_where_no_middleware_serves_is_refused(queue: Queue) -> None:
     with pytest.raises(RuntimeError, match="no BackgroundTaskMiddleware serves this request"):
         trio_bg.BackgroundTasks().add_task(queue.welcome, "n@example.com")
+
+
+async def test_the_remote_example_hands_off_and_a_worker_sends(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib
+    import sys
+
+    from trio_bg.testing import open_test_client
+
+    monkeypatch.setenv("REDIS_URL", redis_server.url)
+    sys.modules.pop("examples.remote_app", None)
+    example = importlib.import_module("examples.remote_app")
+    async with open_test_client(example.app) as client:
+        response = await client.post("/signup", params={"user_id": 42})
+        assert response.text == "welcome, user 42\n"
+        await client.drain()
+        stats = client.middleware.nursery.stats
+        assert (stats.handed_off, stats.completed) == (1, 1)  # the e-mail, the audit
+    assert example.sent == set()  # not sent by the web process
+    example.worker.burst = True
+    with trio.fail_after(10):
+        await example.worker.run_async()
+    assert example.sent == {42}

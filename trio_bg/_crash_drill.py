@@ -4,13 +4,12 @@ the same journal, and check that every durable task an answered request named ra
 from __future__ import annotations
 
 import contextlib
-import json
 import signal
 import subprocess
-import sys
 import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -32,6 +31,7 @@ from ._drill import (
     _reap,
     _wait_until_listening,
     row_writer,
+    run_and_print,
 )
 from ._report import ShutdownReport
 
@@ -119,13 +119,8 @@ class CrashDrillResult:
 
 def crash_drill(plan: DrillPlan, *, json_output: bool) -> int:
     """Run the crash drill, print its outcome, and return the exit status."""
-    try:
-        result = run_crash_drill(plan, Progress(sys.stderr))
-    except DrillInterrupted as interrupted:
-        print(f"{interrupted}; its server was stopped", file=sys.stderr)
-        return 130
-    print(json.dumps(result.to_json(), indent=2) if json_output else format_crash_result(result))
-    return 0 if result.passed else 1
+    run = partial(run_crash_drill, plan)
+    return run_and_print(run, format_crash_result, json_output=json_output)
 
 
 @dataclass(kw_only=True)

@@ -12,8 +12,9 @@ import tempfile
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
-from typing import Any, BinaryIO, TextIO
+from typing import Any, BinaryIO, Protocol, TextIO, TypeVar
 
 import httpx
 import trio
@@ -225,15 +226,39 @@ class Progress:
                 self._stream.flush()
 
 
+class DrillOutcome(Protocol):
+    """What every drill's result offers its command."""
+
+    @property
+    def passed(self) -> bool: ...
+
+    def to_json(self) -> dict[str, Any]: ...
+
+
+Outcome = TypeVar("Outcome", bound=DrillOutcome)
+
+
+def run_and_print(
+    run: Callable[[Progress], Outcome],
+    formatted: Callable[[Outcome], str],
+    *,
+    json_output: bool,
+    stopped: str = "its server was stopped",
+) -> int:
+    """Run a drill, print its outcome on stdout (as text or JSON), and return the exit
+    status: 0 passed, 1 failed, 130 interrupted (``stopped`` says what was cleaned up)."""
+    try:
+        result = run(Progress(sys.stderr))
+    except DrillInterrupted as interrupted:
+        print(f"{interrupted}; {stopped}", file=sys.stderr)
+        return 130
+    print(json.dumps(result.to_json(), indent=2) if json_output else formatted(result))
+    return 0 if result.passed else 1
+
+
 def drill(plan: DrillPlan, *, json_output: bool) -> int:
     """Run the drill, print its outcome on stdout, and return the exit status."""
-    try:
-        result = run_drill(plan, Progress(sys.stderr))
-    except DrillInterrupted as interrupted:
-        print(f"{interrupted}; its server was stopped", file=sys.stderr)
-        return 130
-    print(json.dumps(result.to_json(), indent=2) if json_output else format_result(result))
-    return 0 if result.passed else 1
+    return run_and_print(partial(run_drill, plan), format_result, json_output=json_output)
 
 
 def run_drill(plan: DrillPlan, progress: Progress) -> DrillResult:

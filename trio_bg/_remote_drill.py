@@ -5,7 +5,6 @@ have completed at least once."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -14,6 +13,7 @@ import sys
 import tempfile
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +40,7 @@ from ._drill import (
     _reap,
     _wait_until_listening,
     row_writer,
+    run_and_print,
 )
 from ._report import ShutdownReport
 from ._supervisor import describe_exit
@@ -239,13 +240,12 @@ class RemoteDrillResult:
 
 def remote_drill(target: Target, *, json_output: bool) -> int:
     """Run the distributed drill, print its outcome, and return the exit status."""
-    try:
-        result = run_remote_drill(target, Progress(sys.stderr))
-    except DrillInterrupted as interrupted:
-        print(f"{interrupted}; its processes were stopped", file=sys.stderr)
-        return 130
-    print(json.dumps(result.to_json(), indent=2) if json_output else format_remote_result(result))
-    return 0 if result.passed else 1
+    return run_and_print(
+        partial(run_remote_drill, target),
+        format_remote_result,
+        json_output=json_output,
+        stopped="its processes were stopped",
+    )
 
 
 def run_remote_drill(target: Target, progress: Progress) -> RemoteDrillResult:

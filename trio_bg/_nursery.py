@@ -58,9 +58,9 @@ class BackgroundNursery:
         self._journal = journal
         self._nursery: trio.Nursery  # set by _host; its cancel scope covers the tasks only
         self._trio_token = trio.lowlevel.current_trio_token()
-        self._threads = ThreadPool(settings.thread_limit, self._trio_token)
         self._trio_thread = threading.get_ident()
         self._clock = trio.lowlevel.current_clock()  # readable from any thread
+        self._threads = ThreadPool(settings.thread_limit, self._trio_token, self._clock)
         self._capacity = settings.max_running + settings.max_pending
         # Tasks admitted and not yet ended or discarded: _admitted - _released.
         # Admission may happen in worker threads (sync handlers), so _admitted changes
@@ -593,14 +593,14 @@ class BackgroundNursery:
             partial(self._thread_done, task),
         )
 
-    def _thread_started(self, task: Task) -> None:
-        """A worker thread started ``task``: from now on its timeout runs."""
+    def _thread_started(self, task: Task, started_at: float) -> None:
+        """A worker thread started ``task`` at ``started_at``: its timeout runs from then."""
         task.thread_started = True
         self._awaiting_thread -= 1
-        self._started(task, self._observed())
+        self._started(task, self._observed(), started_at)
         if task.timeout is not None:
             job = self._thread_jobs[task]
-            deadline = trio.current_time() + task.timeout
+            deadline = started_at + task.timeout
             heapq.heappush(self._deadlines, (deadline, next(self._deadline_order), task, job))
             if self._deadlines[0][3] is job:  # the new first: the keeper sleeps too long
                 self._deadline_wake.set()
@@ -663,10 +663,11 @@ class BackgroundNursery:
         with self._tracer.span(task):
             await self._run(task)
 
-    def _started(self, task: Task, observed: bool) -> None:
-        """The task's own run begins (for a thread task: it has its worker thread)."""
+    def _started(self, task: Task, observed: bool, at: float | None = None) -> None:
+        """The task's own run begins, now or ``at`` (a thread task: when its worker
+        thread started it)."""
         if observed:
-            task.started_at = now = trio.current_time()
+            task.started_at = now = trio.current_time() if at is None else at
             waited = None if task.accepted_at is None else now - task.accepted_at
             self._emit("started", task, waited=waited)
 
@@ -805,13 +806,13 @@ class BackgroundNursery:
         # A cancel scope costs more than the rest of this: only for tasks with a timeout.
         timeout_scope = None if task.timeout is None else trio.CancelScope()
 
-        def on_start() -> None:
+        def on_start(started_at: float) -> None:
             task.thread_started = True
             self._awaiting_thread -= 1
-            self._started(task, observed)
+            self._started(task, observed, started_at)
             if timeout_scope is not None:
                 assert task.timeout is not None
-                timeout_scope.deadline = trio.current_time() + task.timeout
+                timeout_scope.deadline = started_at + task.timeout
 
         call = partial(task.func, *task.args, **task.kwargs)
         self._awaiting_thread += 1

@@ -4,12 +4,9 @@ task, under load, racing timeouts and the shutdown."""
 from __future__ import annotations
 
 import contextvars
-import os
-import sys
 import threading
 import time
 from collections.abc import Callable
-from functools import partial
 
 import pytest
 import trio
@@ -275,7 +272,10 @@ async def test_while_news_keep_coming_the_threads_do_not_wake_trio() -> None:
     outcomes: list[object] = []
     all_done = trio.Event()
 
-    def on_done(result: object) -> None:
+    def on_start(key: object, started_at: float) -> None:
+        pass
+
+    def on_done(key: object, result: object) -> None:
         outcomes.append(result)
         if len(outcomes) == calls:
             all_done.set()
@@ -284,7 +284,9 @@ async def test_while_news_keep_coming_the_threads_do_not_wake_trio() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pool.deliver_news)
             for _ in range(calls):
-                pool.submit(partial(time.sleep, 0.001), contextvars.copy_context(), id, on_done)
+                pool.submit(
+                    time.sleep, (0.001,), {}, contextvars.copy_context(), None, on_start, on_done
+                )
             await all_done.wait()
             nursery.cancel_scope.cancel()
     pool.close()
@@ -293,16 +295,3 @@ async def test_while_news_keep_coming_the_threads_do_not_wake_trio() -> None:
     # busy that every thread stalls for NEWS_INTERVAL between calls, there could be
     # one per call; woken for each batch (the design before), there were hundreds.
     assert token.wake_ups <= calls // 4
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="scheduling policies are Linux's")
-async def test_worker_threads_run_as_batch_work() -> None:
-    """Woken, a worker thread does not preempt trio's thread (see _run_as_batch_work)."""
-    policies: list[int] = []
-
-    def report_policy() -> None:
-        policies.append(os.sched_getscheduler(0))
-
-    async with trio_bg.open_background_nursery() as nursery:
-        nursery.start_soon(report_policy)
-    assert policies == [os.SCHED_BATCH]

@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from functools import partial
 from typing import TYPE_CHECKING, Any, ParamSpec, Unpack
 
+import outcome as outcomes
 import trio
 from outcome import Error, Value
 
@@ -61,6 +62,9 @@ class BackgroundNursery:
         self._trio_thread = threading.get_ident()
         self._clock = trio.lowlevel.current_clock()  # readable from any thread
         self._threads = ThreadPool(settings.thread_limit, self._trio_token, self._clock)
+        # Bound once, not for each thread task: two objects less for the cyclic GC each.
+        self._on_thread_start = self._thread_started
+        self._on_thread_done = self._thread_done
         self._capacity = settings.max_running + settings.max_pending
         # Tasks admitted and not yet ended or discarded: _admitted - _released.
         # Admission may happen in worker threads (sync handlers), so _admitted changes
@@ -582,15 +586,23 @@ class BackgroundNursery:
         """Hand a plain-function task to the worker threads (one attempt). No trio task
         waits on it: the pool calls `_thread_started`, then `_thread_done`; a timeout
         is `_abandon_overdue`'s, a shutdown `_cancel_rest`'s."""
-        # Each attempt runs in a copy of the caller's context (the one it was deferred
-        # with, or, taken at once, the caller's own), as a trio task would.
-        context = contextvars.copy_context() if task.context is None else task.context.copy()
+        # Each attempt runs in a copy of the caller's context, as a trio task would: the
+        # one the task was deferred with (a copy already, its own unless it may run
+        # again), or, taken at once, the caller's own.
+        context = task.context
+        if context is None:
+            context = contextvars.copy_context()
+        elif task.retries:
+            context = context.copy()
         self._awaiting_thread += 1
         self._thread_jobs[task] = self._threads.submit(
-            partial(task.func, *task.args, **task.kwargs),
+            task.func,
+            task.args,
+            task.kwargs,
             context,
-            partial(self._thread_started, task),
-            partial(self._thread_done, task),
+            task,
+            self._on_thread_start,
+            self._on_thread_done,
         )
 
     def _thread_started(self, task: Task, started_at: float) -> None:
@@ -605,8 +617,9 @@ class BackgroundNursery:
             if self._deadlines[0][3] is job:  # the new first: the keeper sleeps too long
                 self._deadline_wake.set()
 
-    def _thread_done(self, task: Task, result: Value[object] | Error) -> None:
+    def _thread_done(self, task: Task, result: outcomes.Outcome[object]) -> None:
         """``task``'s call returned (or raised) in its worker thread."""
+        assert isinstance(result, Value | Error)
         del self._thread_jobs[task]
         if len(self._deadlines) > 2 * len(self._thread_jobs) + 64:
             self._forget_past_deadlines()

@@ -168,11 +168,11 @@ class BackgroundTasks:
     """
 
     __slots__ = (
+        "_adds_to",
         "_discarded_because",
         "_handed_off",
         "_lock",
         "_ordered",
-        "_owner",
         "_sink",
         "_stop_on_failure",
         "_tasks",
@@ -184,10 +184,11 @@ class BackgroundTasks:
         ``tasks``: Starlette ``BackgroundTask`` objects (``func``, ``args``,
         ``kwargs``) to add, as Starlette's ``BackgroundTasks(tasks=...)`` takes."""
         request = _current_tasks.get(None)
+        self._adds_to: BackgroundTasks | None
         if request is None:
             self._start(None, ordered=False)
         else:
-            self._owner = request
+            self._adds_to = request
         for task in tasks or ():
             self.add_task(task.func, *task.args, **task.kwargs)
 
@@ -202,7 +203,7 @@ class BackgroundTasks:
         return tasks
 
     def _start(self, sink: TaskSink | None, *, ordered: bool) -> None:
-        self._owner = self  # others made in the same request point here
+        self._adds_to = None  # those made later in the request add to this one
         self._sink = sink  # None: no middleware; run inline when awaited
         self._tasks: list[Task] = []
         # How many of them must be kept before the response completes and are not yet:
@@ -215,6 +216,13 @@ class BackgroundTasks:
         # add_task may run in a worker thread (a sync handler, or a thread it left
         # behind) while trio's thread hands the tasks off or discards them.
         self._lock = threading.Lock()
+
+    @property
+    def _owner(self) -> BackgroundTasks:
+        """The collection that holds this one's tasks: the request's own. (It never
+        refers to itself: that cycle made every request's collection garbage that only
+        the cyclic GC could free.)"""
+        return self if self._adds_to is None else self._adds_to
 
     def add_task(self, func: Callable[P, Any], /, *args: P.args, **kwargs: P.kwargs) -> None:
         """Run ``func(*args, **kwargs)`` in the background once the response is sent.

@@ -17,13 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import os
-import sys
 import threading
 from collections import deque
 from collections.abc import Callable
-from functools import partial
-from typing import Literal, final
+from typing import Any, Literal, final
 
 import outcome
 import trio
@@ -42,14 +39,26 @@ at most, trio hears that a call started or ended, under load)."""
 
 _State = Literal["queued", "running", "refused", "abandoned", "done"]
 
+OnStart = Callable[[Any, float], object]
+"""Told ``(key, started_at)`` in trio's thread: a thread started the call then."""
+OnDone = Callable[[Any, outcome.Outcome[object]], object]
+"""Told ``(key, outcome)`` in trio's thread: the call returned or raised."""
+
 
 @final
 class Job:
-    """One call for a worker thread, and whom to tell about it in trio's thread."""
+    """One call for a worker thread, and whom to tell about it in trio's thread.
+
+    The call's parts and a ``key`` for the callbacks are kept as they are: a job is
+    the one object a call adds (it lives until trio has heard of its end, through
+    the cyclic GC's collections: fewer objects, fewer to walk)."""
 
     __slots__ = (
-        "call",
+        "args",
         "context",
+        "func",
+        "key",
+        "kwargs",
         "on_done",
         "on_start",
         "result",
@@ -60,15 +69,21 @@ class Job:
 
     def __init__(
         self,
-        call: Callable[[], object],
+        func: Callable[..., object],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
         context: contextvars.Context,
-        on_start: Callable[[float], object],
-        on_done: Callable[[outcome.Outcome[object]], object],
+        key: object,
+        on_start: OnStart,
+        on_done: OnDone,
     ) -> None:
-        self.call = call
+        self.func = func
+        self.args = args
+        self.kwargs = kwargs
         self.context = context  # what the call runs in (used by nobody else meanwhile)
-        self.on_start = on_start  # called with started_at
-        self.on_done: Callable[[outcome.Outcome[object]], object] | None = on_done
+        self.key = key
+        self.on_start = on_start
+        self.on_done: OnDone | None = on_done
         self.state: _State = "queued"
         self.start_told = False  # whether trio has heard that it started
         self.started_at = 0.0  # on trio's clock, read by its thread when it took the call
@@ -81,7 +96,8 @@ class ThreadPool:
 
     `submit` queues a call; what the threads do is heard in trio's thread, in batches,
     by `deliver_news` (a trio task): each call's ``on_start`` with the time its thread
-    started it (trio's clock), then its ``on_done`` with its outcome. `cancel` takes a
+    started it (trio's clock), then its ``on_done`` with its outcome (each with the
+    call's key first). `cancel` takes a
     call back: queued, it never runs; running, its thread is abandoned (it runs on,
     its result unheard) and replaced, so abandoned threads never starve the pool.
     `run` is the same for one awaiting trio task.
@@ -109,13 +125,17 @@ class ThreadPool:
 
     def submit(
         self,
-        call: Callable[[], object],
+        func: Callable[..., object],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
         context: contextvars.Context,
-        on_start: Callable[[float], object],
-        on_done: Callable[[outcome.Outcome[object]], object],
+        key: object,
+        on_start: OnStart,
+        on_done: OnDone,
     ) -> Job:
-        """Queue ``call``, to run in ``context`` in a worker thread."""
-        job = Job(call, context, on_start, on_done)
+        """Queue ``func(*args, **kwargs)``, to run in ``context`` in a worker thread;
+        ``on_start`` and ``on_done`` will be told about it with ``key``."""
+        job = Job(func, args, kwargs, context, key, on_start, on_done)
         with self._lock:
             self._jobs.append(job)
             if self._idle:
@@ -134,12 +154,13 @@ class ThreadPool:
         the cancellation that abandons it), with the time it started."""
         waiter = trio.lowlevel.current_task()
 
-        def started(at: float) -> None:
+        def started(_: object, at: float) -> None:
             waiter.context.run(on_start, at)
 
-        job = self.submit(
-            call, contextvars.copy_context(), started, partial(trio.lowlevel.reschedule, waiter)
-        )
+        def done(_: object, result: outcome.Outcome[object]) -> None:
+            trio.lowlevel.reschedule(waiter, result)
+
+        job = self.submit(call, (), {}, contextvars.copy_context(), None, started, done)
 
         def abort(_: object) -> trio.lowlevel.Abort:
             if self.cancel(job) == "done":  # its outcome reschedules this task
@@ -224,13 +245,13 @@ class ThreadPool:
         if not job.start_told:
             job.start_told = True
             self.in_use += 1
-            job.on_start(job.started_at)
+            job.on_start(job.key, job.started_at)
 
     def _tell_done(self, job: Job) -> None:
         on_done, job.on_done = job.on_done, None
         if on_done is not None:
             assert job.result is not None
-            on_done(job.result)
+            on_done(job.key, job.result)
 
     def _news_arrived(self) -> None:
         self._news_came.set()
@@ -248,12 +269,11 @@ class ThreadPool:
             PARENT_TASK_DATA.abandon_on_cancel = True
             PARENT_TASK_DATA.cancel_register = [None]
             PARENT_TASK_DATA.task_register = [None]
-        _run_as_batch_work()
         job: Job | None
         while (job := self._next_job()) is not None:
             job.started_at = self._clock.current_time()
             self._tell(job, done=False)
-            result = job.context.run(outcome.capture, job.call)
+            result = job.context.run(outcome.capture, job.func, *job.args, **job.kwargs)
             with self._lock:
                 abandoned = job.state == "abandoned"
                 job.state = "done"
@@ -288,14 +308,3 @@ class ThreadPool:
         if wake:  # the first news since trio last found none: one wake-up for all
             with contextlib.suppress(trio.RunFinishedError):
                 self._token.run_sync_soon(self._news_arrived)
-
-
-def _run_as_batch_work() -> None:
-    """Have Linux schedule this thread as batch work: woken, it waits for the next
-    scheduling turn instead of preempting the thread running on its core. That thread
-    is most often trio's, holding the GIL, which the worker would wait for at once:
-    two context switches for nothing, on every task, on a busy core. (Threads the
-    task starts inherit it; the thread's share of the CPU is unchanged.)"""
-    if sys.platform == "linux":
-        with contextlib.suppress(OSError):  # (a sandbox that forbids it: as before)
-            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))

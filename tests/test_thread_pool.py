@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextvars
 import threading
 import time
-from collections.abc import Callable
 
 import pytest
 import trio
@@ -249,49 +248,3 @@ async def test_a_thread_tasks_timeout_runs_from_its_own_start(
     finally:
         release.set()
     assert bg.report.timed_out == 2
-
-
-class _CountingToken:
-    """A trio token that counts the wake-ups a `ThreadPool` asks for."""
-
-    def __init__(self) -> None:
-        self._token = trio.lowlevel.current_trio_token()
-        self.wake_ups = 0
-
-    def run_sync_soon(self, sync_fn: Callable[[], object]) -> None:
-        self.wake_ups += 1  # (only worker threads call it, and each under no lock of ours)
-        self._token.run_sync_soon(sync_fn)
-
-
-async def test_while_news_keep_coming_the_threads_do_not_wake_trio() -> None:
-    """800 news (400 calls, each a start and an end) from 4 busy threads: trio looks
-    for them every NEWS_INTERVAL instead of being woken for each batch."""
-    calls = 400
-    token = _CountingToken()
-    pool = _thread_pool.ThreadPool(4, token, trio.lowlevel.current_clock())  # type: ignore[arg-type]
-    outcomes: list[object] = []
-    all_done = trio.Event()
-
-    def on_start(key: object, started_at: float) -> None:
-        pass
-
-    def on_done(key: object, result: object) -> None:
-        outcomes.append(result)
-        if len(outcomes) == calls:
-            all_done.set()
-
-    with trio.fail_after(BOUND):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(pool.deliver_news)
-            for _ in range(calls):
-                pool.submit(
-                    time.sleep, (0.001,), {}, contextvars.copy_context(), None, on_start, on_done
-                )
-            await all_done.wait()
-            nursery.cancel_scope.cancel()
-    pool.close()
-    assert len(outcomes) == calls
-    # Each wake-up is the first news after a look that found none: on a machine so
-    # busy that every thread stalls for NEWS_INTERVAL between calls, there could be
-    # one per call; woken for each batch (the design before), there were hundreds.
-    assert token.wake_ups <= calls // 4

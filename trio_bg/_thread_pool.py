@@ -3,14 +3,8 @@
 ``trio.to_thread.run_sync`` costs two wake-ups per call: a thread woken to run it, then
 trio woken to hear back. Here a thread that finishes a task takes the next one itself,
 and what the threads did (a task started, a task finished) goes back to trio in
-batches, and no trio task waits on a call (the nursery hears of it through callbacks).
-
-Waking trio is the dear part on a busy core: the thread's write to trio's wake-up socket
-gives up the GIL, trio's thread takes it, and the worker waits to get it back. So only
-the first news after a quiet spell wakes trio; while news keep coming, trio looks for
-them every `NEWS_INTERVAL` seconds instead, and the threads never wake it. (Under a
-clock that does not run in real time, a test's `trio.testing.MockClock`, the threads
-wake trio for each batch: a look on that clock could be never, or at once.)
+batches: one ``run_sync_soon`` for everything that happened since trio last heard, and
+no trio task waits on a call (the nursery hears of it through callbacks).
 """
 
 from __future__ import annotations
@@ -33,10 +27,6 @@ except ImportError:  # pragma: no cover -- a trio that moved it: pass trio_token
 IDLE_TIMEOUT = 10.0
 """Seconds an idle worker thread waits for work before it exits."""
 
-NEWS_INTERVAL = 0.002
-"""Seconds between trio's looks at the threads' news while they keep coming (how late,
-at most, trio hears that a call started or ended, under load)."""
-
 _State = Literal["queued", "running", "refused", "abandoned", "done"]
 
 OnStart = Callable[[Any, float], object]
@@ -49,9 +39,9 @@ OnDone = Callable[[Any, outcome.Outcome[object]], object]
 class Job:
     """One call for a worker thread, and whom to tell about it in trio's thread.
 
-    The call's parts and a ``key`` for the callbacks are kept as they are: a job is
-    the one object a call adds (it lives until trio has heard of its end, through
-    the cyclic GC's collections: fewer objects, fewer to walk)."""
+    The call's parts are kept as they are, and the callbacks are told a ``key``: no
+    partials. A job lives until trio has heard of its call's end, and the fewer such
+    objects, the less the cyclic GC walks meanwhile."""
 
     __slots__ = (
         "args",
@@ -97,10 +87,9 @@ class ThreadPool:
     `submit` queues a call; what the threads do is heard in trio's thread, in batches,
     by `deliver_news` (a trio task): each call's ``on_start`` with the time its thread
     started it (trio's clock), then its ``on_done`` with its outcome (each with the
-    call's key first). `cancel` takes a
-    call back: queued, it never runs; running, its thread is abandoned (it runs on,
-    its result unheard) and replaced, so abandoned threads never starve the pool.
-    `run` is the same for one awaiting trio task.
+    call's key first). `cancel` takes a call back: queued, it never runs; running, its
+    thread is abandoned (it runs on, its result unheard) and replaced, so abandoned
+    threads never starve the pool. `run` is the same for one awaiting trio task.
     """
 
     def __init__(
@@ -117,9 +106,6 @@ class ThreadPool:
         self._closed = False
         self._news: list[tuple[Job, bool]] = []  # (job, done): for trio, under _lock
         self._news_came = trio.Event()
-        # Whether trio will look at the news without being woken: it has been woken
-        # already, or it looks every NEWS_INTERVAL while news keep coming. Under _lock.
-        self._listening = False
         self.in_use = 0
         """Threads running a call, as trio knows it (abandoned ones until they end)."""
 
@@ -207,28 +193,15 @@ class ThreadPool:
     async def deliver_news(self) -> None:
         """Tell trio, batch by batch, what the threads did: run until cancelled."""
         while True:
-            await self._news_came.wait()  # the first news after a quiet spell
+            await self._news_came.wait()
             self._news_came = trio.Event()
-            # Then, while news keep coming, trio looks for them (no thread wakes it).
-            while self._deliver():  # noqa: ASYNC110 -- polling is the point
-                await trio.sleep(NEWS_INTERVAL)
-
-    def _deliver(self) -> bool:
-        """Tell the news; return whether to look again in `NEWS_INTERVAL` (False: the
-        next news will wake trio)."""
-        clock = self._clock
-        in_real_time = (
-            clock.deadline_to_sleep_time(clock.current_time() + NEWS_INTERVAL) <= 2 * NEWS_INTERVAL
-        )
-        with self._lock:
-            news, self._news = self._news, []
-            self._listening = look_again = bool(news) and in_real_time
-        for job, done in news:
-            self._tell_start(job)
-            if done:
-                self.in_use -= 1
-                self._tell_done(job)
-        return look_again
+            with self._lock:
+                news, self._news = self._news, []
+            for job, done in news:
+                self._tell_start(job)
+                if done:
+                    self.in_use -= 1
+                    self._tell_done(job)
 
     # -- in trio's thread -------------------------------------------------------------
 
@@ -303,8 +276,8 @@ class ThreadPool:
 
     def _tell(self, job: Job, *, done: bool) -> None:
         with self._lock:
+            first = not self._news
             self._news.append((job, done))
-            wake, self._listening = not self._listening, True
-        if wake:  # the first news since trio last found none: one wake-up for all
+        if first:  # trio has not been woken for news yet: one wake-up for all of it
             with contextlib.suppress(trio.RunFinishedError):
                 self._token.run_sync_soon(self._news_arrived)

@@ -229,6 +229,37 @@ def tasks_cell(app: App, runs: Sequence[Measurement]) -> str:
     return tasks
 
 
+def versus_cells(matrix: Matrix, app: App, base: App, runs: Sequence[Measurement]) -> list[str]:
+    """req/s, p50 ms, p99 ms (medians over ``runs``, those of ``app`` that loaded), then ÷
+    ``base`` (median of per-rep req/s ratios) and +p50, +p99 ms (median of per-rep
+    differences): one row of an HTTP table read against its reference row."""
+    loads = [m.load for m in runs if m.load is not None]
+    cells = [
+        f"{median([r.rps for r in loads]):,.0f}",
+        f"{median([r.p50_ms for r in loads]):.2f}",
+        f"{median([r.p99_ms for r in loads]):.2f}",
+    ]
+    if app == base:
+        return [*cells, "1.000", "", ""]
+    return [
+        *cells,
+        f"{matrix.ratio(app, base):.3f}",
+        f"{paired_difference(matrix, app, base, 'p50_ms'):+.2f}",
+        f"{paired_difference(matrix, app, base, 'p99_ms'):+.2f}",
+    ]
+
+
+def paired_difference(matrix: Matrix, app: App, base: App, field: str) -> float:
+    """Median over reps of ``app``'s load ``field`` minus ``base``'s, from the same rep."""
+    return median(
+        [
+            getattr(rep[app].load, field) - getattr(rep[base].load, field)
+            for rep in matrix.reps
+            if rep[app].load is not None and rep[base].load is not None
+        ]
+    )
+
+
 def _row(matrix: Matrix, app: App, base: App) -> list[str]:
     runs = [m for m in matrix.runs(app) if m.load is not None]
     if not runs:

@@ -33,7 +33,15 @@ from trio_bg import _journal_file as journal_file
 from trio_bg._options import DEFAULT_MAX_PENDING, DEFAULT_MAX_RUNNING
 from trio_bg._tasks import BackgroundTasks
 
-from .bench_http import App, HttpSettings, Matrix, Measurement, run_matrix, tasks_cell
+from .apps.counting import WELCOME_ARGUMENTS
+from .bench_http import (
+    App,
+    HttpSettings,
+    Measurement,
+    run_matrix,
+    tasks_cell,
+    versus_cells,
+)
 from .section import Section, Table, median, verdict
 
 HTTP_TARGET = 0.85
@@ -46,13 +54,7 @@ MEMORY_TARGET = 1.25
 """Recovery's memory peak with the large journal ÷ with one a fifth of its size."""
 
 NAME = "benchmarks.journal.welcome"
-ARGUMENTS: dict[str, Any] = {
-    "user_id": 1234567,
-    "email": "user1234567@example.com",
-    "template": "welcome",
-    "locale": "en-GB",
-    "plan": "pro",
-}
+ARGUMENTS = WELCOME_ARGUMENTS
 """A typical durable task's arguments: a welcome e-mail to send."""
 PAYLOAD = json.dumps([[], ARGUMENTS], ensure_ascii=False, separators=(",", ":"))
 """The JSON a journal row keeps for them, as trio_bg encodes it (109 bytes)."""
@@ -156,17 +158,6 @@ DURABLE_FULL = App(
 )
 
 
-def _paired_difference(matrix: Matrix, app: App, base: App, field: str) -> float:
-    """Median over reps of app's ``field`` minus base's, both from the same rep."""
-    return median(
-        [
-            getattr(rep[app].load, field) - getattr(rep[base].load, field)
-            for rep in matrix.reps
-            if rep[app].load is not None and rep[base].load is not None
-        ]
-    )
-
-
 def _cpu(runs: list[Measurement]) -> tuple[str, str]:
     """Median µs of CPU per request: trio's thread, and the process's other threads."""
     trio_thread, other = [], []
@@ -205,17 +196,10 @@ def http(settings: HttpSettings) -> Section:
         if not runs:
             table.add(app.label, "failed")
             continue
-        loads = [m.load for m in runs if m.load is not None]
         ratio = matrix.ratio(app, IN_MEMORY)
-        reference = app == IN_MEMORY
         table.add(
             app.label,
-            f"{median([r.rps for r in loads]):,.0f}",
-            f"{median([r.p50_ms for r in loads]):.2f}",
-            f"{median([r.p99_ms for r in loads]):.2f}",
-            "1.000" if reference else f"{ratio:.3f}",
-            "" if reference else f"{_paired_difference(matrix, app, IN_MEMORY, 'p50_ms'):+.2f}",
-            "" if reference else f"{_paired_difference(matrix, app, IN_MEMORY, 'p99_ms'):+.2f}",
+            *versus_cells(matrix, app, IN_MEMORY, runs),
             *_cpu(runs),
             tasks_cell(app, runs),
             f"{sum(m.journal_rows or 0 for m in runs)}" if app.journal else "-",

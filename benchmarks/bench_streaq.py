@@ -33,7 +33,7 @@ import trio
 import trio_bg
 from trio_bg._tasks import BackgroundTasks
 
-from .bench_http import App, HttpSettings, Matrix, measure, tasks_cell
+from .bench_http import App, HttpSettings, Matrix, measure, tasks_cell, versus_cells
 from .inprocess import fresh_run
 from .section import Section, Table, median, verdict
 from .server import REPO_ROOT, free_port
@@ -427,16 +427,6 @@ REMOTE = StreaqApp("raw+trio_bg", "remote", "remote no-op task (to Redis)", stre
 HTTP_APPS: list[App] = [IN_MEMORY, CONFIGURED, REMOTE]
 
 
-def _paired_difference(matrix: Matrix, app: App, base: App, name: str) -> float:
-    return median(
-        [
-            getattr(rep[app].load, name) - getattr(rep[base].load, name)
-            for rep in matrix.reps
-            if rep[app].load is not None and rep[base].load is not None
-        ]
-    )
-
-
 def http(redis: RedisServer, settings: HttpSettings, readme: list[str]) -> Section:
     """(b) req/s and latency with one remote task per request, against in-memory."""
     from .apps.streaq_app import tasks as worker
@@ -479,23 +469,16 @@ def http(redis: RedisServer, settings: HttpSettings, readme: list[str]) -> Secti
         if not runs:
             table.add(app.label, "failed")
             continue
-        loads = [m.load for m in runs if m.load is not None]
         ratio = matrix.ratio(app, IN_MEMORY)
-        reference = app == IN_MEMORY
         met = verdict(ratio >= HTTP_TARGET, f"≥ {HTTP_TARGET}") if app == REMOTE else ""
         table.add(
             app.label,
-            f"{median([r.rps for r in loads]):,.0f}",
-            f"{median([r.p50_ms for r in loads]):.2f}",
-            f"{median([r.p99_ms for r in loads]):.2f}",
-            "1.000" if reference else f"{ratio:.3f}",
-            "" if reference else f"{_paired_difference(matrix, app, IN_MEMORY, 'p50_ms'):+.2f}",
-            "" if reference else f"{_paired_difference(matrix, app, IN_MEMORY, 'p99_ms'):+.2f}",
+            *versus_cells(matrix, app, IN_MEMORY, runs),
             tasks_cell(app, runs),
             f"{in_redis[app]:,}",
             met,
         )
-        if not reference:
+        if app != IN_MEMORY:
             readme.append(
                 f"| HTTP, {app.label} | {table.rows[-1][1]} req/s, p99 {table.rows[-1][3]} ms "
                 f"| {table.rows[0][1]} req/s, p99 {table.rows[0][3]} ms | {ratio:.3f} "

@@ -597,6 +597,16 @@ def row_writer(lines: list[str], width: int) -> Callable[..., None]:
     return row
 
 
+def request_rows(row: Callable[..., None], load: Load, requests: int, *, sent: str) -> None:
+    """The rows every drill starts with: requests ``sent`` (its label), answered,
+    refused, and failed, naming the errors."""
+    row(sent, load.sent, f"of {requests}")
+    row("answered", load.answered)
+    row("refused (503)", load.refused)
+    errors = ", ".join(f"{name} x{n}" for name, n in load.errors.most_common())
+    row("failed", load.failed, errors)
+
+
 def format_result(result: DrillResult) -> str:
     """The drill's outcome as a table, for people."""
     plan, load, report = result.plan, result.load, result.report
@@ -610,11 +620,7 @@ def format_result(result: DrillResult) -> str:
     row = row_writer(lines, 22)
 
     lines.append("  requests")
-    row("sent", load.sent, f"of {plan.requests}")
-    row("answered", load.answered)
-    row("refused (503)", load.refused)
-    errors = ", ".join(f"{name} x{n}" for name, n in load.errors.most_common())
-    row("failed", load.failed, errors)
+    request_rows(row, load, plan.requests, sent="sent")
     lines.append("  tasks")
     if load.answered > load.unclaimed:
         row("claimed by responses", load.claimed, f"sum of {TASKS_HEADER}")

@@ -39,6 +39,7 @@ from ._drill import (
     _read_report,
     _reap,
     _wait_until_listening,
+    request_rows,
     row_writer,
     run_and_print,
 )
@@ -818,11 +819,7 @@ def format_remote_result(result: RemoteDrillResult) -> str:
     row = row_writer(lines, 26)
 
     lines.append("  web server")
-    row("requests sent", load.sent, f"of {drill.requests}")
-    row("answered", load.answered)
-    row("refused (503)", load.refused)
-    errors = ", ".join(f"{name} x{n}" for name, n in load.errors.most_common())
-    row("failed", load.failed, errors)
+    request_rows(row, load, drill.requests, sent="requests sent")
     if server.signal_after is not None:
         row("SIGTERM after", f"{server.signal_after:.2f}s", "of load")
     if report is None:

@@ -34,6 +34,16 @@ CONTENT_TYPE = "text/plain; charset=utf-8"
 HEADERS = [(b"content-length", b"2"), (b"content-type", CONTENT_TYPE.encode())]
 """Exactly what Starlette sends for ``Response(b"OK", media_type="text/plain")``."""
 
+WELCOME_ARGUMENTS: dict[str, Any] = {
+    "user_id": 1234567,
+    "email": "user1234567@example.com",
+    "template": "welcome",
+    "locale": "en-GB",
+    "plan": "pro",
+}
+"""A typical task's arguments, a welcome e-mail to send (the journal's and the remote
+tasks' benchmarks)."""
+
 LOAD_PATH = "/"
 COUNT_PATH = "/count"
 

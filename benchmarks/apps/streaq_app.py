@@ -20,20 +20,24 @@ from streaq import Worker
 import trio_bg
 import trio_bg.streaq
 
-from .counting import BODY, COUNT_PATH, COUNTS, HEADERS, ASGIApp, Receive, Scope, Send
+from .counting import (
+    BODY,
+    COUNT_PATH,
+    COUNTS,
+    HEADERS,
+    WELCOME_ARGUMENTS,
+    ASGIApp,
+    Receive,
+    Scope,
+    Send,
+)
 
 REDIS_ENV = "TRIO_BG_BENCH_REDIS"
 NAME = "benchmarks.streaq.welcome"
 DONE_KEY = "benchmarks:streaq:done"
 """The Redis counter each run of the remote task increments."""
-ARGUMENTS: dict[str, Any] = {
-    "user_id": 1234567,
-    "email": "user1234567@example.com",
-    "template": "welcome",
-    "locale": "en-GB",
-    "plan": "pro",
-}
-"""A typical task's arguments (a welcome e-mail to send), as in benchmark 6."""
+ARGUMENTS = WELCOME_ARGUMENTS
+"""A typical task's arguments, as in benchmark 6."""
 
 
 def make_worker(redis_url: str) -> Worker[Any]:

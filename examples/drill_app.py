@@ -16,6 +16,9 @@ each request also adds two *durable* tasks, a receipt e-mail and an order archiv
 are stored in the journal before the response completes and survive a crash. Each
 notes its run in the ledger file, and the response names them in
 ``x-trio-bg-durable``: the crash drill's books (``drill ... --journal PATH --kill``).
+With ``--poison`` too, the crash drill asks ``GET /trio-bg-drill/poison`` mid-load: that
+request adds a durable task that SIGKILLs its process, and names it in
+``x-trio-bg-poison``; the next life must make it a dead letter, not run it again.
 
 With Redis (``--redis [URL]``, the distributed drill, which sets ``$TRIO_BG_DRILL_REDIS``
 and the ledger) the module defines ``worker``, a streaq worker (``idle_timeout`` from
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -53,6 +57,8 @@ Send = Callable[[Message], Awaitable[None]]
 
 TASKS_HEADER = b"x-trio-bg-tasks"
 DURABLE_HEADER = b"x-trio-bg-durable"
+POISON_PATH = "/trio-bg-drill/poison"
+POISON_HEADER = b"x-trio-bg-poison"
 REMOTE_HEADER = b"x-trio-bg-remote"
 LEDGER = os.environ.get("TRIO_BG_DRILL_LEDGER")  # set by the drill, with a journal or Redis
 REDIS = os.environ.get("TRIO_BG_DRILL_REDIS")  # set by the distributed drill
@@ -73,6 +79,14 @@ async def send_receipt(key: str, seconds: float) -> None:
     """Durable: the receipt for an order must go out, crash or not."""
     await trio.sleep(seconds)
     note_run(key)
+
+
+@trio_bg.task(name="drill.poison", durable=True, crash_limit=1)
+async def poison() -> None:
+    """Durable, and deadly: it kills its process, as an OOM kill or a segfault would.
+    Its process's death makes it a dead letter at once (``crash_limit=1``): by default
+    it would take two more lives along, and the tasks running in them."""
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 @trio_bg.task(name="drill.archive_order", durable=True)
@@ -154,6 +168,12 @@ class DrillApp:
         if scope["type"] != "http":
             raise NotImplementedError(f"the drill app serves no {scope['type']} connections")
         tasks = trio_bg.current_tasks()
+        if scope["path"] == POISON_PATH and LEDGER is not None:
+            tasks.add_task(poison)
+            headers = [(POISON_HEADER, b"drill.poison")]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": b"poisoned\n"})
+            return
         added = self._add_tasks(tasks)
         headers = [(b"content-type", b"text/plain; charset=utf-8")]
         if REDIS is not None:

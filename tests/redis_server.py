@@ -14,7 +14,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -32,12 +32,22 @@ def free_port() -> int:
 
 class RedisServer:
     """One ``redis-server`` process on 127.0.0.1; `stop` and `start` again keep its port
-    and its directory (with ``appendonly``, what it held survives the restart)."""
+    and its directory (with ``appendonly``, what it held survives the restart). With
+    ``password`` it refuses clients that do not give it."""
 
-    def __init__(self, directory: Path, *, appendonly: bool) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        appendonly: bool,
+        password: str | None = None,
+        extra: Sequence[str] = (),
+    ) -> None:
         self.directory = directory
+        self.extra = extra  # more of redis-server's options
         self.port = free_port()
         self.appendonly = appendonly
+        self.password = password
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -58,6 +68,8 @@ class RedisServer:
                 "--appendfsync", "no",
                 "--logfile", "",
                 "--daemonize", "no",
+                *(("--requirepass", self.password) if self.password else ()),
+                *self.extra,
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -93,13 +105,19 @@ class RedisServer:
             self.process = None
 
 
-def redis_server_or_skip(directory: Path, *, appendonly: bool = False) -> Iterator[RedisServer]:
+def redis_server_or_skip(
+    directory: Path,
+    *,
+    appendonly: bool = False,
+    password: str | None = None,
+    extra: Sequence[str] = (),
+) -> Iterator[RedisServer]:
     if shutil.which("redis-server") is None:
         message = "redis-server is not installed (Debian: apt-get install redis-server)"
         if os.environ.get("TRIO_BG_TESTS_NEED_REDIS"):
             pytest.fail(message)
         pytest.skip(message)
-    server = RedisServer(directory, appendonly=appendonly)
+    server = RedisServer(directory, appendonly=appendonly, password=password, extra=extra)
     server.start()
     try:
         yield server

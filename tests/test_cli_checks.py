@@ -163,6 +163,22 @@ def test_a_wsgi_app_is_refused_before_serving() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("bind", "problem"),
+    [
+        ("127.0.0.1:99999", "the port must be 0 to 65535, not 99999"),
+        ("[::1]:-1", "the port must be 0 to 65535, not -1"),
+        ("fd://stdin", "expected fd://N, N a file descriptor, not fd://stdin"),
+    ],
+)
+def test_an_impossible_bind_is_refused_in_one_line(bind: str, problem: str) -> None:
+    """Before: three exception group tracebacks, exit status 3."""
+    result = serve("test_cli_checks:app", f"--bind={bind}")
+    assert result.returncode == 2
+    assert result.stderr.decode().endswith(f"error: argument --bind: {problem}\n")
+    assert b"Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_a_report_path_in_no_directory_is_refused_before_serving(
     tmp_path: Path, workers: str

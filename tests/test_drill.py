@@ -158,3 +158,30 @@ async def test_the_crash_drill_needs_a_journal() -> None:
     status, _, err = await drill("examples.drill_app:app", "--kill")
     assert status == 2
     assert "--kill needs --journal" in err
+
+
+async def test_the_crash_drill_with_poison_buries_it_and_runs_the_rest(tmp_path: Path) -> None:
+    journal = tmp_path / "tasks.db"
+    status, out, err = await drill(
+        "examples.drill_app:app", *CRASH, f"--journal={journal}", "--kill", "--poison", "--json"
+    )
+    assert status == 0, out + err
+    result: dict[str, Any] = json.loads(out)
+    assert result["verdict"] == "pass", result
+    durable = result["durable_tasks"]
+    assert durable["ran"] == durable["claimed"] > 0
+    assert durable["lost"] == []
+    [unreadable, deadly] = sorted(durable["dead_letters"], key=lambda letter: "died" in letter)
+    assert unreadable.endswith(
+        " drill.poison: cannot run from the journal: its arguments are not UTF-8"
+    )
+    assert deadly.endswith(
+        " drill.poison: attempt 1: its process died while it ran, its last attempt"
+    )
+    assert "drill: planted task" in err
+
+
+async def test_poison_needs_the_crash_drill_or_the_distributed_one() -> None:
+    status, _, err = await drill("examples.drill_app:app", "--poison")
+    assert status == 2
+    assert "--poison needs --kill (the crash drill) or --redis" in err

@@ -6,6 +6,7 @@ import functools
 import logging
 import math
 import sqlite3
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import cast
@@ -101,6 +102,20 @@ async def test_a_durable_task_without_a_journal_is_refused_at_add_time() -> None
     assert bg.report.accepted == 0
 
 
+def nested(depth: int) -> list[object]:
+    """A list in a list... ``depth`` deep."""
+    value: list[object] = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def holding_itself() -> list[object]:
+    value: list[object] = []
+    value.append(value)
+    return value
+
+
 @pytest.mark.parametrize(
     ("args", "kwargs", "message"),
     [
@@ -111,6 +126,17 @@ async def test_a_durable_task_without_a_journal_is_refused_at_add_time() -> None
         ),
         ((1,), {"to": {"when": {1, 2}}}, r"argument 'to' .* is not JSON \(it holds a set\)"),
         ((math.nan,), {}, r"argument 1 .* NaN or infinite"),
+        (
+            (10**5000,),
+            {},
+            rf"argument 1 .* is not JSON \(an int of over {sys.get_int_max_str_digits()} digits\)",
+        ),
+        (
+            (1,),
+            {"to": nested(100_000)},
+            r"argument 'to' .* is not JSON \(it is nested too deeply\)",
+        ),
+        ((holding_itself(),), {}, r"argument 1 .* is not JSON \(a list that holds itself\)"),
         ((1,), {"to": ("a", "b")}, r"argument 'to' .* come back from JSON as a list, not a tuple"),
         ((1,), {"to": {1: "a"}}, r"argument 'to' .* would come back from JSON as something else"),
     ],

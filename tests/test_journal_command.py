@@ -36,7 +36,7 @@ def build(path: Path, *, queued: int = 0, claimed: int = 0, dead: int = 0) -> li
                 + [("charge", json.dumps([[12], {"card": "4111"}]), 3)] * dead,
             )
             for id in ids[claimed + queued :]:
-                journal_file.bury(connection, id, ERROR)
+                journal_file.bury(connection, owner, id, ERROR)
             journal_file.leave(connection, owner, keep=ids[:claimed])
     return ids
 

@@ -157,6 +157,19 @@ async def test_what_outlives_the_grace_period_is_cancelled_and_named(
     assert_report_balances(report)
 
 
+async def test_the_unfinished_are_logged_once_a_name_with_their_count(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: the log line named every task, 10,000 names for 10,000 tasks."""
+    async with trio_bg.open_background_nursery(grace_period=1) as nursery:
+        nursery.start_soon(forever)
+        for n in range(300):
+            nursery.start_soon(slow, n)
+    assert len(nursery.report.unfinished) == 301
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("unfinished")]
+    assert logged == ["unfinished background tasks: slow (300), forever"]
+
+
 async def test_a_thread_that_ignores_cancellation_is_abandoned() -> None:
     release = threading.Event()
     started = trio.Event()

@@ -428,5 +428,5 @@ async def test_a_failed_app_shutdown_is_logged_and_kept(caplog: pytest.LogCaptur
         async with run_lifespan(middleware) as lifespan:
             pass
     assert lifespan.sent[-1]["type"] == "lifespan.shutdown.failed"
-    assert middleware._lifespan_failure == "shutdown: the pool would not close"
+    assert middleware._lifespan_failure == "the app's lifespan shutdown: the pool would not close"
     assert "the app's lifespan shutdown failed: the pool would not close" in caplog.text

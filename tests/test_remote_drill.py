@@ -111,6 +111,25 @@ async def test_with_a_journal_a_redis_restart_loses_nothing(tmp_path: Path) -> N
 
 
 @needs_redis
+async def test_with_a_journal_a_redis_restart_without_its_data_loses_nothing(
+    tmp_path: Path,
+) -> None:
+    status, out, err = await run(
+        "drill", "examples.drill_app:app", "--redis", "--kill-redis",
+        "--redis-without-persistence", f"--journal={tmp_path / 'tasks.db'}", *LOAD,
+        "--grace-period=3", "--json",
+    )  # fmt: skip
+    assert status == 0, out + err
+    result: dict[str, Any] = json.loads(out)
+    assert result["verdict"] == "pass", result
+    server, remote = result["web_server"], result["remote_tasks"]
+    assert server["answered"] == server["sent"] == 40
+    assert remote["claimed"] == remote["completed"] == 80
+    assert remote["lost"] == []
+    assert server["report"]["maybe_lost"] == 0
+
+
+@needs_redis
 async def test_an_app_that_loses_remote_tasks_fails() -> None:
     # The middleware's own worker: serve gets no --streaq, the workers run the app's spec.
     app = "test_remote_drill:wrapped_lossy_app"

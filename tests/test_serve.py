@@ -11,10 +11,11 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +26,10 @@ import httpx
 import pytest
 import trio
 from hypercorn.config import Config
+from redis_server import RedisServer, redis_server_or_skip
 
 import trio_bg
+from trio_bg import _journal_file
 from trio_bg._asgi import Receive, Scope, Send
 from trio_bg._serve import SHUTDOWN_MARGIN, default_config
 
@@ -194,6 +197,10 @@ async def test_sigterm_mid_load_drains_every_task_and_exits_0(tmp_path: Path) ->
         "recovered": 0,
         "handed_off": 0,
         "outbox": 0,
+        "unconfirmed": 0,
+        "resent": 0,
+        "maybe_lost": 0,
+        "lease_lost": 0,
     }
     assert "SIGTERM received: shutting down gracefully" in log
 
@@ -266,6 +273,71 @@ async def test_an_app_whose_lifespan_fails_exits_3_and_says_so(tmp_path: Path, p
     report = json.loads(report_path.read_text())
     assert report["failure"] == f"the app's lifespan {phase}: the pool is broken"
     assert report["accepted"] == 0
+
+
+async def assert_the_nursery_cannot_start(
+    tmp_path: Path, cause: str, *options: str, env: dict[str, str] | None = None
+) -> None:
+    """``serve`` with ``options`` exits 3, saying why in one line (no traceback), and
+    writes the report with the ``failure``."""
+    report_path = tmp_path / "report.json"
+    command = [sys.executable, "-m", "trio_bg", "serve", "test_serve:app", "--bind=127.0.0.1:0"]
+    command += [f"--report-json={report_path}", *options]
+    with trio.fail_after(BOUND):
+        result = await trio.run_process(
+            command, cwd=TESTS, env=os.environ | (env or {}), capture_stderr=True, check=False
+        )
+    log = result.stderr.decode()
+    assert result.returncode == 3, log
+    assert "Traceback" not in log
+    [line] = [line for line in log.splitlines() if cause in line]
+    assert line.startswith("trio_bg: the server failed: the background nursery could not start: ")
+    report = json.loads(report_path.read_text())
+    assert report["failure"].startswith("the background nursery could not start: ")
+    assert cause in report["failure"]
+    assert report["accepted"] == 0
+
+
+@pytest.fixture
+def redis_with_a_password(tmp_path: Path) -> Iterator[RedisServer]:
+    yield from redis_server_or_skip(tmp_path, password="the right one")
+
+
+async def test_a_nursery_that_cannot_reach_redis_exits_3_in_one_line(tmp_path: Path) -> None:
+    """Before: a traceback ending in RuntimeError, exit status 1, no report."""
+    nobody = f"redis://127.0.0.1:{free_port()}"
+    await assert_the_nursery_cannot_start(
+        tmp_path,
+        "cannot reach Redis for streaq queue 'default': ConnectionError",
+        "--streaq=streaq_app:tasks",
+        env={"TRIO_BG_TEST_REDIS": nobody},
+    )
+
+
+async def test_a_nursery_refused_by_redis_exits_3_in_one_line(
+    tmp_path: Path, redis_with_a_password: RedisServer
+) -> None:
+    wrong = redis_with_a_password.url.replace("redis://", "redis://:the-wrong-one@")
+    await assert_the_nursery_cannot_start(
+        tmp_path,
+        "cannot reach Redis for streaq queue 'default': AuthenticationFailureError",
+        "--streaq=streaq_app:tasks",
+        env={"TRIO_BG_TEST_REDIS": wrong},
+    )
+
+
+async def test_a_nursery_whose_journal_stays_locked_exits_3_in_one_line(tmp_path: Path) -> None:
+    """Takes the journal's busy timeout, 5 s."""
+    path = tmp_path / "tasks.db"
+    _journal_file.connect(str(path)).close()
+    locker = sqlite3.connect(path, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        await assert_the_nursery_cannot_start(
+            tmp_path, "the database is locked by another process", f"--journal={path}"
+        )
+    finally:
+        locker.close()
 
 
 async def test_an_app_that_cannot_be_loaded_is_a_usage_error() -> None:

@@ -9,6 +9,7 @@ from ._asgi import BackgroundTaskMiddleware
 from ._callables import Backoff, task
 from ._errors import HandoffError, JournalError, NurseryClosed, Overloaded
 from ._events import TaskEvent
+from ._journal import lease_held
 from ._nursery import BackgroundNursery, open_background_nursery
 from ._options import DEFAULT_GRACE_PERIOD, NurseryOptions
 from ._report import ShutdownReport, TaskStats
@@ -30,6 +31,7 @@ __all__ = [
     "TaskEvent",
     "TaskStats",
     "current_tasks",
+    "lease_held",
     "open_background_nursery",
     "serve",
     "task",

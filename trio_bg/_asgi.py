@@ -79,11 +79,13 @@ class BackgroundTaskMiddleware:
         self._unavailable = _unavailable_response(retry_after, UNAVAILABLE_TEXT)
         self._journal_failed = _unavailable_response(retry_after, JOURNAL_FAILED_TEXT)
         self._handoff_failed = _unavailable_response(retry_after, HANDOFF_FAILED_TEXT)
+        self._handoff_in_doubt = _unavailable_response(retry_after, HANDOFF_IN_DOUBT_TEXT)
         self._nursery: BackgroundNursery | None = None
         self._report: ShutdownReport | None = None
         # What went wrong in the lifespan, for trio_bg.serve: the wrapped app's failed
-        # startup or shutdown ("startup: message"), and how to stop the server when a
-        # task raises KeyboardInterrupt or SystemExit (None: raise it from the lifespan).
+        # startup or shutdown, or a nursery that could not start; and how to stop the
+        # server when a task raises KeyboardInterrupt or SystemExit (None: raise it from
+        # the lifespan).
         self._lifespan_failure: str | None = None
         self._stop_server: Callable[[], object] | None = None
         self._warned_inline = False
@@ -173,11 +175,10 @@ class BackgroundTaskMiddleware:
                     if held_start is None:
                         raise  # streaming already: abort the response
                     held_start, replaced = None, True
-                    failed = (
-                        self._journal_failed
-                        if isinstance(error, JournalError)
-                        else self._handoff_failed
-                    )
+                    if isinstance(error, JournalError):
+                        failed = self._journal_failed
+                    else:
+                        failed = self._handoff_in_doubt if error.in_doubt else self._handoff_failed
                     await send(failed[0])
                     await send(failed[1])
                     return
@@ -323,7 +324,10 @@ class BackgroundTaskMiddleware:
         except (JournalError, HandoffError) as error:
             if opened is not None:
                 raise
-            return self._failed("startup", str(error))  # the journal or Redis: unreachable
+            # The journal or Redis cannot be used: the app is not started. Not logged:
+            # servers report a failed startup's message (trio_bg serve, in one line).
+            self._lifespan_failure = f"the background nursery could not start: {error}"
+            return {"type": "lifespan.startup.failed", "message": self._lifespan_failure}
         finally:  # (also when the lifespan itself is cancelled mid-drain)
             if opened is not None:
                 self._report = opened._report
@@ -356,7 +360,7 @@ class BackgroundTaskMiddleware:
         """The wrapped app's lifespan ``phase`` failed: log it (Hypercorn drops the
         message), keep it for `trio_bg.serve`, and tell the server."""
         logger.error("the app's lifespan %s failed: %s", phase, message)
-        self._lifespan_failure = f"{phase}: {message}"
+        self._lifespan_failure = f"the app's lifespan {phase}: {message}"
         return {"type": f"lifespan.{phase}.failed", "message": message}
 
 
@@ -392,6 +396,9 @@ UNAVAILABLE_TEXT = "Service Unavailable: background task capacity is exhausted\n
 
 JOURNAL_FAILED_TEXT = "Service Unavailable: the background task journal failed\n"
 HANDOFF_FAILED_TEXT = "Service Unavailable: background tasks could not be handed off\n"
+HANDOFF_IN_DOUBT_TEXT = (
+    "Service Unavailable: Redis did not confirm the background tasks; they may still run\n"
+)
 """The body of the 503 that replaces a response whose durable tasks were not stored."""
 
 

@@ -68,6 +68,10 @@ class Backoff:
 
 _DEFAULT_BACKOFF = Backoff()
 
+DEFAULT_CRASH_LIMIT = 3
+"""Attempts a durable task without as many retries may have whose runs die with their
+process (see `task`)."""
+
 
 @dataclass(frozen=True, slots=True)
 class TaskOptions:
@@ -78,6 +82,7 @@ class TaskOptions:
     retries: int = 0
     backoff: Backoff = _DEFAULT_BACKOFF
     durable: bool = False
+    crash_limit: int = DEFAULT_CRASH_LIMIT
 
     def __post_init__(self) -> None:
         if self.name is not None and not (isinstance(self.name, str) and self.name):
@@ -101,6 +106,11 @@ class TaskOptions:
             raise TypeError(f"retries must be an int, not {retries!r}")
         if retries < 0:
             raise ValueError(f"retries must be >= 0, not {retries!r}")
+        crash_limit = self.crash_limit
+        if isinstance(crash_limit, bool) or not isinstance(crash_limit, int):
+            raise TypeError(f"crash_limit must be an int, not {crash_limit!r}")
+        if crash_limit < 1:
+            raise ValueError(f"crash_limit must be >= 1, not {crash_limit!r}")
         if not isinstance(self.backoff, Backoff):
             raise TypeError(
                 f"backoff must be a trio_bg.Backoff, such as Backoff(initial=0.5), "
@@ -122,6 +132,7 @@ def task(
     retries: int = 0,
     backoff: Backoff = _DEFAULT_BACKOFF,
     durable: bool = False,
+    crash_limit: int = DEFAULT_CRASH_LIMIT,
 ) -> Callable[[F], F]: ...
 def task(
     func: F | None = None,
@@ -132,6 +143,7 @@ def task(
     retries: int = 0,
     backoff: Backoff = _DEFAULT_BACKOFF,
     durable: bool = False,
+    crash_limit: int = DEFAULT_CRASH_LIMIT,
 ) -> F | Callable[[F], F]:
     """Give a task function a stable ``name``, a ``timeout`` (seconds), and ``retries``.
 
@@ -145,9 +157,19 @@ def task(
     A ``durable`` task (it needs a ``name``) is written to the nursery's journal
     before the response that added it completes, and runs at least once, even across
     a crash: its arguments must be JSON, and it is found again by its name alone.
+    A durable task's run cut short by the death of its process (a crash, an OOM kill,
+    a deploy that kills it) counts as an attempt: once its process has died during
+    attempt ``max(retries + 1, crash_limit)`` (``crash_limit`` is 3 by default), it
+    becomes a dead letter instead of running again, so that a task that kills its
+    process cannot crash-loop the server.
     """
     options = TaskOptions(
-        name=name, timeout=timeout, retries=retries, backoff=backoff, durable=durable
+        name=name,
+        timeout=timeout,
+        retries=retries,
+        backoff=backoff,
+        durable=durable,
+        crash_limit=crash_limit,
     )
 
     def attach(func: F) -> F:
@@ -176,6 +198,7 @@ class CallSpec:
     __slots__ = (
         "_probe",
         "backoff",
+        "crash_limit",
         "durable",
         "is_async",
         "name",
@@ -197,6 +220,7 @@ class CallSpec:
             self.retries = 0
             self.backoff = _DEFAULT_BACKOFF
             self.durable = False
+            self.crash_limit = DEFAULT_CRASH_LIMIT
             self._probe = _make_probe(self.remote.fn, self.name)
             return
         self.is_async = is_async_callable(target)
@@ -206,6 +230,7 @@ class CallSpec:
         self.retries = options.retries if options else 0
         self.backoff = options.backoff if options else _DEFAULT_BACKOFF
         self.durable = options.durable if options else False
+        self.crash_limit = options.crash_limit if options else DEFAULT_CRASH_LIMIT
         if self.durable and registered(self.name) is not func:
             raise TypeError(
                 f"add_task() takes durable task {self.name} itself, with its arguments "

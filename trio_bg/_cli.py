@@ -52,18 +52,33 @@ EXIT_CUT_SHORT = 1
 EXIT_USAGE = 2
 EXIT_SERVER_FAILED = 3
 
+NOTHING_ACCEPTED = ShutdownReport(
+    accepted=0,
+    completed=0,
+    failed=0,
+    timed_out=0,
+    cancelled=0,
+    abandoned=0,
+    discarded=0,
+    unfinished=(),
+    duration=0.0,
+)
+"""The report of a nursery that could not start."""
+
 SERVE_EPILOG = f"""\
 exit status:
   {EXIT_OK}  every accepted background task finished on its own: completed, failed
      or timed out (failures are logged; they are the tasks' outcome, not the drain's)
   {EXIT_CUT_SHORT}  the shutdown cut tasks short: cancelled or abandoned after the grace
-     period (or a second signal); the log and the report name each one
+     period (or a second signal); the log and the report name each one. Also when
+     Redis lost remote tasks that no journal kept (maybe_lost in the report)
   {EXIT_USAGE}  usage error: a bad option, the app cannot be loaded or is not an ASGI 3
      app, the --streaq worker cannot be loaded or is refused, the --report-json path is
      not writable
-  {EXIT_SERVER_FAILED}  the server failed: it could not bind, the app's startup failed, the
-     report could not be written; with --workers: a worker failed to start, died, or
-     left no report (its tasks are unaccounted for)
+  {EXIT_SERVER_FAILED}  the server failed: it could not bind, the app's lifespan failed, the
+     background nursery could not start (the journal or Redis), the report could not
+     be written (the report, when written, says why in "failure"); with --workers: a
+     worker failed to start, died, or left no report (its tasks are unaccounted for)
   With --workers the worst status of any worker wins (3 over 1 over 0).
 
 SIGTERM or SIGINT (Ctrl+C) starts a graceful shutdown: stop listening, give in-flight
@@ -132,6 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("the drill needs httpx: pip install 'trio-bg[drill]'")
     if args.kill and args.journal is None:
         parser.error("--kill needs --journal: only durable tasks can survive a SIGKILL")
+    if args.poison and not args.kill and args.redis is None:
+        parser.error("--poison needs --kill (the crash drill) or --redis (the distributed drill)")
     _check_remote_options(parser, args)
     _check_journal_path(parser, args)
     lease = args.journal_lease
@@ -151,6 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         journal=args.journal,
         journal_lease=lease,
         kill=args.kill,
+        poison=args.poison,
     )
     if args.redis is not None:
         return _remote_drill_command(parser, args, plan)
@@ -158,7 +176,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run(plan, json_output=args.json)
 
 
-_REMOTE_ONLY = ("streaq", "workers", "kill_worker", "kill_redis", "idle_timeout")
+_REMOTE_ONLY = (
+    "streaq",
+    "workers",
+    "kill_worker",
+    "kill_redis",
+    "redis_without_persistence",
+    "idle_timeout",
+)
 
 
 def _check_remote_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -175,11 +200,12 @@ def _check_remote_options(parser: argparse.ArgumentParser, args: argparse.Namesp
         parser.error("--kill (the crash drill) and --redis (the distributed drill) do not combine")
     if args.redis and "://" not in args.redis:
         parser.error(f"--redis: expected a URL (redis://HOST:PORT), not {args.redis!r}")
-    if args.kill_redis and args.redis:
-        parser.error(
-            "--kill-redis needs the drill's own Redis: give --redis without a URL (a Redis "
-            "of yours is not the drill's to kill)"
-        )
+    for option in ("kill_redis", "redis_without_persistence"):
+        if getattr(args, option) and args.redis:
+            parser.error(
+                f"--{option.replace('_', '-')} needs the drill's own Redis: give --redis "
+                f"without a URL (a Redis of yours is not the drill's to kill or configure)"
+            )
     if args.kill_worker and (args.workers or 2) < 2:
         parser.error("--kill-worker needs --workers 2 or more: another must take over its tasks")
     if not args.redis and shutil.which("redis-server") is None:
@@ -208,7 +234,9 @@ def _remote_drill_command(
         workers=args.workers or 2,
         kill_worker=args.kill_worker,
         kill_redis=args.kill_redis,
+        redis_persists=not args.redis_without_persistence,
         idle_timeout=args.idle_timeout,
+        poison=args.poison,
     )
     try:
         target = prepare(remote)
@@ -241,6 +269,7 @@ def _parser() -> argparse.ArgumentParser:
     serve_parser.add_argument(
         "--bind",
         action="append",
+        type=_bind,
         metavar="HOST:PORT",
         help="where to listen (repeatable; default 127.0.0.1:8000)",
     )
@@ -370,6 +399,20 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="SIGKILL the drill's own Redis mid-load (no --redis URL), and start it again on "
         "the same port",
+    )
+    remote.add_argument(
+        "--redis-without-persistence",
+        action="store_true",
+        help="the drill's own Redis keeps its data in memory only: with --kill-redis it "
+        "comes back empty; with a --journal, every task must still complete",
+    )
+    remote.add_argument(
+        "--poison",
+        action="store_true",
+        help="plant a poisoned record (valid JSON, not a task's) in the queue mid-load: a "
+        "worker must set it aside (recorded as failed) and go on; with --kill, a journal "
+        "row that cannot be read and a durable task that SIGKILLs its process (the app "
+        "adds it on GET /trio-bg-drill/poison): both must end dead letters",
     )
     remote.add_argument(
         "--idle-timeout",
@@ -509,11 +552,12 @@ def _serve_command(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     except Exception as error:
         if app._lifespan_failure is None:
             return _server_failed(error)
-        # Hypercorn raises for a failed startup: what the nursery saw is reported still.
-        failure, report = f"the app's lifespan {app._lifespan_failure}", app.report
+        # Hypercorn raises for a failed startup: what the nursery saw is reported still
+        # (nothing, if it could not start).
+        failure, report = app._lifespan_failure, app._report or NOTHING_ACCEPTED
     else:
         if app._lifespan_failure is not None:  # a failed shutdown: Hypercorn drops it
-            failure = f"the app's lifespan {app._lifespan_failure}"
+            failure = app._lifespan_failure
     data = dataclasses.asdict(report) | ({"failure": failure} if failure else {})
     written = args.report_json is None or _write_report(args.report_json, data)
     if failure is not None:
@@ -660,16 +704,18 @@ def _config(args: argparse.Namespace, app: BackgroundTaskMiddleware) -> Config:
 
 
 def _status(report: ShutdownReport) -> int:
-    return EXIT_CUT_SHORT if report.cancelled or report.abandoned else EXIT_OK
+    cut_short = report.cancelled or report.abandoned or report.maybe_lost
+    return EXIT_CUT_SHORT if cut_short else EXIT_OK
 
 
 def _exit_status(report: ShutdownReport) -> int:
     if _status(report) == EXIT_CUT_SHORT:
-        print(
-            f"trio_bg: {report.cancelled + report.abandoned} background task(s) cut short by "
-            f"the shutdown: {report}",
-            file=sys.stderr,
-        )
+        if report.cancelled or report.abandoned:
+            cut = report.cancelled + report.abandoned
+            what = f"{cut} background task(s) cut short by the shutdown"
+        else:
+            what = f"{report.maybe_lost} remote task(s) perhaps lost by Redis"
+        print(f"trio_bg: {what}: {report}", file=sys.stderr)
         return EXIT_CUT_SHORT
     print(f"trio_bg: every background task finished: {report}", file=sys.stderr)
     return EXIT_OK
@@ -709,3 +755,21 @@ def _write_json(path: Path, data: object) -> None:
 
 
 # -- argument types ------------------------------------------------------------------
+
+
+def _bind(text: str) -> str:
+    """A ``--bind`` (HOST:PORT, HOST, unix:PATH or fd://N) whose port or file descriptor
+    is a possible one: Hypercorn would fail on it with a traceback."""
+    if text.startswith("unix:"):
+        return text
+    if text.startswith("fd://"):
+        if not text.removeprefix("fd://").isdecimal():
+            raise argparse.ArgumentTypeError(f"expected fd://N, N a file descriptor, not {text}")
+        return text
+    try:  # read as Hypercorn reads it: no port, or no number after the colon, is port 8000
+        port = int(text.replace("[", "").replace("]", "").rsplit(":", 1)[1])
+    except (IndexError, ValueError):
+        return text
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"the port must be 0 to 65535, not {port}")
+    return text

@@ -1,5 +1,11 @@
 """The crash drill: serve an app on a journal, SIGKILL it under load, serve it again on
-the same journal, and check that every durable task an answered request named ran."""
+the same journal, and check that every durable task an answered request named ran.
+
+With ``--poison``, mid-load, the drill also writes a row that cannot be read into the
+journal, and asks the app (``GET`` `POISON_PATH`) for a durable task that SIGKILLs its
+process, named in `POISON_HEADER`: the first life dies of it, and the second must make
+both dead letters while every other task runs.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import httpx
 import trio
 
 from . import _journal_file as journal_file
@@ -20,6 +27,7 @@ from ._drill import (
     DURABLE_HEADER,
     LEDGER_ENV,
     LOG_TAIL_LINES,
+    REQUEST_TIMEOUT,
     DrillInterrupted,
     DrillPlan,
     Load,
@@ -42,6 +50,11 @@ second life resumes what the killed first one had claimed once it expires."""
 RESUME_MARGIN = 30.0
 """Seconds, past the lease, the second life gets to run every claimed durable task."""
 
+POISON_PATH = "/trio-bg-drill/poison"
+"""Where the app under a ``--poison`` drill adds a durable task that kills its process."""
+POISON_HEADER = "x-trio-bg-poison"
+"""The response header naming that task."""
+
 
 @dataclass(frozen=True, kw_only=True)
 class CrashBooks:
@@ -59,6 +72,8 @@ class CrashBooks:
     unclaimed_runs: int
     """Runs of tasks no answered response named: their request's answer was cut off by
     the kill after the tasks were stored (the client saw an error; the task still ran)."""
+    dead_letters: tuple[str, ...] = ()
+    """The journal's dead letters after the second life: ``ID NAME: ERROR``."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -112,6 +127,7 @@ class CrashDrillResult:
                 "lost": list(books.lost),
                 "ran_twice": books.ran_twice,
                 "unclaimed_runs": books.unclaimed_runs,
+                "dead_letters": list(books.dead_letters),
             },
             "log_tail": list(self.server_log_tail),
         }
@@ -132,6 +148,8 @@ class _Lives:
     exit_status: int | None = None
     second_served: bool = False
     interrupted_by: str | None = None
+    poison: str | None = None  # the name of the app's task that kills its process
+    planted: int | None = None  # the id of the row that cannot be read
 
     def interrupt(self, signal_name: str) -> None:
         self.interrupted_by = signal_name
@@ -154,7 +172,7 @@ def run_crash_drill(plan: DrillPlan, progress: Progress) -> CrashDrillResult:
         runs = _ledger(directory / "ledger")
     books = None
     if lives.killed_after is not None and lives.second_served:
-        books = _books(lives.load, runs)
+        books = _books(lives.load, runs, _dead_letters(plan.journal))
     problems = lives.problems + _problems(lives, books)
     return CrashDrillResult(
         plan=plan,
@@ -209,12 +227,46 @@ async def _first_life(
     process, port = started
     try:
         progress.milestone(f"drill: serving {plan.app} on 127.0.0.1:{port} (pid {process.pid})")
+        poison = partial(_poison, plan, process, port, lives, progress) if plan.poison else None
         lives.killed_after, _ = await _load_and_stop(
-            plan, process, port, lives.load, progress, stop=signal.SIGKILL
+            plan, process, port, lives.load, progress, stop=signal.SIGKILL, alongside=poison
         )
     finally:
         await _reap(process)
     return True
+
+
+async def _poison(
+    plan: DrillPlan, process: trio.Process, port: int, lives: _Lives, progress: Progress
+) -> None:
+    """Mid-load: plant a row that cannot be read, and have the app add its task that
+    kills its process; return once that killed it."""
+    assert plan.journal is not None
+    await trio.sleep(plan.signal_after / 2)
+    async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT, trust_env=False) as client:
+        try:
+            response = await client.get(f"http://127.0.0.1:{port}{POISON_PATH}")
+        except httpx.HTTPError as error:
+            lives.problems.append(f"--poison: GET {POISON_PATH} failed: {error!r}")
+            return
+    lives.poison = response.headers.get(POISON_HEADER)
+    if response.status_code != 200 or lives.poison is None:
+        lives.problems.append(
+            f"--poison: GET {POISON_PATH} answered {response.status_code} without "
+            f"{POISON_HEADER}: the app must add a durable task that kills its process there, "
+            f"and name it in that header"
+        )
+        return
+    with contextlib.closing(journal_file.connect(plan.journal, create=False)) as connection:
+        lives.planted = journal_file.plant_unreadable(connection, lives.poison)
+    progress.milestone(
+        f"drill: planted task {lives.planted}, a row that cannot be read, and {lives.poison}, "
+        f"a task that kills its process"
+    )
+    with trio.move_on_after(plan.stop_deadline):
+        await process.wait()
+    if process.returncode is None:
+        lives.problems.append(f"--poison: {lives.poison} did not kill the first life")
 
 
 async def _second_life(
@@ -270,7 +322,15 @@ def _ledger(path: Path) -> Counter[str]:
     return Counter(line for line in text.splitlines() if line)
 
 
-def _books(load: Load, runs: Counter[str]) -> CrashBooks:
+def _dead_letters(journal: str) -> tuple[str, ...]:
+    with contextlib.closing(journal_file.connect(journal, create=False)) as connection:
+        return tuple(
+            f"{row.id} {row.name}: {row.error}"
+            for row in journal_file.rows(connection, state="dead")
+        )
+
+
+def _books(load: Load, runs: Counter[str], dead_letters: tuple[str, ...]) -> CrashBooks:
     claimed = set(load.durable)
     lost = tuple(sorted(key for key in claimed if not runs[key]))
     return CrashBooks(
@@ -279,6 +339,7 @@ def _books(load: Load, runs: Counter[str]) -> CrashBooks:
         lost=lost,
         ran_twice=sum(runs[key] - 1 for key in claimed if runs[key] > 1),
         unclaimed_runs=sum(count for key, count in runs.items() if key not in claimed),
+        dead_letters=dead_letters,
     )
 
 
@@ -297,6 +358,19 @@ def _problems(lives: _Lives, books: CrashBooks | None) -> list[str]:
                 f"journal: python -m trio_bg journal ls): "
                 f"{', '.join(books.lost[:10])}{' ...' if len(books.lost) > 10 else ''}"
             )
+        if lives.planted is not None and not any(
+            letter.startswith(f"{lives.planted} ") for letter in books.dead_letters
+        ):
+            problems.append(
+                f"--poison: task {lives.planted}, which cannot be read, is no dead letter"
+            )
+        if lives.poison is not None and not any(
+            f" {lives.poison}: " in letter and "its process died" in letter
+            for letter in books.dead_letters
+        ):
+            problems.append(
+                f"--poison: {lives.poison}, which kills its process, is no dead letter saying so"
+            )
     if lives.exit_status not in (None, 0, 1):
         problems.append(f"the second life exited with status {lives.exit_status}")
     return problems
@@ -308,7 +382,8 @@ def format_crash_result(result: CrashDrillResult) -> str:
     lines = [
         f"trio_bg crash drill of {plan.app}: {plan.requests} requests from "
         f"{plan.concurrency} clients{f' at {plan.rate:g}/s' if plan.rate else ''}, SIGKILL "
-        f"after {plan.signal_after:g}s, journal {plan.journal}",
+        f"after {plan.signal_after:g}s, journal {plan.journal}"
+        f"{', poisoned mid-load' if plan.poison else ''}",
         "",
     ]
 
@@ -338,6 +413,8 @@ def format_crash_result(result: CrashDrillResult) -> str:
         row("lost", len(books.lost))
         row("extra runs", books.ran_twice, "at least once: ended just before the kill")
         row("ran, unclaimed", books.unclaimed_runs, "stored, but the answer was cut off")
+        row("dead letters", len(books.dead_letters), "python -m trio_bg journal ls")
+        lines.extend(f"      {letter}" for letter in books.dead_letters[:10])
     lines.append("")
     for problem in result.problems:
         lines.append(f"  PROBLEM: {problem}")

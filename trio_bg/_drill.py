@@ -68,6 +68,8 @@ class DrillPlan:
     journal_lease: float | None = None
     kill: bool = False
     """The crash drill: SIGKILL instead of SIGTERM, then a second life on the journal."""
+    poison: bool = False
+    """The crash drill plants poisoned tasks mid-load (see `_crash_drill`)."""
 
     @property
     def stop_deadline(self) -> float:
@@ -388,7 +390,9 @@ def _check_books(result: DrillResult) -> tuple[tuple[str, ...], tuple[str, ...]]
                     f"{load.unclaimed} response(s) had no valid {TASKS_HEADER}: their tasks "
                     f"were not checked"
                 )
-            lost = load.claimed - report.accepted
+            # A remote task Redis lost and the journal handed off again is accepted
+            # once more: one task, not two.
+            lost = load.claimed - (report.accepted - report.resent)
             if lost > 0:
                 problems.append(
                     f"{lost} task(s) lost: {load.answered - load.unclaimed} responses claimed "

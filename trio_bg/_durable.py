@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterator
+import sys
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 # The durable task functions of this process, by name. Like Python's codec registry,
@@ -13,7 +14,9 @@ from typing import Any
 # not runtime state: nothing here changes while tasks run.
 _registry: dict[str, Callable[..., Any]] = {}
 
-_encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+# ASCII: a str may hold lone surrogates (json.loads makes one of "\ud800" in a request
+# body), which UTF-8 cannot; escaped, they come back as they were. It costs no time.
+_encoder = json.JSONEncoder(ensure_ascii=True, allow_nan=False, separators=(",", ":"))
 
 
 def register(name: str, func: Callable[..., Any]) -> None:
@@ -53,11 +56,11 @@ def encode_parts(
     the task is, for the message)."""
     try:
         parts = _encoder.encode(args), _encoder.encode(kwargs)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         parts = None
-    if parts is not None and all(map(_comes_back, args)) and all(map(_comes_back, kwargs.values())):
+    if parts is not None and _come_back(args) and _come_back(kwargs.values()):
         return parts  # (the common case, checked without decoding)
-    if parts is None or [json.loads(part) for part in parts] != [list(args), kwargs]:
+    if parts is None or _changed(parts, [list(args), kwargs]):
         for label, value in _labelled(args, kwargs):
             problem = _json_problem(value)
             if problem is not None:
@@ -73,24 +76,47 @@ def encode_parts(
 _SCALARS = (str, int, bool, type(None))
 
 
-def _comes_back(value: object) -> bool:
-    """Whether ``value`` surely comes back from JSON as itself (False: find out)."""
-    kind = type(value)
-    if kind in _SCALARS:
+def _come_back(values: Iterable[object]) -> bool:
+    """Whether ``values`` surely come back from JSON as themselves (False: find out).
+    A loop, not a recursion: arguments may nest deeper than Python's stack."""
+    unseen = list(values)
+    while unseen:
+        value = unseen.pop()
+        if type(value) in _SCALARS:
+            continue
+        if type(value) is float:
+            if not math.isfinite(value):
+                return False
+        elif type(value) is list:
+            unseen += value
+        elif type(value) is dict and all(type(key) is str for key in value):
+            unseen += value.values()
+        else:
+            return False
+    return True
+
+
+def _changed(parts: tuple[str, str], original: list[object]) -> bool:
+    """Whether ``parts`` decode to something other than ``original``."""
+    try:
+        return [json.loads(part) for part in parts] != original
+    except RecursionError:  # nested too deeply to compare: _json_problem finds where
         return True
-    if kind is float:
-        return math.isfinite(value)  # type: ignore[arg-type]
-    if kind is list:
-        return all(map(_comes_back, value))  # type: ignore[call-overload]
-    if kind is dict:
-        return all(type(key) is str and _comes_back(item) for key, item in value.items())  # type: ignore[attr-defined]
-    return False
 
 
 def decode_arguments(text: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """The ``(args, kwargs)`` that `encode_arguments` turned into ``text``."""
-    args, kwargs = json.loads(text)
-    return tuple(args), kwargs
+    """The ``(args, kwargs)`` that `encode_arguments` turned into ``text``; `ValueError`
+    (which never quotes it) if it holds anything else."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise ValueError("its arguments are JSON nested too deep") from None
+    except ValueError as error:  # (JSONDecodeError says where, not what)
+        raise ValueError(f"its arguments are not JSON ({error})") from None
+    match value:
+        case [list() as args, dict() as kwargs]:
+            return tuple(args), kwargs
+    raise ValueError("its arguments are not JSON of the form [args, kwargs]")
 
 
 def _labelled(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[tuple[str, Any]]:
@@ -105,34 +131,59 @@ def _json_problem(value: object) -> str | None:
     arguments may hold personal data), or None if it can."""
     try:
         text = _encoder.encode(value)
-    except ValueError:
-        return "is not JSON (a float that is NaN or infinite)"
+    except RecursionError:
+        return _TOO_DEEP
+    except ValueError:  # NaN or infinite, an int too long for text, or a cycle
+        part = _first_unencodable(value)
+        if isinstance(part, float):
+            return "is not JSON (a float that is NaN or infinite)"
+        if isinstance(part, int):
+            return f"is not JSON (an int of over {sys.get_int_max_str_digits()} digits)"
+        return f"is not JSON (a {type(part).__name__} that holds itself)"
     except TypeError:
         return f"is not JSON (it holds a {type(_first_unencodable(value)).__name__})"
-    if json.loads(text) != value:
+    try:
+        back = json.loads(text)
+        changed = back != value
+    except RecursionError:
+        return _TOO_DEEP
+    if changed:
         return (
             f"would come back from JSON as something else "
             f"(a {type(value).__name__} holding a tuple, or int dict keys, say)"
             if isinstance(value, list | dict)
-            else f"would come back from JSON as a {type(json.loads(text)).__name__}, "
+            else f"would come back from JSON as a {type(back).__name__}, "
             f"not a {type(value).__name__}"
         )
     return None
 
 
+_TOO_DEEP = "is not JSON (it is nested too deeply)"
+
+
 def _first_unencodable(value: object) -> object:
-    """The innermost part of ``value`` that JSON cannot encode."""
-    parts: list[Any] = []
-    if isinstance(value, dict):
-        parts = [key for key in value if not isinstance(key, str | int | float | bool)]
-        parts += list(value.values())
-    elif isinstance(value, list | tuple):
-        parts = list(value)
-    for part in parts:
-        try:
-            _encoder.encode(part)
-        except (TypeError, ValueError):
-            return _first_unencodable(part)
+    """The innermost part of ``value`` that JSON cannot encode (for a cycle, the
+    container that holds itself). A loop, not a recursion: see `_come_back`."""
+    seen: set[int] = set()
+    while id(value) not in seen:
+        seen.add(id(value))
+        if isinstance(value, dict):
+            for key in value:
+                if not isinstance(key, str | int | float | bool | None):
+                    return key
+            parts: list[Any] = [*value, *value.values()]
+        elif isinstance(value, list | tuple):
+            parts = list(value)
+        else:
+            return value
+        for part in parts:
+            try:
+                _encoder.encode(part)
+            except (TypeError, ValueError, RecursionError):
+                value = part
+                break
+        else:
+            return value
     return value
 
 

@@ -26,5 +26,11 @@ class JournalError(Exception):
 class HandoffError(Exception):
     """Remote tasks could not be handed to their task engine (Redis unreachable, or too
     slow to answer). At startup the lifespan fails with it; during a request, the
-    response becomes a 503 (or, already streaming, is aborted) and its tasks are
-    discarded: a failed hand-off never looks like success."""
+    response becomes a 503 (or, already streaming, is aborted): a failed hand-off never
+    looks like success. ``in_doubt`` is True when the tasks reached Redis but its answer
+    did not come back (a stall, a connection lost mid-way): Redis may have them and a
+    worker may run them, so they are counted ``unconfirmed``, never ``discarded``."""
+
+    def __init__(self, message: str, *, in_doubt: bool = False) -> None:
+        super().__init__(message)
+        self.in_doubt = in_doubt

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, final
 import trio
 
 from ._errors import HandoffError
+from ._redis_guard import Receipt
 
 if TYPE_CHECKING:
     from streaq import Worker
@@ -23,6 +24,10 @@ logger = logging.getLogger("trio_bg")
 
 SEND_TIMEOUT = 5.0
 """Seconds a batch may take to reach Redis before its tasks count as not handed off."""
+
+MARKER_SUFFIX = ":trio_bg:marker"
+"""After a streaq queue's prefix, the key of trio_bg's marker in Redis (see
+`trio_bg._redis_guard`): a random token, without expiry."""
 
 RETRY_FIRST = 0.1
 RETRY_MAX = 5.0
@@ -43,10 +48,15 @@ class _Shipment:
         self.error: HandoffError | None = None
 
     def settle(self, error: HandoffError | None = None) -> None:
-        """Done (``error``: not sent): wake whoever waits on it, once."""
+        """Done (``error``: not sent, or, `HandoffError.in_doubt`, perhaps sent): wake
+        whoever waits on it, once."""
         if not self.done:
             self.done = True
             self.error = error
+            if error is not None and error.in_doubt:
+                for task in self.tasks:
+                    assert task.remote is not None
+                    task.remote.in_doubt = True
             for waiter in self.waiters:
                 trio.lowlevel.reschedule(waiter)
 
@@ -71,6 +81,11 @@ class Handoff:
         self._connected = False
         self._on_connect = trio.Event()
         self._closed = False
+        self.marker = ""  # the token in trio_bg's marker when last seen (see _arm_marker)
+        # Set when Redis may have lost its data (a new connection, streaq's functions
+        # gone): whoever watches the receipts looks now.
+        self.look_now = trio.Event()
+        self._checked_persistence = False
 
     async def send(self, tasks: Sequence[Task]) -> None:
         """Hand ``tasks`` to Redis: return once it acknowledged them, or raise
@@ -115,8 +130,14 @@ class Handoff:
             while not self._closed:
                 try:
                     async with self.worker:
+                        self.marker = await self._arm_marker()
+                        if not self._checked_persistence:
+                            self._checked_persistence = True
+                            await self._warn_unless_persistent()
                         self._connected = True
                         self._on_connect.set()
+                        if started:
+                            self.look_now.set()
                         if not started:
                             started = True
                             task_status.started(self)
@@ -131,21 +152,73 @@ class Handoff:
                         return
                     self._connected = False
                     self._on_connect = trio.Event()
-                    self._fail_waiting(HandoffError(f"lost {problem}"))
+                    self._fail_waiting(f"lost {problem}")
                     delay = min(max(2 * delay, RETRY_FIRST), RETRY_MAX)
                     logger.error("lost or cannot reach %s; trying again in %.3gs", problem, delay)
                     await trio.sleep(delay)
                     self.worker = self._origin._sender()  # (a worker is entered only once)
         finally:
             self._closed = True
-            self._fail_waiting(HandoffError("the hand-off to Redis was cancelled"))
+            self._fail_waiting("the hand-off to Redis was cancelled")
 
-    def _fail_waiting(self, error: HandoffError) -> None:
-        """Tell whoever waits on a batch not delivered that its tasks were not sent."""
-        for shipment in (self._on_its_way, self._open):
-            if shipment is not None:
-                shipment.settle(error)
+    def _fail_waiting(self, problem: str) -> None:
+        """Tell whoever waits on a batch not delivered that its tasks were not sent,
+        or, for the batch on its way, perhaps sent."""
+        if self._on_its_way is not None:
+            self._on_its_way.settle(HandoffError(_may_have_them(problem), in_doubt=True))
+        if self._open is not None:
+            self._open.settle(HandoffError(problem))
         self._on_its_way = self._open = None
+
+    async def look(self) -> tuple[str, str | None]:
+        """The token in trio_bg's marker now (set anew if Redis lost it), and the last
+        entry of the queue's stream that streaq's workers have taken (None: none)."""
+        from streaq.constants import REDIS_GROUP
+
+        marker = await self._arm_marker()
+        worker = self.worker
+        try:
+            groups = await worker.redis.xinfo_groups(worker.stream_key + worker.priorities[-1])
+        except Exception as error:
+            if "no such key" in str(error).lower():
+                return marker, None  # no stream yet (or lost): nothing taken
+            raise
+        for group in groups:
+            if group["name"] == REDIS_GROUP:
+                delivered = group["last-delivered-id"]
+                return marker, None if delivered in (None, "0-0") else str(delivered)
+        return marker, None
+
+    async def _arm_marker(self) -> str:
+        """The token in trio_bg's marker key, set to a new one if Redis has none (it is
+        new, or lost its data)."""
+        from coredis.tokens import PureToken
+
+        token = uuid.uuid4().hex
+        key = self.worker.prefix + MARKER_SUFFIX
+        found = await self.worker.redis.set(key, token, condition=PureToken.NX, get=True)
+        self.marker = token if found is None else str(found)
+        return self.marker
+
+    async def _warn_unless_persistent(self) -> None:
+        """A WARNING if this Redis keeps its data only in memory (or cannot tell)."""
+        where = f"Redis for {self._describe_queue()}"
+        try:
+            config = await self.worker.redis.config_get(["appendonly", "save"])
+        except Exception as error:  # managed services often refuse CONFIG
+            logger.warning(
+                "%s: could not check whether it persists its data (CONFIG GET refused: %s); "
+                "if it restarts without its data, trio_bg resends what it can (see the docs)",
+                where,
+                _describe(error),
+            )
+            return
+        if config.get("appendonly") == "no" and not config.get("save"):
+            logger.warning(
+                "%s does not persist its data (appendonly no, save ''): a restart loses "
+                "the tasks it holds; turn on appendonly yes (or save) in its configuration",
+                where,
+            )
 
     def _describe_queue(self) -> str:
         return f"streaq queue {self.worker.queue_name!r}"
@@ -165,12 +238,20 @@ class Handoff:
                 with trio.fail_after(SEND_TIMEOUT):
                     await self._publish(shipment.tasks)
             except trio.TooSlowError:
+                # The batch may have reached Redis before the answer failed to come: a
+                # worker may run its tasks. Never counted as discarded.
                 error = HandoffError(
-                    f"Redis did not take {len(shipment.tasks)} task(s) within {SEND_TIMEOUT}s"
+                    _may_have_them(
+                        f"Redis did not answer within {SEND_TIMEOUT}s for "
+                        f"{len(shipment.tasks)} task(s)"
+                    ),
+                    in_doubt=True,
                 )
             except Exception as failure:  # (groups too: see _describe)
+                problem = f"Redis did not take {len(shipment.tasks)} task(s): {_describe(failure)}"
+                in_doubt = not _never_connected(failure)
                 error = HandoffError(
-                    f"Redis did not take {len(shipment.tasks)} task(s): {_describe(failure)}"
+                    _may_have_them(problem) if in_doubt else problem, in_doubt=in_doubt
                 )
             if error is not None:
                 logger.error("%s", error)
@@ -211,11 +292,21 @@ class Handoff:
                         args=[identifier, record + ending, 0, expire, now],
                     )
         except ResponseError as error:
-            # A Redis restarted without persistence has lost streaq's functions.
+            # A Redis restarted without persistence has lost streaq's functions (and
+            # trio_bg's marker: the guard looks at once).
             if reloaded or "function not found" not in str(error).lower():
                 raise
             await self._load_library()
+            await self._arm_marker()
+            self.look_now.set()
             await self._publish(tasks, reloaded=True)
+            return
+        marker = self.marker
+        for task, entry in zip(tasks, pipe.results or (), strict=True):
+            assert task.remote is not None
+            # publish_task answers with the entry it added to the stream.
+            if isinstance(entry, str):
+                task.remote.receipt = Receipt(marker, entry)
 
     async def _load_library(self) -> None:
         import streaq
@@ -233,6 +324,23 @@ def needs_a_handoff(name: str, where: str) -> RuntimeError:
         f"streaq=worker (BackgroundTaskMiddleware, trio_bg.serve, open_background_nursery, "
         f"the integrations)"
     )
+
+
+def _never_connected(error: BaseException) -> bool:
+    """Whether ``error`` (and every error in it, for a group) says that no connection
+    to Redis could be made: then nothing of the batch was written."""
+    from coredis.exceptions import ConnectionError
+
+    if isinstance(error, BaseExceptionGroup):
+        return all(map(_never_connected, error.exceptions))
+    # coredis has no class of its own for this: its message is the sign.
+    return isinstance(error, ConnectionError) and str(error).startswith(
+        "Unable to establish a connection"
+    )
+
+
+def _may_have_them(problem: str) -> str:
+    return f"{problem}; Redis may have the tasks, and a worker may run them"
 
 
 def _describe(error: BaseException) -> str:

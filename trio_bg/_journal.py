@@ -4,7 +4,9 @@ and commits, in one transaction, everything handed to it since its last commit."
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
+import math
 import queue
 import sqlite3
 import threading
@@ -29,7 +31,8 @@ process that died are resumed by another within this, plus a quarter of it (anot
 process releases them as it renews its own lease) and a poll (a tenth of it)."""
 
 BUSY_TIMEOUT = 5.0
-"""Seconds SQLite waits for another process's write lock before giving up."""
+"""Seconds a store (any piece of work someone waits on) waits for another process's
+write lock, counted from when it was handed over, however much work is queued."""
 
 LAZY_COMMIT = 0.05
 """Seconds work that nobody waits on (removing the rows of done tasks) waits for work
@@ -44,21 +47,50 @@ def row_name(task: Task) -> str:
     return task.name if task.remote is None else REMOTE_PREFIX + task.name
 
 
+@final
+class Claim:
+    """This process's hold on a durable task's row, while the task is in its hands."""
+
+    __slots__ = ("journal", "lost", "scope")
+
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+        self.lost = False  # its lease lapsed and the row went to another process
+        self.scope: trio.CancelScope | None = None  # its async run's, while it runs
+
+
+current_claim: contextvars.ContextVar[Claim | None] = contextvars.ContextVar(
+    "trio_bg.current_claim", default=None
+)
+
+
+def lease_held() -> bool:
+    """Whether the durable task calling this still holds its journal row: ask before a
+    side effect that must never happen twice. False once this process's lease has run
+    out unrenewed (it was paused, or its disk stalled) even if no other process took the
+    row yet, and for good once another did. True outside a durable task. Cheap: no I/O.
+    """
+    claim = current_claim.get()
+    return claim is None or (not claim.lost and time.time() < claim.journal.expires)
+
+
 _Run = Callable[[sqlite3.Connection], Any]
-_Kind = Literal["store", "remove"]
+_Kind = Literal["store", "remove", "sent"]
 
 
 @final
 class _Op:
     """One piece of work for the journal's thread; awaited (``done``) or not."""
 
-    __slots__ = ("batch", "done", "error", "result", "run", "waiters", "what")
+    __slots__ = ("batch", "deadline", "done", "error", "result", "run", "waiters", "what")
 
     def __init__(self, run: _Run | None, what: str, *, awaited: bool) -> None:
         self.run = run  # None: close the connection and stop
         self.what = what
         self.batch: _Batch | None = None  # what it writes: closed once the thread takes it
         self.done = trio.Event() if awaited else None
+        # When it stops waiting for the write lock (monotonic); none if nobody waits.
+        self.deadline = time.monotonic() + BUSY_TIMEOUT if awaited else math.inf
         self.waiters: list[trio.lowlevel.Task] = []  # (see Journal._wait)
         self.result: Any = None
         self.error: BaseException | None = None
@@ -95,6 +127,12 @@ class Journal:
         self._inbox: queue.SimpleQueue[_Op] = queue.SimpleQueue()
         self._token = trio.lowlevel.current_trio_token()
         self._owner = 0  # this process's id among the journal's owners
+        # When this process's lease runs out (wall clock, as the other processes judge
+        # it), as last committed: read from any thread by `lease_held`.
+        self.expires = 0.0
+        # Called in trio's thread when a renewal finds the lease had lapsed and been
+        # reaped, with the ids of the rows this process still holds (set by the nursery).
+        self.on_lease_lost: Callable[[set[int]], object] | None = None
         self._connection: sqlite3.Connection | None = None
         # The batches being gathered (None: none open); the thread closes one when it
         # takes it, under the lock, so no task joins a batch once it is being written.
@@ -132,25 +170,46 @@ class Journal:
                 batch = self._open[kind] = _Batch(kind)
                 if kind == "store":
                     batch.op = _Op(partial(self._store, batch), "store durable tasks", awaited=True)
-                else:
+                elif kind == "remove":
                     batch.op = _Op(partial(self._remove, batch), "remove done tasks", awaited=False)
+                else:
+                    batch.op = _Op(
+                        partial(self._mark_sent, batch), "record hand-offs", awaited=False
+                    )
                 batch.op.batch = batch
             batch.items.extend(items)
         if opened:
             self._inbox.put(batch.op)
         return batch.op
 
+    def mark_sent(self, journal_id: int, receipt: str) -> None:
+        """Record that Redis acknowledged remote task ``journal_id`` with ``receipt``
+        (not awaited): its row stays until a worker has taken it."""
+        self._add_to_batch("sent", ((journal_id, receipt),))
+
+    def unsend(self, ids: Sequence[int]) -> None:
+        """Queue remote tasks again that Redis lost (not awaited): any process may
+        claim them and hand them off anew."""
+        self._post(partial(journal_file.unsend, owner=self._owner, ids=ids), "resend tasks")
+
     def set_attempt(self, journal_id: int, attempt: int) -> None:
         """Record that a task's retry is due (not awaited)."""
         self._post(
-            partial(journal_file.set_attempt, id=journal_id, attempt=attempt),
+            partial(journal_file.set_attempt, owner=self._owner, id=journal_id, attempt=attempt),
             f"record attempt {attempt} of task {journal_id}",
+        )
+
+    async def start(self, ids: Sequence[int]) -> None:
+        """Record that the tasks of ``ids`` start their attempts; return once committed
+        (in whatever transaction is next: no commit of its own when busy)."""
+        await self._call(
+            partial(journal_file.start, owner=self._owner, ids=ids), "record that tasks start"
         )
 
     def bury(self, journal_id: int, error: str) -> None:
         """Make a task that failed its last attempt a dead letter (not awaited)."""
         self._post(
-            partial(journal_file.bury, id=journal_id, error=error),
+            partial(journal_file.bury, owner=self._owner, id=journal_id, error=error),
             f"keep task {journal_id} as a dead letter",
         )
 
@@ -207,7 +266,18 @@ class Journal:
         self._connection = journal_file.connect(
             self.path, synchronous=self._synchronous, busy_timeout=BUSY_TIMEOUT
         )
-        return journal_file.join(self._connection, self.lease)
+        if exposed := journal_file.exposed(self.path):
+            logger.warning(
+                "journal %s: others than its owner may read or write %s, and the task "
+                "arguments in it; make it private: chmod 600 %s",
+                self.path,
+                ", ".join(exposed),
+                " ".join(exposed),
+            )
+        expires = time.time() + self.lease
+        owner = journal_file.join(self._connection, self.lease)
+        self.expires = expires
+        return owner
 
     def _work(self) -> None:
         opening = self._inbox.get()
@@ -224,13 +294,17 @@ class Journal:
                 # with the next commit someone waits for, if one comes soon; a lost
                 # removal only means the task runs again, which at-least-once allows.
                 batch += self._gather(LAZY_COMMIT)
+            renewal = None
             if time.monotonic() >= renew_at:
                 renew_at = time.monotonic() + renew_every
-                batch.insert(0, _Op(self._renew, "renew the lease", awaited=False))
+                renewal = _Op(self._renew, "renew the lease", awaited=False)
+                batch.insert(0, renewal)
             stop = next((op for op in batch if op.run is None), None)
             work = [op for op in batch if op.run is not None]
             if work:
                 self._commit(work)
+            if renewal is not None and renewal.error is None:
+                self._renewed(*renewal.result)
             if stop is not None:
                 self._run_alone(stop, lambda connection: connection.close())
                 self._deliver([*work, stop])
@@ -256,14 +330,21 @@ class Journal:
     def _commit(self, batch: list[_Op]) -> None:
         connection = self._connection
         assert connection is not None
+        # The lock is waited for until the earliest deadline in the batch: work queued
+        # behind a held lock waits for it once, not once per transaction ahead of it
+        # (past its deadline, it gets one try that does not wait).
+        deadline = min(op.deadline for op in batch)
+        wait = BUSY_TIMEOUT if deadline == math.inf else deadline - time.monotonic()
         try:
+            connection.execute(f"PRAGMA busy_timeout = {max(0, int(wait * 1000))}")
             with journal_file.transaction(connection):
                 for op in batch:
                     assert op.run is not None
                     op.result = op.run(connection)
         except Exception as error:  # (the transaction was rolled back)
-            if len(batch) == 1:
-                batch[0].error = _as_journal_error(error, batch[0].what)
+            if len(batch) == 1 or _busy(error):  # a held lock is no one piece's fault
+                for op in batch:
+                    op.error = _as_journal_error(error, op.what)
             else:  # each on its own, so that one bad piece of work fails alone
                 for op in batch:
                     self._commit([op])
@@ -289,18 +370,42 @@ class Journal:
             task.journal_id = journal_id  # read in trio's thread once the batch is settled
 
     def _remove(self, batch: _Batch, connection: sqlite3.Connection) -> None:
-        journal_file.remove(connection, batch.items)
+        journal_file.remove(connection, self._owner, batch.items)
 
-    def _renew(self, connection: sqlite3.Connection) -> None:
+    def _mark_sent(self, batch: _Batch, connection: sqlite3.Connection) -> None:
+        journal_file.mark_sent(connection, batch.items)
+
+    def _renew(self, connection: sqlite3.Connection) -> tuple[float, set[int] | None]:
+        """Renew the lease: when it will run out, and, if it had lapsed and been reaped,
+        the rows this process still holds (the others went to other processes)."""
+        expires = time.time() + self.lease  # (read before renew reads it: never later)
+        held = None
         if not journal_file.renew(connection, self._owner, self.lease):
             logger.error(
-                "journal %s: this process's lease had expired (its event loop or disk "
-                "stalled for over %ss): another process may have claimed and run some of "
-                "its tasks, which may now run twice",
+                "journal %s: this process's lease had expired (it, its event loop or its "
+                "disk stalled for over %ss): another process may have claimed and run "
+                "some of its tasks; it cancels its own runs of those",
                 self.path,
                 self.lease,
             )
+            held = journal_file.held(connection, self._owner)
         journal_file.reap(connection, self._owner)
+        return expires, held
+
+    def _renewed(self, expires: float, held: set[int] | None) -> None:
+        """The renewal is committed: publish the lease's new end, once trio has marked
+        the tasks of lost rows if it had lapsed (so `lease_held` never says True for
+        them)."""
+        if held is None:
+            self.expires = expires
+            return
+        with contextlib.suppress(trio.RunFinishedError):
+            self._token.run_sync_soon(self._lease_lost, held, expires)
+
+    def _lease_lost(self, held: set[int], expires: float) -> None:
+        if self.on_lease_lost is not None:
+            self.on_lease_lost(held)
+        self.expires = expires
 
     def _deliver(self, batch: list[_Op]) -> None:
         """One hop to trio per batch, when someone waits or something failed."""
@@ -322,6 +427,11 @@ def _settle(batch: list[_Op]) -> None:
                 trio.lowlevel.reschedule(task)
         elif op.error is not None:
             logger.error("%s", op.error)  # (it says what the journal could not do)
+
+
+def _busy(error: Exception) -> bool:
+    """Whether ``error`` is SQLite's "database is locked" (SQLITE_BUSY or _LOCKED)."""
+    return isinstance(error, sqlite3.OperationalError) and error.sqlite_errorcode & 0xFF in (5, 6)
 
 
 def _as_journal_error(error: Exception, what: str) -> Exception:

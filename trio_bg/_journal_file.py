@@ -3,8 +3,10 @@ run on it. Plain, blocking code: `Journal` runs it on the one thread that owns t
 connection, and the ``journal`` command runs it directly.
 
 Two tables. ``tasks`` holds one row per durable task not yet done: its registered
-name, its JSON arguments, its attempt, and which process (``owner``) has claimed it;
-dead letters (tasks that failed their last attempt) stay with ``state = 'dead'``.
+name, its JSON arguments, its attempt, whether that attempt has ``started``, and which
+process (``owner``) has claimed it; dead letters (tasks that failed their last
+attempt) stay with ``state = 'dead'``. A row claimed with ``started`` set had its run
+cut short by the death of its process: that counts as an attempt.
 ``owners`` holds one row per live process, with the wall-clock time its lease
 expires; a process renews it while it lives, and when it renews its own it also
 releases the rows of any process whose lease has expired (`reap`): then another
@@ -28,7 +30,7 @@ from pathlib import Path
 from ._errors import JournalError
 
 APPLICATION_ID = 0x74726267  # "trbg", in the SQLite header: this file is a trio_bg journal
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 MEMORY = ":memory:"
 """The path of a journal that lives in memory, for tests: durable only in name."""
@@ -42,7 +44,9 @@ CREATE TABLE tasks (
     state     TEXT    NOT NULL DEFAULT 'queued' CHECK (state IN ('queued', 'dead')),
     owner     INTEGER,
     created   REAL    NOT NULL,
-    error     TEXT
+    error     TEXT,
+    started   INTEGER NOT NULL DEFAULT 0,
+    sent      TEXT
 );
 CREATE INDEX tasks_by_state ON tasks (state, owner, id);
 CREATE TABLE owners (
@@ -70,6 +74,10 @@ class Row:
     owner: int | None = None
     created: float = 0.0
     error: str | None = None
+    started: bool = False
+    """Whether its attempt had started (and not ended) when it was read."""
+    sent: str | None = None
+    """A remote task's stream entry id, once Redis has it."""
 
 
 def connect(
@@ -82,6 +90,8 @@ def connect(
         raise ValueError(f"synchronous must be one of {SYNCHRONOUS_LEVELS}, not {synchronous!r}")
     if path != MEMORY and (problem := journal_path_problem(Path(path))):
         raise JournalError(f"cannot open the journal {path}: {problem}")
+    if create and path != MEMORY:
+        _create_private(path)
     try:
         connection = sqlite3.connect(
             path if create else f"file:{urllib.parse.quote(path)}?mode=rw",
@@ -108,6 +118,31 @@ def connect(
             connection.close()
             raise
         return connection
+
+
+def _create_private(path: str) -> None:
+    """Create ``path`` empty, readable and writable by its owner only, if it does not
+    exist: its rows hold task arguments. SQLite gives its -wal and -shm files the
+    journal's mode; the umask may narrow it, never widen it."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+    except OSError as error:
+        raise JournalError(f"cannot create the journal {path}: {error.strerror}") from error
+
+
+def exposed(path: str) -> list[str]:
+    """The journal's files (the journal, its -wal and -shm) that others than their
+    owner may read or write."""
+    if path == MEMORY:
+        return []
+    found = []
+    for name in (path, f"{path}-wal", f"{path}-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(name).st_mode & 0o077:
+                found.append(name)
+    return found
 
 
 def _locked(error: JournalError) -> bool:
@@ -159,6 +194,8 @@ def _prepare(connection: sqlite3.Connection, path: str, synchronous: str, create
                 f"knows ({SCHEMA_VERSION}): it was written by a newer trio_bg; upgrade "
                 f"trio_bg to open it"
             )
+        if version < SCHEMA_VERSION:
+            _upgrade(connection)
         mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if path != MEMORY and mode != "wal":
             raise JournalError(
@@ -172,6 +209,16 @@ def _prepare(connection: sqlite3.Connection, path: str, synchronous: str, create
             )
     except sqlite3.Error as error:
         raise journal_error(error, f"cannot open the journal {path}") from error
+
+
+def _upgrade(connection: sqlite3.Connection) -> None:
+    """Bring an older journal to this schema, in place, keeping its rows: under the
+    write lock, so that of processes opening it at once only the first does it."""
+    with transaction(connection):
+        if _header(connection)[1] < 2:
+            connection.execute("ALTER TABLE tasks ADD COLUMN started INTEGER NOT NULL DEFAULT 0")
+            connection.execute("ALTER TABLE tasks ADD COLUMN sent TEXT")
+        connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
 def _header(connection: sqlite3.Connection) -> tuple[int, int]:
@@ -221,6 +268,11 @@ def join(connection: sqlite3.Connection, lease: float) -> int:
         return owner
 
 
+def held(connection: sqlite3.Connection, owner: int) -> set[int]:
+    """The ids of the rows ``owner`` holds."""
+    return {id for (id,) in connection.execute("SELECT id FROM tasks WHERE owner = ?", (owner,))}
+
+
 def renew(connection: sqlite3.Connection, owner: int, lease: float) -> bool:
     """Extend ``owner``'s lease; False if it had expired and been reaped meanwhile (it
     is registered again, and its rows may have been claimed by another process)."""
@@ -258,22 +310,57 @@ def append(
     return list(range(last - len(rows) + 1, last + 1))
 
 
-def remove(connection: sqlite3.Connection, ids: Sequence[int]) -> None:
-    """Delete done (or discarded) tasks, in one statement."""
+def remove(connection: sqlite3.Connection, owner: int, ids: Sequence[int]) -> None:
+    """Delete done (or discarded) tasks of ``owner``, in one statement. (Each of these
+    writes skips the rows ``owner`` no longer holds: a late finisher never touches
+    another process's claim.)"""
     connection.execute(
-        "DELETE FROM tasks WHERE id IN (SELECT value FROM json_each(?))", (_json_list(ids),)
+        "DELETE FROM tasks WHERE owner = ? AND id IN (SELECT value FROM json_each(?))",
+        (owner, _json_list(ids)),
     )
 
 
-def set_attempt(connection: sqlite3.Connection, id: int, attempt: int) -> None:
-    """Record that task ``id`` is on attempt ``attempt`` (its retry is due)."""
-    connection.execute("UPDATE tasks SET attempt = ? WHERE id = ?", (attempt, id))
+def mark_sent(connection: sqlite3.Connection, receipts: Sequence[tuple[int, str]]) -> None:
+    """Record where Redis put remote tasks it acknowledged: (id, receipt) pairs."""
+    connection.execute(
+        "UPDATE tasks SET sent = json_extract(value, '$[1]') FROM json_each(?) "
+        "WHERE tasks.id = json_extract(value, '$[0]')",
+        (_json_list(receipts),),
+    )
 
 
-def bury(connection: sqlite3.Connection, id: int, error: str) -> None:
+def unsend(connection: sqlite3.Connection, owner: int, ids: Sequence[int]) -> None:
+    """Queue remote tasks of ``owner`` again, for any process, that Redis lost."""
+    connection.execute(
+        "UPDATE tasks SET sent = NULL, owner = NULL "
+        "WHERE owner = ? AND id IN (SELECT value FROM json_each(?))",
+        (owner, _json_list(ids)),
+    )
+
+
+def set_attempt(connection: sqlite3.Connection, owner: int, id: int, attempt: int) -> None:
+    """Record that task ``id`` is on attempt ``attempt``, not started yet (its retry is
+    due, or its last run died with its process)."""
+    connection.execute(
+        "UPDATE tasks SET attempt = ?, started = 0 WHERE id = ? AND owner = ?", (attempt, id, owner)
+    )
+
+
+def start(connection: sqlite3.Connection, owner: int, ids: Sequence[int]) -> None:
+    """Record that the current attempts of tasks ``ids`` of ``owner`` start, in one
+    statement: found so when claimed, a row's run was cut short by the death of its
+    process."""
+    connection.execute(
+        "UPDATE tasks SET started = 1 WHERE owner = ? AND id IN (SELECT value FROM json_each(?))",
+        (owner, _json_list(ids)),
+    )
+
+
+def bury(connection: sqlite3.Connection, owner: int, id: int, error: str) -> None:
     """Make task ``id`` a dead letter: it failed its last attempt."""
     connection.execute(
-        "UPDATE tasks SET state = 'dead', owner = NULL, error = ? WHERE id = ?", (error, id)
+        "UPDATE tasks SET state = 'dead', owner = NULL, error = ? WHERE id = ? AND owner = ?",
+        (error, id, owner),
     )
 
 
@@ -283,8 +370,13 @@ def claim(
     """Claim for ``owner`` up to ``limit`` queued tasks, oldest first, that are nobody's
     and whose name is one of ``names``. (The rows of a process that died become
     nobody's when a live one `reap`s.) The index gives them in order: no sort of the
-    whole backlog per claim."""
-    rows = connection.execute(
+    whole backlog per claim.
+
+    The arguments are read as bytes and decoded here, so that no row can fail the
+    claim of the others: one that is not text (a damaged page, a row written by hand)
+    is made a dead letter, in this transaction, and returned as such.
+    """
+    claimed = connection.execute(
         """
         UPDATE tasks SET owner = :owner
         WHERE id IN (
@@ -293,11 +385,27 @@ def claim(
             AND name IN (SELECT value FROM json_each(:names))
             ORDER BY id LIMIT :limit
         )
-        RETURNING id, name, arguments, attempt
+        RETURNING id, name, CAST(arguments AS BLOB), attempt, started, sent
         """,
         {"owner": owner, "names": _json_list(names), "limit": limit},
     ).fetchall()
-    return [Row(*row) for row in sorted(rows)]
+    rows = []
+    for id, name, data, attempt, started, sent in sorted(claimed):
+        error = None
+        try:
+            # As a str with lone surrogates, which JSON allows, was stored by trio_bg
+            # before it escaped them.
+            arguments = data.decode("utf-8", "surrogatepass")
+        except UnicodeDecodeError:
+            arguments, error = "", "cannot run from the journal: its arguments are not UTF-8"
+        if type(attempt) is not int or attempt < 1:
+            error = "cannot run from the journal: its attempt is not a number"
+        if error is not None:
+            bury(connection, owner, id, error)
+            rows.append(Row(id, name, arguments, 1, "dead", error=error))
+        else:
+            rows.append(Row(id, name, arguments, attempt, started=bool(started), sent=sent))
+    return rows
 
 
 def reap(connection: sqlite3.Connection, owner: int) -> int:
@@ -316,11 +424,11 @@ def reap(connection: sqlite3.Connection, owner: int) -> int:
 def unknown(connection: sqlite3.Connection, names: Sequence[str]) -> dict[str, int]:
     """Queued tasks whose name is not one of ``names``, counted by name."""
     rows = connection.execute(
-        "SELECT name, count(*) FROM tasks WHERE state = 'queued' "
+        "SELECT CAST(name AS BLOB), count(*) FROM tasks WHERE state = 'queued' "
         "AND name NOT IN (SELECT value FROM json_each(?)) GROUP BY name ORDER BY name",
         (_json_list(names),),
     ).fetchall()
-    return dict(rows)
+    return {_text(name): count for name, count in rows}
 
 
 def leave(connection: sqlite3.Connection, owner: int, keep: Sequence[int]) -> None:
@@ -328,12 +436,25 @@ def leave(connection: sqlite3.Connection, owner: int, keep: Sequence[int]) -> No
     their threads, which may still be running: they wait for the lease to expire); and
     if it keeps none, unregister it."""
     connection.execute(
-        "UPDATE tasks SET owner = NULL WHERE owner = ? "
+        "UPDATE tasks SET owner = NULL, started = 0 WHERE owner = ? "
         "AND id NOT IN (SELECT value FROM json_each(?))",
         (owner, _json_list(keep)),
     )
     if not keep:
         connection.execute("DELETE FROM owners WHERE id = ?", (owner,))
+
+
+def plant_unreadable(connection: sqlite3.Connection, name: str) -> int:
+    """Queue a task ``name`` whose arguments are not text, as a damaged page may leave
+    them (the crash drill's poison); its id."""
+    with transaction(connection):
+        return int(
+            connection.execute(
+                "INSERT INTO tasks (name, arguments, created) "
+                "VALUES (?, CAST(X'5b5bff5d2c7b7d5d' AS TEXT), ?) RETURNING id",
+                (name, time.time()),
+            ).fetchone()[0]
+        )
 
 
 # -- what the journal command does ---------------------------------------------------
@@ -342,10 +463,30 @@ def leave(connection: sqlite3.Connection, owner: int, keep: Sequence[int]) -> No
 def rows(
     connection: sqlite3.Connection, *, state: str | None = None, ids: Sequence[int] | None = None
 ) -> list[Row]:
-    """The journal's tasks, oldest first: all, those in ``state``, or those of ``ids``."""
-    query = "SELECT id, name, arguments, attempt, state, owner, created, error FROM tasks"
+    """The journal's tasks, oldest first: all, those in ``state``, or those of ``ids``.
+    Text that is not UTF-8 (a damaged row) comes with replacement characters."""
+    query = (
+        "SELECT id, CAST(name AS BLOB), CAST(arguments AS BLOB), attempt, state, owner, "
+        "created, CAST(error AS BLOB), started, sent FROM tasks"
+    )
     clauses, parameters = _where(state, ids)
-    return [Row(*row) for row in connection.execute(f"{query}{clauses} ORDER BY id", parameters)]
+    return [
+        Row(
+            id,
+            _text(name),
+            _text(arguments),
+            attempt,
+            state,
+            owner,
+            created,
+            None if error is None else _text(error),
+            bool(started),
+            sent,
+        )
+        for id, name, arguments, attempt, state, owner, created, error, started, sent in (
+            connection.execute(f"{query}{clauses} ORDER BY id", parameters)
+        )
+    ]
 
 
 def queued(connection: sqlite3.Connection) -> int:
@@ -362,7 +503,8 @@ def requeue(connection: sqlite3.Connection, ids: Sequence[int] | None) -> int:
     clauses, parameters = _where("dead", ids)
     with transaction(connection):
         return connection.execute(
-            f"UPDATE tasks SET state = 'queued', attempt = 1, owner = NULL, error = NULL{clauses}",
+            f"UPDATE tasks SET state = 'queued', attempt = 1, started = 0, owner = NULL, "
+            f"error = NULL{clauses}",
             parameters,
         ).rowcount
 
@@ -384,6 +526,10 @@ def _where(state: str | None, ids: Sequence[int] | None) -> tuple[str, list[obje
         clauses.append("id IN (SELECT value FROM json_each(?))")
         parameters.append(_json_list(ids))
     return (" WHERE " + " AND ".join(clauses) if clauses else ""), parameters
+
+
+def _text(data: bytes) -> str:
+    return data.decode("utf-8", "replace")
 
 
 def _json_list(values: Iterable[object]) -> str:

@@ -11,8 +11,8 @@ import logging
 import os
 import random
 import threading
-from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import TYPE_CHECKING, Any, ParamSpec, Unpack
@@ -21,13 +21,15 @@ import outcome as outcomes
 import trio
 from outcome import Error, Value
 
+from ._callables import spec_of
 from ._durable import decode_arguments, needs_a_journal, registered, registered_names
 from ._errors import HandoffError, JournalError, NurseryClosed, Overloaded
 from ._events import EventKind, Outcome, TaskEvent
 from ._handoff import Handoff, needs_a_handoff
-from ._journal import REMOTE_PREFIX, Journal
+from ._journal import REMOTE_PREFIX, Claim, Journal, current_claim
 from ._journal_file import Row
 from ._options import NurseryOptions, Settings
+from ._redis_guard import LOOK_EVERY, Receipt, RedisGuard
 from ._report import ShutdownReport, TaskStats
 from ._tasks import Task, sent
 from ._thread_pool import Job, ThreadPool
@@ -95,6 +97,9 @@ class BackgroundNursery:
         # holding a running slot; of those, _awaiting_thread are thread tasks still
         # waiting for a worker thread (shown as pending).
         self._accepted = self._pending = self._running = self._awaiting_thread = 0
+        # Tasks added outside a request that are being stored in the journal (or handed
+        # to Redis) before they are accepted: shown as reserved, waited for when idle.
+        self._keeping = 0
         self._completed = self._failed = self._timed_out = 0
         self._cancelled = self._abandoned = self._discarded = self._rejected = 0
         self._retrying = self._retried = 0
@@ -104,6 +109,12 @@ class BackgroundNursery:
         # its last claim found more than it could take, so a task's end wakes it.
         self._recovered = self._deferred = self._unknown = 0
         self._kept: list[int] = []
+        # The durable tasks in this process's hands (placed, not yet ended), and how
+        # many of them went to another process while its lease had lapsed.
+        self._claims: dict[Task, Claim] = {}
+        self._lease_lost = 0
+        if journal is not None:
+            journal.on_lease_lost = self._rows_lost
         self._backlog = False
         # Plain-function tasks handed to the worker threads (no trio task waits on
         # them), and the deadlines of those with a timeout that have started.
@@ -112,6 +123,10 @@ class BackgroundNursery:
         self._deadline_order = itertools.count()  # (ties: no comparing tasks)
         self._deadline_wake = trio.Event()
         self._feed_wake = trio.Event()
+        # Durable tasks given a running slot, waiting for the journal to record that
+        # they start (see _record_starts).
+        self._starting: list[Task] = []
+        self._starts_wake = trio.Event()
         # With a streaq worker: what sends remote tasks to its queue (set by
         # open_nursery), and how many it did. With a journal too, the journal is the
         # outbox: remote tasks are stored, then wait (pending) in _outbox until the
@@ -121,6 +136,12 @@ class BackgroundNursery:
         self._outbox: deque[Task] = deque()
         self._outbox_wake = trio.Event()
         self._left_in_outbox = 0
+        # Remote tasks Redis acknowledged that no worker has taken yet, watched in
+        # case Redis forgets them (see _watch_redis); those whose hand-off got no
+        # answer (Redis may have them), those Redis forgot that a journal sent again,
+        # and those it forgot that no journal kept.
+        self._guard = RedisGuard()
+        self._unconfirmed = self._resent = self._maybe_lost = 0
 
     # -- taking work ---------------------------------------------------------------
 
@@ -187,6 +208,7 @@ class BackgroundNursery:
         for task in tasks:
             if (task.durable or task.remote is not None) and _not_kept(task):
                 # Added outside a request, or after its response: kept first.
+                self._keeping += 1
                 self._nursery.start_soon(self._commit_then_accept, task, name=task.name)
                 continue
             if observed:  # before the counts change: a hook reading stats sees them balance
@@ -219,14 +241,18 @@ class BackgroundNursery:
         try:
             await self.commit((task,))
         except (JournalError, HandoffError) as error:
+            self._keeping -= 1
             self.discard((task,), f"it could not be kept: {error}")
         else:
+            self._keeping -= 1
             self.accept((task,))
 
     def _place(self, task: Task, observed: bool) -> None:
         """Run ``task`` now if a slot is free and none is queued, else queue it."""
         if self._nursery.cancel_scope.cancel_called:
             self._cancel_unstarted(task, observed)  # past the grace period: never runs
+        elif task.journal_id is not None and self._claim(task).lost:
+            self._end(task, "cancelled", observed)  # (a retry) its row is another's now
         elif not self._queue and self._running < self._settings.max_running:
             self._running += 1  # the slot is the task's from now on
             self._spawn(task)
@@ -328,6 +354,21 @@ class BackgroundNursery:
             tasks = [task for task in tasks if not sent(task)]
             if not tasks:
                 return
+        in_doubt = [task for task in tasks if task.remote is not None and task.remote.in_doubt]
+        if in_doubt:
+            logger.warning(
+                "%d remote task(s) got no answer from Redis (%s); Redis may have them and "
+                "a worker may run them, so they count as unconfirmed: %s",
+                len(in_doubt),
+                reason,
+                _grouped(task.name for task in in_doubt),
+            )
+            self._released += len(in_doubt)
+            self._unconfirmed += len(in_doubt)
+            tasks = [task for task in tasks if task.remote is None or not task.remote.in_doubt]
+            if not tasks:
+                self._set_idle_if_idle()
+                return
         self._released += len(tasks)
         self._discarded += len(tasks)
         stored = [task.journal_id for task in tasks if task.journal_id is not None]
@@ -343,6 +384,15 @@ class BackgroundNursery:
         )
 
     def _spawn(self, task: Task) -> None:
+        if task.journal_id is not None:  # durable: its start is recorded first
+            if task.context is None:
+                task.context = contextvars.copy_context()  # (the caller's, as it runs later)
+            self._starting.append(task)
+            self._starts_wake.set()
+            return
+        self._launch(task)
+
+    def _launch(self, task: Task) -> None:
         if not task.is_async and self._tracer is None:
             self._submit(task)  # no trio task for it (with tracing, one holds its span)
             return
@@ -355,7 +405,23 @@ class BackgroundNursery:
 
     def _start_soon(self, task: Task) -> None:
         run = self._run if self._tracer is None else self._run_traced
+        if task.journal_id is not None and (claim := self._claims.get(task)) is not None:
+            run = partial(self._run_claimed, claim, run)
         self._nursery.start_soon(run, task, name=task.name)
+
+    @staticmethod
+    async def _run_claimed(
+        claim: Claim, run: Callable[[Task], Awaitable[None]], task: Task
+    ) -> None:
+        """Run a durable task in a cancel scope of its own: cancelled if its row goes
+        to another process (see `_rows_lost`)."""
+        with trio.CancelScope() as claim.scope:
+            if claim.lost:
+                claim.scope.cancel()
+            try:
+                await run(task)
+            finally:
+                claim.scope = None
 
     # -- looking on ----------------------------------------------------------------
 
@@ -393,6 +459,9 @@ class BackgroundNursery:
             deferred=self._deferred,
             unknown=self._unknown,
             handed_off=self._handed_off,
+            unconfirmed=self._unconfirmed,
+            resent=self._resent,
+            maybe_lost=self._maybe_lost,
         )
 
     @property
@@ -408,8 +477,9 @@ class BackgroundNursery:
         return self._report
 
     async def wait_idle(self) -> None:
-        """Return once no task is pending or running."""
-        while self._pending or self._running:
+        """Return once no task is pending or running, nor being stored in the journal
+        (or handed to Redis) to be accepted."""
+        while self._pending or self._running or self._keeping:
             await self._next_idle()
         await trio.lowlevel.checkpoint()
 
@@ -506,11 +576,15 @@ class BackgroundNursery:
                 recovered=self._recovered,
                 handed_off=self._handed_off,
                 outbox=self._left_in_outbox,
+                unconfirmed=self._unconfirmed,
+                resent=self._resent,
+                maybe_lost=self._maybe_lost,
+                lease_lost=self._lease_lost,
             )
             log = logger.info if self._report.all_completed else logger.warning
             log("background tasks shut down: %s", self._report)
             if self._unfinished:
-                log("unfinished background tasks: %s", ", ".join(self._unfinished))
+                log("unfinished background tasks: %s", _grouped(self._unfinished))
         return self._report
 
     # -- running one task ----------------------------------------------------------
@@ -764,6 +838,9 @@ class BackgroundNursery:
             )
         elif outcome == "handed_off":
             self._handed_off += 1
+            assert task.remote is not None
+            if task.remote.receipt is not None:
+                self._guard.watch(task.remote.receipt, task.journal_id)
         else:
             self._unfinished.append(task.name)
             if outcome == "cancelled":
@@ -797,7 +874,12 @@ class BackgroundNursery:
         by the shutdown (its row stays, for the next start)."""
         journal = self._journal
         assert journal is not None
-        if outcome in ("completed", "handed_off"):
+        claim = self._claims.pop(task, None)
+        if claim is not None and claim.lost:
+            return  # its row is another process's now: not this one's to settle
+        if outcome == "handed_off" and task.remote is not None and task.remote.receipt:
+            journal.mark_sent(journal_id, task.remote.receipt.encode())  # (see _watch_redis)
+        elif outcome in ("completed", "handed_off"):
             journal.remove((journal_id,))
         elif outcome == "failed":
             journal.bury(journal_id, f"attempt {task.attempt}: {error!r}")
@@ -808,8 +890,59 @@ class BackgroundNursery:
             if outcome == "abandoned":  # its thread may still run: not for others yet
                 self._kept.append(journal_id)
 
+    def _claim(self, task: Task) -> Claim:
+        """Durable ``task``'s hold on its row, made when it is first placed; its
+        context carries it, for `lease_held`."""
+        claim = self._claims.get(task)
+        if claim is None:
+            assert self._journal is not None
+            claim = self._claims[task] = Claim(self._journal)
+            if task.context is None:
+                task.context = contextvars.copy_context()
+            task.context.run(current_claim.set, claim)
+        return claim
+
+    def _rows_lost(self, held: set[int]) -> None:
+        """This process's lease lapsed (it was paused, or its disk stalled) and other
+        processes may have claimed its rows: it holds only ``held`` now. Its runs of
+        the tasks whose rows it lost are cancelled, and those not started never run.
+        Best effort: a task may reach its side effect first (`lease_held` tells it),
+        and a thread cannot be interrupted."""
+        lost = {task for task in self._claims if task.journal_id not in held}
+        if not lost:
+            return
+        assert self._journal is not None
+        in_threads = 0
+        for task in lost:
+            claim = self._claims[task]
+            claim.lost = True
+            if claim.scope is not None:
+                claim.scope.cancel()
+            if not task.is_async and task.thread_started:
+                in_threads += 1
+        if not lost.isdisjoint(self._queue):
+            observed = self._observed()
+            queue, self._queue = self._queue, deque()
+            for task in queue:
+                if task in lost:
+                    self._pending -= 1
+                    self._end(task, "cancelled", observed)
+                else:
+                    self._queue.append(task)
+        self._lease_lost += len(lost)
+        logger.error(
+            "journal %s: %d durable task(s) in this process's hands went to other processes "
+            "while its lease had lapsed: its runs of them are cancelled%s: %s",
+            self._journal.path,
+            len(lost),
+            f" ({in_threads} in threads run on: a thread cannot be interrupted)"
+            if in_threads
+            else "",
+            _grouped(task.name for task in lost),
+        )
+
     def _set_idle_if_idle(self) -> None:
-        if self._idle is not None and not (self._pending or self._running):
+        if self._idle is not None and not (self._pending or self._running or self._keeping):
             self._idle.set()
 
     async def _run_in_thread(self, task: Task, observed: bool) -> Outcome:
@@ -981,7 +1114,40 @@ class BackgroundNursery:
             names += [REMOTE_PREFIX + name for name in self._handoff.worker.registry]
         return names
 
+    async def _record_starts(self, journal: Journal) -> None:
+        """Record in the journal that durable tasks start, then run them: all those
+        given a slot meanwhile at once, in whatever transaction the journal commits
+        next. So a run cut short by the death of its process counts as an attempt,
+        even one that kills it at once."""
+        try:
+            while True:
+                await self._starts_wake.wait()
+                self._starts_wake = trio.Event()
+                batch, self._starting = self._starting, []
+                try:
+                    ids = [id for task in batch if (id := task.journal_id) is not None]
+                    await journal.start(ids)
+                except JournalError as error:  # they run all the same: at least once
+                    logger.error("%s", error)
+                cancelled = self._nursery.cancel_scope.cancel_called
+                for task in batch:
+                    if cancelled:  # (a thread task would run: nothing cancels it now)
+                        self._attempt_over(task, "cancelled", self._observed())
+                    else:
+                        self._launch(task)
+        finally:  # the tasks were cancelled: those still waiting never start
+            batch, self._starting = self._starting, []
+            for task in batch:
+                self._attempt_over(task, "cancelled", self._observed())
+
     def _take_from_journal(self, journal: Journal, row: Row) -> None:
+        if row.state == "dead":  # it cannot be read: claim made it a dead letter
+            logger.error("journal %s: task %d (%s) %s", journal.path, row.id, row.name, row.error)
+            return
+        if row.sent is not None:
+            with contextlib.suppress(ValueError):  # (not a receipt: hand it off again)
+                self._guard.watch(Receipt.decode(row.sent), row.id)  # Redis has it
+                return
         func: Callable[..., Any] | None
         if row.name.startswith(REMOTE_PREFIX):
             assert self._handoff is not None  # (only known names are claimed)
@@ -1000,10 +1166,90 @@ class BackgroundNursery:
             return
         task.journal_id = row.id
         task.attempt = row.attempt
+        if row.started and not self._after_death(journal, task):
+            return
         with self._admission_lock:  # (room was counted by the feeder)
             self._admitted += 1
         self._recovered += 1
         self.accept((task,))
+
+    def _after_death(self, journal: Journal, task: Task) -> bool:
+        """``task``'s last run died with its process (a crash, an OOM kill, a SIGKILL:
+        from here, a task that killed it looks like a deploy that did). That was an
+        attempt: whether it may have another (recorded), or is now a dead letter."""
+        assert task.journal_id is not None
+        last = max(task.retries + 1, spec_of(task.func).crash_limit)
+        if task.attempt >= last:
+            error = f"attempt {task.attempt}: its process died while it ran, its last attempt"
+            logger.error(
+                "journal %s: task %d (%s) becomes a dead letter: %s",
+                journal.path,
+                task.journal_id,
+                task.name,
+                error,
+            )
+            journal.bury(task.journal_id, error)
+            return False
+        logger.warning(
+            "journal %s: task %d (%s): its process died while attempt %d ran; running "
+            "attempt %d of at most %d",
+            journal.path,
+            task.journal_id,
+            task.name,
+            task.attempt,
+            task.attempt + 1,
+            last,
+        )
+        task.attempt += 1
+        journal.set_attempt(task.journal_id, task.attempt)
+        return True
+
+    async def _watch_redis(self, handoff: Handoff) -> None:
+        """While Redis holds remote tasks no worker has taken, look at it every
+        `LOOK_EVERY` seconds (at once on a new connection): the journal's rows of
+        tasks a worker took go; tasks Redis lost are sent again from the journal, or,
+        without one, counted and reported as perhaps lost."""
+        while True:
+            with trio.move_on_after(LOOK_EVERY):
+                await handoff.look_now.wait()
+            handoff.look_now = trio.Event()
+            if not self._guard:
+                continue
+            try:
+                marker, delivered = await handoff.look()
+            except Exception:  # (the hand-off sees the connection's troubles and says so)
+                continue
+            found = self._guard.sort(marker, delivered)
+            journal = self._journal
+            if journal is not None and found.taken:
+                journal.remove([id for id in found.taken if id is not None])
+            if found.lost:
+                self._redis_lost(found.lost)
+
+    def _redis_lost(self, lost: list[int | None]) -> None:
+        """Redis lost its data since it acknowledged these tasks (journal ids; None for
+        a task no journal keeps), before any worker took them."""
+        ids = [id for id in lost if id is not None]
+        why = "Redis lost its data (restarted without persistence, or failed over)"
+        if ids:
+            assert self._journal is not None
+            self._journal.unsend(ids)
+            self._resent += len(ids)
+            self._feed_wake.set()
+            logger.error(
+                "%s: %d remote task(s) it had acknowledged, that no worker had taken, are "
+                "handed off again from the journal",
+                why,
+                len(ids),
+            )
+        if missing := len(lost) - len(ids):
+            self._maybe_lost += missing
+            logger.error(
+                "%s: %d remote task(s) it had acknowledged, that no worker had taken, may "
+                "be lost; with a journal they would be handed off again",
+                why,
+                missing,
+            )
 
     async def _host(self, *, task_status: trio.TaskStatus[None]) -> None:
         """Own the tasks' nursery, so that its cancel scope covers the tasks only."""
@@ -1070,6 +1316,14 @@ def _kind(exc: BaseException) -> str:
     return repr(exc) if isinstance(exc, SystemExit) else type(exc).__name__
 
 
+def _grouped(names: Iterable[str]) -> str:
+    """Task names for a log line, each once with its count, most frequent first:
+    ``"send_email (9000), resize (1000)"``."""
+    return ", ".join(
+        name if count == 1 else f"{name} ({count})" for name, count in Counter(names).most_common()
+    )
+
+
 def _of(task: Task) -> str:
     """Which attempt ended a task that has retries, for its log line."""
     return f" (attempt {task.attempt} of {task.retries + 1})" if task.retries else ""
@@ -1116,9 +1370,12 @@ async def open_nursery(
                 run = partial(Handoff(settings.streaq).run, patient=journal is not None)
                 nursery._handoff = await host_nursery.start(run)
             await host_nursery.start(nursery._host)
+            if nursery._handoff is not None:
+                nursery._nursery.start_soon(nursery._watch_redis, nursery._handoff)
             if journal is not None:
                 if nursery._handoff is not None:
                     nursery._nursery.start_soon(nursery._forward, nursery._handoff)
+                nursery._nursery.start_soon(nursery._record_starts, journal)
                 await nursery._nursery.start(nursery._feed, journal)
             host_nursery.start_soon(
                 partial(nursery._shut_down_when_stopped, raise_fatal=raise_fatal)

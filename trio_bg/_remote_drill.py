@@ -1,16 +1,19 @@
 """The distributed drill: a web server hands remote tasks to streaq workers over Redis;
 under load one worker is SIGKILLed (and Redis restarted), then the web server gets
 SIGTERM; once the workers drained, every remote task an answered request named must
-have completed at least once."""
+have completed at least once. With ``poison``, a poisoned record planted mid-load must
+be set aside, and no worker die of it."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
 import tempfile
+import uuid
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -69,6 +72,9 @@ STOP_MARGIN = 10.0
 POLL = 0.1
 """Seconds between two looks at the ledger and the queue while the workers drain."""
 
+POISON_NAME = "trio_bg.drill.poisoned"
+"""The function the poisoned record (``--poison``) names."""
+
 WORKER_READY = "starting worker"  # streaq's first line, before it connects
 REDIS_READY = "Ready to accept connections"
 
@@ -92,8 +98,14 @@ class RemotePlan:
     kill_worker: bool = False
     kill_redis: bool = False
     """Kill Redis mid-load and start it again on the same port (its own Redis only)."""
+    redis_persists: bool = True
+    """Whether the drill's own Redis keeps its data on disk (False: `kill_redis` brings
+    it back empty, as a Redis without persistence, or a failover to an empty replica)."""
     idle_timeout: float | None = None
     """Set as `IDLE_TIMEOUT_ENV` for the app's module (None: left as it is)."""
+    poison: bool = False
+    """Plant a poisoned record (valid JSON, not a task's) in the queue mid-load: a
+    worker must set it aside, and go on."""
 
     def server_command(self, port: int, report_path: Path) -> list[str]:
         """The web server's ``python -m trio_bg serve`` command line."""
@@ -148,6 +160,17 @@ class WorkerRun:
     """Remote tasks it had started and never finished (those the kill cut short)."""
 
 
+@dataclass(kw_only=True)
+class Poison:
+    """The poisoned record the drill planted in the queue (``poison``)."""
+
+    task_id: str
+    planted_after: float
+    """Seconds of load before the drill planted it."""
+    error: str | None = None
+    """The error its failed result records (None: no worker set it aside)."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class RemoteBooks:
     """The remote tasks: what answered requests named, and what the workers ran."""
@@ -181,6 +204,7 @@ class RemoteDrillResult:
     drained_after: float | None
     """Seconds from the web server's exit until every claimed task had run (None: not
     all of them did)."""
+    poison: Poison | None
     books: RemoteBooks | None
     problems: tuple[str, ...]
     notes: tuple[str, ...]
@@ -235,6 +259,7 @@ class RemoteDrillResult:
                 "cut_short": sum(worker.cut_short for worker in self.workers),
                 "drained_after": self.drained_after,
             },
+            "poison": None if self.poison is None else asdict(self.poison),
             "logs": {name: list(lines) for name, lines in self.logs.items()},
         }
 
@@ -287,6 +312,7 @@ def run_remote_drill(target: Target, progress: Progress) -> RemoteDrillResult:
         redis_killed_after=run.redis_killed_after,
         redis_down_for=run.redis_down_for,
         drained_after=run.drained_after,
+        poison=run.poison,
         books=books,
         problems=problems + tuple(more_problems),
         notes=notes + tuple(more_notes),
@@ -309,6 +335,7 @@ class _Run:
     redis_lost: bool = False
     drained_after: float | None = None
     timed_out_draining: bool = False
+    poison: Poison | None = None
     blamed: list[_Child] = field(default_factory=list)
     """The processes that failed: their last lines go in the result."""
     logs: dict[str, tuple[str, ...]] = field(default_factory=dict)
@@ -484,6 +511,9 @@ async def _drive_processes(
                 return
             run.redis_down_for = trio.current_time() - killed
             progress.milestone(f"drill: Redis started again, after {run.redis_down_for:.2f}s down")
+        if plan.poison:
+            await _part_of_the_load(plan.drill, run.load, start, 0.6 if plan.kill_redis else 0.4)
+            await _plant_poison(target, run, trio.current_time() - start, progress)
         if plan.kill_worker:
             await _part_of_the_load(plan.drill, run.load, start, 0.75 if plan.kill_redis else 0.5)
             _kill_a_worker(
@@ -507,6 +537,8 @@ async def _drive_processes(
         if run.drained_after is None and run.timed_out_draining:
             for worker in workers:
                 processes.blame(worker)
+        if run.poison is not None:
+            await _wait_set_aside(target, run, run.poison, progress)
     await _stop_workers(target, workers, run, processes, progress)
     await redis.stop()
 
@@ -523,7 +555,7 @@ async def _part_of_the_load(plan: DrillPlan, load: Load, start: float, part: flo
 class _Redis:
     """The drill's own ``redis-server``: persistent (each write synced to the disk
     before Redis answers it), so it can be killed and started again, holding all it
-    acknowledged."""
+    acknowledged; or, unless the plan says so, keeping nothing across a restart."""
 
     def __init__(self, target: Target, directory: Path, processes: _Processes) -> None:
         self._target = target
@@ -545,7 +577,7 @@ class _Redis:
             "--bind", "127.0.0.1",
             "--dir", str(self._directory),
             "--save", "",
-            "--appendonly", "yes",
+            "--appendonly", "yes" if self._target.plan.redis_persists else "no",
             "--appendfsync", "always",
             "--logfile", "",
             "--daemonize", "no",
@@ -673,6 +705,51 @@ async def _drain(target: Target, run: _Run, ledger: Path, progress: Progress) ->
             f"task(s) never ran"
         )
     return None
+
+
+async def _plant_poison(target: Target, run: _Run, after: float, progress: Progress) -> None:
+    """Put a record no sender writes in the queue, as streaq's ``publish_task`` puts a
+    task's: valid JSON, of a task's shape but with no arguments (``"a"``)."""
+    from streaq.utils import now_ms
+
+    task_id = f"poisoned-{uuid.uuid4().hex}"
+    record = json.dumps({"f": POISON_NAME, "k": {}, "t": now_ms()})
+    try:
+        async with _sender(target.worker) as worker:
+            await worker.redis.set(worker.task_key + task_id, record)
+            await worker.redis.xadd(
+                worker.stream_key + worker.priorities[-1],
+                {"task_id": task_id, "enqueue_time": now_ms()},
+            )
+    except Exception as error:  # (whatever coredis raised, in streaq's groups)
+        run.problems.append(f"cannot plant the poisoned record: {_describe(error)}")
+        return
+    run.poison = Poison(task_id=task_id, planted_after=after)
+    progress.milestone(f"drill: poisoned record {task_id} planted after {after:.2f}s of load")
+
+
+async def _wait_set_aside(target: Target, run: _Run, poison: Poison, progress: Progress) -> None:
+    """Wait until a worker recorded the poisoned record as failed (set aside)."""
+    deadline = 2 * target.worker.idle_timeout / 1000 + DRAIN_MARGIN
+    raw = None
+    try:
+        with trio.move_on_after(deadline):
+            async with _sender(target.worker) as worker:
+                key = worker.results_key + poison.task_id
+                # Nothing tells when a worker has set it aside: its result is looked for.
+                while (raw := await worker.redis.get(key)) is None:  # noqa: ASYNC110
+                    await trio.sleep(POLL)
+    except Exception as error:  # (whatever coredis raised, in streaq's groups)
+        run.problems.append(f"cannot read the poisoned record's result: {_describe(error)}")
+        return
+    if raw is None:
+        run.problems.append(
+            f"no worker set the poisoned record {poison.task_id} aside within {deadline:g}s"
+        )
+        return
+    result = json.loads(raw)["r"]
+    poison.error = f"{result['error']}: {result['message']}"
+    progress.milestone(f"drill: the poisoned record was set aside ({poison.error})")
 
 
 async def _stop_workers(
@@ -813,6 +890,10 @@ def format_remote_result(result: RemoteDrillResult) -> str:
         title += ", one SIGKILLed mid-load"
     if plan.kill_redis:
         title += ", Redis restarted mid-load"
+        if not plan.redis_persists:
+            title += " without its data"
+    if plan.poison:
+        title += ", a poisoned record planted mid-load"
     if drill.journal is not None:
         title += f", journal {drill.journal}"
     lines = [title, ""]
@@ -828,6 +909,16 @@ def format_remote_result(result: RemoteDrillResult) -> str:
         row("accepted", report.accepted, "tasks, local and remote")
         row("handed off", report.handed_off, "remote tasks Redis acknowledged")
         row("discarded", report.discarded, "their request failed (503, error); never ran")
+        if report.unconfirmed:
+            row(
+                "unconfirmed",
+                report.unconfirmed,
+                "their request failed, Redis did not answer; may run",
+            )
+        if report.resent:
+            row("handed off again", report.resent, "from the journal, after Redis lost them")
+        if report.maybe_lost:
+            row("perhaps lost", report.maybe_lost, "Redis lost them, no journal kept them")
         remote = f", {report.outbox} of them remote" if report.outbox else ""
         row("deferred", report.deferred, f"left in the journal for its next start{remote}")
         row("unaccounted", server.unaccounted)
@@ -864,6 +955,11 @@ def format_remote_result(result: RemoteDrillResult) -> str:
         row("ran, unclaimed", books.unclaimed_runs, "handed off, but the answer was not received")
         if result.drained_after is not None:
             row("all claimed ran", f"{result.drained_after:.2f}s", "after the web server stopped")
+    if result.poison is not None:
+        poison = result.poison
+        lines.append("  poisoned record")
+        row("planted after", f"{poison.planted_after:.2f}s", f"of load: {poison.task_id}")
+        row("set aside", "yes" if poison.error else "no", poison.error or "")
     lines.append("")
     for note in result.notes:
         lines.append(f"  note: {note}")

@@ -30,7 +30,12 @@ class TaskStats:
     (found at startup; logged, and left in the journal).
 
     With a streaq worker: ``handed_off`` counts the remote tasks its queue in Redis
-    acknowledged; from there, they are the workers' to run.
+    acknowledged; from there, they are the workers' to run. ``unconfirmed`` counts
+    the admitted remote tasks whose hand-off got no answer (Redis stalled, or the
+    connection broke mid-way): the request failed, but Redis may have them and a
+    worker may run them (never counted ``discarded``). If Redis loses its data before
+    a worker took the tasks it acknowledged, ``resent`` counts those a journal handed
+    off again and ``maybe_lost`` those no journal kept.
     """
 
     accepted: int = 0
@@ -52,6 +57,9 @@ class TaskStats:
     deferred: int = 0
     unknown: int = 0
     handed_off: int = 0
+    unconfirmed: int = 0
+    resent: int = 0
+    maybe_lost: int = 0
 
     @property
     def finished(self) -> int:
@@ -80,7 +88,11 @@ class ShutdownReport:
     ``recovered`` the accepted tasks that came from it. ``handed_off`` counts the
     remote tasks given to a streaq worker's queue; ``outbox``, those that were still
     waiting in the journal for Redis when the grace period ended (counted cancelled
-    and deferred: they go at the next start).
+    and deferred: they go at the next start). ``unconfirmed``, ``resent`` and
+    ``maybe_lost`` are as in `TaskStats`; a report with tasks that may be lost is not
+    `all_completed`. ``lease_lost`` counts the durable tasks whose rows went to another
+    process while this one's lease had lapsed (it was paused, say): their runs here were
+    cancelled (counted so), but for those in threads, which cannot be interrupted.
     """
 
     accepted: int
@@ -96,11 +108,16 @@ class ShutdownReport:
     recovered: int = 0
     handed_off: int = 0
     outbox: int = 0
+    unconfirmed: int = 0
+    resent: int = 0
+    maybe_lost: int = 0
+    lease_lost: int = 0
 
     @property
     def all_completed(self) -> bool:
-        """True when every accepted task ran to completion, or was handed off."""
-        return self.completed + self.handed_off == self.accepted
+        """True when every accepted task ran to completion, or was handed off (and
+        none of those Redis lost)."""
+        return self.completed + self.handed_off == self.accepted and not self.maybe_lost
 
     def __str__(self) -> str:
         outcomes = [
@@ -126,6 +143,14 @@ class ShutdownReport:
             text += f", {self.deferred} deferred to the next start"
         if self.outbox:
             text += f" ({self.outbox} remote, not yet handed to Redis)"
+        if self.unconfirmed:
+            text += f", {self.unconfirmed} unconfirmed by Redis (may run)"
+        if self.resent:
+            text += f", {self.resent} handed off again after Redis lost them"
+        if self.maybe_lost:
+            text += f", {self.maybe_lost} perhaps lost by Redis"
+        if self.lease_lost:
+            text += f", {self.lease_lost} lost to another process (the lease lapsed)"
         return f"{text} in {self.duration:.3f}s"
 
 

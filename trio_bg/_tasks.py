@@ -15,6 +15,7 @@ from ._durable import encode_arguments, encode_parts, needs_a_journal
 from ._errors import NurseryClosed
 from ._handoff import needs_a_handoff
 from ._inline import run_inline
+from ._redis_guard import Receipt
 
 P = ParamSpec("P")
 
@@ -108,15 +109,18 @@ class Task:
 class RemoteCall:
     """What a remote task takes to its streaq worker's queue: the streaq task, the
     JSON record the worker reads (made of the arguments checked at ``add_task``; the
-    time goes last), the trace context, and whether Redis has it (``sent``)."""
+    time goes last), the trace context, whether Redis has it (``sent``, and where:
+    ``receipt``), or may have it (``in_doubt``: it did not answer)."""
 
-    __slots__ = ("record", "registered", "sent", "trace")
+    __slots__ = ("in_doubt", "receipt", "record", "registered", "sent", "trace")
 
     def __init__(self, registered: Any, record: str) -> None:
         self.registered = registered
         self.record = record
         self.trace: dict[str, str] | None = None
         self.sent = False
+        self.in_doubt = False
+        self.receipt: Receipt | None = None
 
 
 def sent(task: Task) -> bool:

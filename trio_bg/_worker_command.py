@@ -38,6 +38,10 @@ ones the worker's grace_period to finish, and hands those still running then bac
 the queue. Tasks it had taken but not started go to another worker after the worker's
 idle_timeout.
 
+A task whose record the worker cannot read (not JSON, or not a task's shape) is set
+aside: acknowledged, its result stored as failed ("malformed task record: ..."), and
+logged at ERROR without its data; the worker goes on.
+
 When Redis fails (a restart, a lost connection, a failover, an error), the worker
 logs it and connects again after {FIRST_DELAY:g} s, then twice as long each time up
 to {MAX_DELAY:g} s, until Redis answers or a signal stops it. The worker's lifespan

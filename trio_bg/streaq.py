@@ -31,9 +31,11 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from coredis.response.types import StreamEntry
 from streaq import Worker
 from streaq import task as streaq_task
-from streaq.types import StreamMessage, StreaqError
+from streaq.constants import REDIS_GROUP
+from streaq.types import Entries, StreamMessage, StreaqError
 
 __all__ = ["DEFAULT_GRACE_PERIOD", "DEFAULT_IDLE_TIMEOUT", "check_worker", "worker"]
 
@@ -66,7 +68,11 @@ def worker(
     side sends its tasks, ``python -m trio_bg worker module:name`` runs them. The
     other ``options`` are streaq's own (``concurrency``, ``queue_name``, ...).
     A task whose name this worker does not know is left in the queue for a worker
-    that does (logged at ERROR each time it comes back), never dropped.
+    that does (logged at ERROR each time it comes back), never dropped. A record no
+    sender wrote (not JSON, or not a task's shape: planted or corrupted in Redis) is
+    set aside: acknowledged, its result stored as failed ("malformed task record:
+    ..."), logged at ERROR without its data and counted as ``malformed``; the worker
+    goes on.
     """
     for name in _FIXED:
         if name in options:
@@ -188,6 +194,72 @@ def _traced(
     return traced
 
 
+# The task whose record its run reads (None: none, or read already).
+_reading: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "trio_bg.streaq.reading", default=None
+)
+
+_FIELDS = (
+    ("f", str, "a string"),
+    ("a", list, "an array"),
+    ("k", dict, "an object"),
+    ("t", int, "an integer"),
+)
+"""What streaq's worker reads from every task's record, and its type."""
+
+_UNFOLLOWED = (
+    "streaq cannot read the data it leads to (a previous task's result), or store its result"
+)
+
+_LINKS = ("A", "F", "O", "T")
+"""What streaq's worker reads from some task records: other tasks' ids."""
+
+
+def _record_problem(record: object) -> str | None:
+    """Why ``record`` is not a task's record as streaq's worker reads it (None: it is).
+    Names keys and JSON types, never values: those are the task's data."""
+    if not isinstance(record, dict):
+        return f"a JSON {_json_type(record)}, not an object"
+    for key, kind, name in _FIELDS:
+        if key not in record:
+            return f"no {key!r}"
+        if not isinstance(record[key], kind) or isinstance(record[key], bool):
+            return f"{key!r} is a JSON {_json_type(record[key])}, not {name}"
+    for key in _LINKS:
+        if key in record and not isinstance(record[key], str):
+            return f"{key!r} is a JSON {_json_type(record[key])}, not a string"
+    ours = record.get("trio_bg", {})
+    if not isinstance(ours, dict):
+        return f"'trio_bg' is a JSON {_json_type(ours)}, not an object"
+    trace = ours.get("trace", {})
+    if not isinstance(trace, dict) or not all(isinstance(v, str) for v in trace.values()):
+        return "'trio_bg'.'trace' is not an object of strings"
+    return None
+
+
+def _is_task_entry(entry: StreamEntry) -> bool:
+    fields = entry.field_values
+    return "task_id" in fields and str(fields.get("enqueue_time", 0)).isdigit()
+
+
+def _json_type(value: object) -> str:
+    for kind, name in _JSON_TYPES:
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__
+
+
+_JSON_TYPES = (
+    (bool, "boolean"),  # (before int: a bool is an int)
+    (int, "integer"),
+    (float, "number"),
+    (str, "string"),
+    (list, "array"),
+    (dict, "object"),
+    (type(None), "null"),
+)
+
+
 class _Worker(Worker[Any]):
     """streaq's worker, but a task of a name it does not know stays in the queue; and
     it can make its twin for a web process to send tasks with."""
@@ -196,11 +268,82 @@ class _Worker(Worker[Any]):
         super().__init__(*args, **kwargs)
         self._arguments = args, kwargs
 
+    async def run_task(self, msg: StreamMessage) -> None:
+        token = _reading.set(msg.task_id)
+        try:
+            await super().run_task(msg)
+        except StreaqError:
+            # streaq handles a record it cannot read, not the data a record leads it to
+            # (a pipelined task's previous result, gone) nor a result it cannot store.
+            error = self._set_aside(msg.task_id, None, _UNFOLLOWED)
+            await self.finish_failed_task(msg, error, 0, 0)
+        finally:
+            _reading.reset(token)
+
     async def deserialize(self, data: Any) -> Any:
-        value = await super().deserialize(data)
-        if isinstance(value, dict) and "a" in value:  # a task's data (not a result)
-            _trace_carrier.set(value.get("trio_bg", {}).get("trace"))
-        return value
+        task_id = _reading.get()
+        if task_id is None:
+            return await super().deserialize(data)
+        _reading.set(None)  # streaq reads the task's record first, then others' data
+        try:
+            record = await super().deserialize(data)
+        except StreaqError:
+            raise self._set_aside(task_id, None, "not JSON") from None
+        problem = _record_problem(record)
+        if problem is not None:
+            raise self._set_aside(task_id, record, problem)
+        _trace_carrier.set(record.get("trio_bg", {}).get("trace"))
+        return record
+
+    async def _read_streams_legacy(self, count: int, block: bool = False) -> Entries:
+        return await self._set_aside_entries(await super()._read_streams_legacy(count, block))
+
+    async def _read_streams_max_count(self, count: int, block: bool = False) -> Entries:
+        return await self._set_aside_entries(await super()._read_streams_max_count(count, block))
+
+    async def _set_aside_entries(self, entries: Entries) -> Entries:
+        """``entries`` but those naming no task, which streaq's producer cannot read
+        (it would fail, and the worker with it): those are acknowledged and deleted,
+        counted and logged."""
+        if not entries:
+            return entries
+        bad = {
+            stream: [entry.identifier for entry in read if not _is_task_entry(entry)]
+            for stream, read in entries.items()
+        }
+        if not any(bad.values()):
+            return entries
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for stream, identifiers in bad.items():
+                if identifiers:
+                    pipe.xack(stream, REDIS_GROUP, identifiers)
+                    pipe.xdel(stream, identifiers)
+        for stream, identifiers in bad.items():
+            for identifier in identifiers:
+                self.counters["malformed"] += 1
+                logger.error(
+                    "streaq worker %s set aside stream entry %s of %s: it names no task (a "
+                    "task_id, an integer enqueue_time); deleted",
+                    self.id,
+                    identifier,
+                    stream,
+                )
+        good = {stream: tuple(filter(_is_task_entry, read)) for stream, read in entries.items()}
+        return {stream: read for stream, read in good.items() if read}
+
+    def _set_aside(self, task_id: str, record: object, problem: str) -> StreaqError:
+        """Count and log a task whose record no sender of ours wrote; the error its
+        result records (streaq acknowledges the task and stores it as failed)."""
+        self.counters["malformed"] += 1
+        name = record.get("f") if isinstance(record, dict) else None
+        logger.error(
+            "streaq worker %s set aside task %s%s: malformed task record: %s; recorded as failed",
+            self.id,
+            task_id,
+            f" ({name})" if isinstance(name, str) else "",
+            problem,
+        )
+        return StreaqError(f"malformed task record: {problem}")
 
     def _sender(self) -> Worker[Any]:
         """A worker like this one (same Redis, queue and format, same tasks) with a

@@ -373,7 +373,7 @@ class Journal:
         journal_file.remove(connection, self._owner, batch.items)
 
     def _mark_sent(self, batch: _Batch, connection: sqlite3.Connection) -> None:
-        journal_file.mark_sent(connection, batch.items)
+        journal_file.mark_sent(connection, self._owner, batch.items)
 
     def _renew(self, connection: sqlite3.Connection) -> tuple[float, set[int] | None]:
         """Renew the lease: when it will run out, and, if it had lapsed and been reaped,

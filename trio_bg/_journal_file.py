@@ -320,12 +320,15 @@ def remove(connection: sqlite3.Connection, owner: int, ids: Sequence[int]) -> No
     )
 
 
-def mark_sent(connection: sqlite3.Connection, receipts: Sequence[tuple[int, str]]) -> None:
-    """Record where Redis put remote tasks it acknowledged: (id, receipt) pairs."""
+def mark_sent(
+    connection: sqlite3.Connection, owner: int, receipts: Sequence[tuple[int, str]]
+) -> None:
+    """Record where Redis put remote tasks of ``owner`` it acknowledged: (id, receipt)
+    pairs."""
     connection.execute(
         "UPDATE tasks SET sent = json_extract(value, '$[1]') FROM json_each(?) "
-        "WHERE tasks.id = json_extract(value, '$[0]')",
-        (_json_list(receipts),),
+        "WHERE tasks.id = json_extract(value, '$[0]') AND owner = ?",
+        (_json_list(receipts), owner),
     )
 
 

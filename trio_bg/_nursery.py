@@ -1131,7 +1131,9 @@ class BackgroundNursery:
                     logger.error("%s", error)
                 cancelled = self._nursery.cancel_scope.cancel_called
                 for task in batch:
-                    if cancelled:  # (a thread task would run: nothing cancels it now)
+                    claim = self._claims.get(task)
+                    # (A thread task would run: nothing cancels it once started.)
+                    if cancelled or (claim is not None and claim.lost):
                         self._attempt_over(task, "cancelled", self._observed())
                     else:
                         self._launch(task)

@@ -168,14 +168,14 @@ def starlette_app(ran: list[str]) -> Starlette:
 
 def test_starlettes_test_client_without_a_lifespan_works_on_asyncio() -> None:
     ran: list[str] = []
-    client = TestClient(starlette_app(ran))  # no `with`: no lifespan; asyncio by default
+    client = TestClient(starlette_app(ran), backend="asyncio")  # no `with`: no lifespan
     assert client.get("/").text == "ok"
     assert ran == ["async", "sync in a worker"]  # done before get() returned
 
 
 def test_a_lifespan_on_asyncio_fails_and_says_how_to_run_on_trio() -> None:
     with pytest.raises(RuntimeError, match=r'TestClient\(app, backend="trio"\)'):  # noqa: SIM117
-        with TestClient(starlette_app([])):
+        with TestClient(starlette_app([]), backend="asyncio"):
             pass
 
 

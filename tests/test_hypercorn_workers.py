@@ -43,8 +43,12 @@ async def load_both_workers(url: str, enough: int) -> Counter[str]:
     raise AssertionError(f"both workers never answered {enough} requests: {answered}")
 
 
-@pytest.mark.parametrize("target", ["parent", "process group"])
-async def test_sigterm_drains_every_worker_of_hypercorn_w_2(tmp_path: Path, target: str) -> None:
+async def sigterm_hypercorn_w_2(
+    tmp_path: Path, target: str, **extra_env: str
+) -> tuple[int, str, Counter[str]]:
+    """Serve ``worker_app:app`` with ``hypercorn --worker-class trio -w 2`` (``extra_env``
+    in its environment), load both workers, then SIGTERM the ``target``: the exit status, the
+    output, and how many requests each role answered."""
     command = [sys.executable, "-m", "hypercorn", "--worker-class", "trio", "-w", "2"]
     command += ["--bind", "127.0.0.1:0", "worker_app:app"]
     env = {
@@ -53,6 +57,7 @@ async def test_sigterm_drains_every_worker_of_hypercorn_w_2(tmp_path: Path, targ
         "TRIO_BG_TEST_ROLES": str(tmp_path),
         "TRIO_BG_TEST_LONG": "2.5",
         "TRIO_BG_TEST_SHORT": "0.05",
+        **extra_env,
     }
     output = Output()
     process = await trio.lowlevel.open_process(
@@ -82,8 +87,12 @@ async def test_sigterm_drains_every_worker_of_hypercorn_w_2(tmp_path: Path, targ
             os.killpg(process.pid, signal.SIGKILL)  # a no-op unless the test failed
         with trio.move_on_after(5):
             await process.wait()
+    return status, output.text, answered
 
-    log = output.text
+
+@pytest.mark.parametrize("target", ["parent", "process group"])
+async def test_sigterm_drains_every_worker_of_hypercorn_w_2(tmp_path: Path, target: str) -> None:
+    status, log, answered = await sigterm_hypercorn_w_2(tmp_path, target)
     assert status == 0, log
     reports = re.findall(
         r"background tasks shut down: (\d+) accepted \((\d+) completed\)", log, re.MULTILINE
@@ -94,3 +103,24 @@ async def test_sigterm_drains_every_worker_of_hypercorn_w_2(tmp_path: Path, targ
     done = Counter(re.findall(r"task done: pid=\d+ role=(\w+)", log))
     assert done == answered, log
     assert "SIGTERM to Hypercorn worker" in log  # the parent's terminate(), ignored
+
+
+async def test_plain_hypercorn_shows_each_report_and_each_ignored_sigterm_once(
+    tmp_path: Path,
+) -> None:
+    """No logging set up, as under plain ``hypercorn``: the complete shutdowns' reports
+    (INFO) appear all the same, on Hypercorn's error log; and the long worker, which
+    Hypercorn's parent terminate()s after the process group's SIGTERM, says once that
+    it ignores SIGTERM."""
+    status, log, answered = await sigterm_hypercorn_w_2(
+        tmp_path, "process group", TRIO_BG_TEST_NO_LOGGING_SETUP="1"
+    )
+    assert status == 0, log
+    reports = re.findall(
+        r"\[(\d+)\] \[INFO\] background tasks shut down: (\d+) accepted \((\d+) completed\)", log
+    )
+    assert len({pid for pid, _, _ in reports}) == len(reports) == 2, log
+    assert sum(int(accepted) for _, accepted, _ in reports) == sum(answered.values()), log
+    assert all(accepted == completed for _, accepted, completed in reports), log
+    ignored = Counter(re.findall(r"^SIGTERM to Hypercorn worker (\d+) ignored", log, re.MULTILINE))
+    assert sorted(ignored.values()) == [1, 1], log

@@ -8,7 +8,8 @@ worker (its tasks sleep ``$TRIO_BG_TEST_LONG`` seconds), every other one is *sho
 drain first, and the long one is still draining: the case Hypercorn's supervisor gets
 wrong. Each response says which worker answered (``{"pid": ..., "role": ...}``) and,
 in ``x-trio-bg-tasks``, how many tasks it added; each task logs ``task done`` when it
-ends. The grace period is ``$TRIO_BG_TEST_GRACE`` (default 10 s).
+ends. The grace period is ``$TRIO_BG_TEST_GRACE`` (default 10 s). Logging is set up
+to show INFO, unless ``$TRIO_BG_TEST_NO_LOGGING_SETUP`` is set.
 """
 
 from __future__ import annotations
@@ -23,8 +24,12 @@ import trio
 import trio_bg
 from trio_bg._asgi import Receive, Scope, Send
 
-# Under Hypercorn's CLI nothing else sets up logging: show trio_bg's report (INFO) too.
-logging.basicConfig(level=logging.INFO, format="%(process)d %(levelname)s %(name)s: %(message)s")
+# Under Hypercorn's CLI nothing else sets up logging: show every INFO line of trio_bg's
+# too, unless the test is of plain Hypercorn, where no one sets up logging.
+if not os.environ.get("TRIO_BG_TEST_NO_LOGGING_SETUP"):
+    logging.basicConfig(
+        level=logging.INFO, format="%(process)d %(levelname)s %(name)s: %(message)s"
+    )
 logger = logging.getLogger("worker_app")
 ROLE: list[str] = []  # this process's role, once claimed
 

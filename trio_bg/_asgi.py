@@ -295,6 +295,8 @@ class BackgroundTaskMiddleware:
             # A task's KeyboardInterrupt or SystemExit, after the drain and the app's
             # shutdown: it stops the server (and the process) as trio means it to.
             raise fatal
+        if self._report is not None and last_message["type"].startswith("lifespan.shutdown"):
+            _show_report(self._report)
         # Hypercorn cancels this task as soon as it has this message: everything is done.
         await send(last_message)
         if last_message["type"] == "lifespan.startup.failed":
@@ -369,8 +371,20 @@ NOT_TRIO = (
     "with `hypercorn --worker-class trio` (or trio_bg.serve); in tests, "
     'trio_bg.starlette.TestClient (or Starlette\'s `TestClient(app, backend="trio")`), '
     '`anyio_backend = "trio"` (pytest with anyio, asgi-lifespan), or '
-    "trio_bg.testing.open_test_client"
+    "trio_bg.testing.open_test_client. (On its asyncio worker, Hypercorn still exits with "
+    "status 0 after this: an app can only send lifespan.startup.failed; the status is "
+    "Hypercorn's.)"
 )
+
+
+def _show_report(report: ShutdownReport) -> None:
+    """Show a complete shutdown's report where no logging was set up (plain
+    ``hypercorn``): logged at INFO, it went nowhere; Hypercorn's error log has a handler.
+    A report with tasks cut short is a WARNING, which Python shows in any case."""
+    if report.all_completed and not logger.hasHandlers():
+        server_log = logging.getLogger("hypercorn.error")
+        if server_log.handlers:
+            server_log.info("background tasks shut down: %s", report)
 
 
 def _is_overload(exc: BaseException) -> bool:

@@ -41,7 +41,7 @@ def hypercorn_worker_config() -> Any | None:
 async def ignore_sigterm(
     config: Any, grace_period: float, *, task_status: trio.TaskStatus[None]
 ) -> None:
-    """Ignore (and log) SIGTERM until cancelled; say so once at startup, and warn when
+    """Ignore SIGTERM until cancelled (logging the first one); say so at startup, and warn when
     Hypercorn's ``shutdown_timeout`` would cut the drain short."""
     if threading.current_thread() is not threading.main_thread():
         logger.error(
@@ -54,12 +54,17 @@ async def ignore_sigterm(
     with trio.open_signal_receiver(signal.SIGTERM) as signals:
         _log_startup(config, grace_period)
         task_status.started()
+        told = False
         async for _ in signals:
-            logger.warning(
-                "SIGTERM to Hypercorn worker %d ignored: it drains its background tasks when "
-                "Hypercorn's parent process shuts it down",
-                os.getpid(),
-            )
+            # Said once: after `kill -TERM -PGID`, Hypercorn's parent terminate()s the
+            # workers still draining, which is the same news again.
+            if not told:
+                told = True
+                logger.warning(
+                    "SIGTERM to Hypercorn worker %d ignored: it drains its background tasks "
+                    "when Hypercorn's parent process shuts it down",
+                    os.getpid(),
+                )
 
 
 def _log_startup(config: Any, grace_period: float) -> None:

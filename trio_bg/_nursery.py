@@ -365,12 +365,14 @@ class BackgroundNursery:
             )
             self._released += len(in_doubt)
             self._unconfirmed += len(in_doubt)
+            _tell_ended(in_doubt)
             tasks = [task for task in tasks if task.remote is None or not task.remote.in_doubt]
             if not tasks:
                 self._set_idle_if_idle()
                 return
         self._released += len(tasks)
         self._discarded += len(tasks)
+        _tell_ended(tasks)
         stored = [task.journal_id for task in tasks if task.journal_id is not None]
         if stored:
             assert self._journal is not None
@@ -865,6 +867,8 @@ class BackgroundNursery:
                 self._cancel_unstarted(then, observed, accepting=True)
             else:
                 self.accept((task.then,))
+        if task.ends is not None:
+            task.ends.ended()
         self._set_idle_if_idle()
 
     def _settle_in_journal(
@@ -1316,6 +1320,13 @@ def _stops_the_process(exc: BaseException) -> bool:
 
 def _kind(exc: BaseException) -> str:
     return repr(exc) if isinstance(exc, SystemExit) else type(exc).__name__
+
+
+def _tell_ended(tasks: Iterable[Task]) -> None:
+    """Tell whoever waits for ``tasks`` to end (see `TaskEnds`) that they did."""
+    for task in tasks:
+        if task.ends is not None:
+            task.ends.ended()
 
 
 def _grouped(names: Iterable[str]) -> str:

@@ -10,11 +10,13 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ParamSpec, Protocol, final
 
+import trio
+
 from ._callables import spec_of
 from ._durable import encode_arguments, encode_parts, needs_a_journal
 from ._errors import NurseryClosed
 from ._handoff import needs_a_handoff
-from ._inline import run_inline
+from ._inline import InlineSink, run_inline
 from ._redis_guard import Receipt
 
 P = ParamSpec("P")
@@ -34,6 +36,7 @@ class Task:
         "backoff",
         "context",
         "durable",
+        "ends",
         "func",
         "is_async",
         "journal_id",
@@ -94,6 +97,7 @@ class Task:
         )
         self.accepted_at: float | None = None  # set when queued, or when events are observed
         self.started_at: float | None = None  # set when events are observed
+        self.ends: TaskEnds | None = None  # told when it ends, if someone waits for that
         self.then: Task | None = None  # the next of an ordered request's tasks
         self.stops_chain = False  # if it fails, ``then`` and those after it never run
         # A cancelled thread task that had started is "abandoned"; one that had not is
@@ -103,6 +107,49 @@ class Task:
     def __repr__(self) -> str:
         # Never show the arguments: they may hold personal data.
         return f"<trio_bg task {self.name}>"
+
+
+@final
+class TaskEnds:
+    """Counts some tasks of a request until each has ended (run to any outcome,
+    handed off, or discarded), so that someone can wait for them all: FastAPI keeps a
+    request's dependencies open until its background tasks have run."""
+
+    __slots__ = ("_all_ended", "_left", "_lock")
+
+    def __init__(self) -> None:
+        self._left = 0
+        self._all_ended = trio.Event()
+        self._lock = threading.Lock()  # tasks are added in worker threads too
+
+    def add(self, task: Task) -> None:
+        """Count ``task`` until it ends (it calls `ended`)."""
+        with self._lock:
+            if not self._left and self._all_ended.is_set():
+                self._all_ended = trio.Event()
+            self._left += 1
+        task.ends = self
+
+    def forget(self, task: Task) -> None:
+        """Stop counting ``task``: it was refused, and never ends."""
+        task.ends = None
+        with self._lock:
+            self._left -= 1
+
+    def ended(self) -> None:
+        """One of the tasks ended (in trio's thread)."""
+        with self._lock:
+            self._left -= 1
+            last = not self._left
+        if last:
+            self._all_ended.set()
+
+    async def wait(self) -> None:
+        """Return once every task counted so far has ended."""
+        if self._left:
+            await self._all_ended.wait()
+        else:
+            await trio.lowlevel.checkpoint()
 
 
 @final
@@ -288,6 +335,31 @@ class BackgroundTasks:
             return
         logger.debug("no BackgroundTaskMiddleware: running %d task(s) inline", len(tasks))
         await run_inline(tasks)
+
+    def _add_counted(
+        self,
+        ends: TaskEnds,
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> None:
+        """`add_task`, the task counted by ``ends`` until it has ended."""
+        task = Task(func, args, kwargs)
+        ends.add(task)  # first: a task may end as it is taken (past the grace period)
+        try:
+            self._owner._take(task)
+        except BaseException:
+            ends.forget(task)
+            raise
+
+    async def _until_ended(self, ends: TaskEnds) -> None:
+        """Return once the tasks counted by ``ends`` have ended; without a nursery (the
+        tasks would run once the request's call is over), run them here, now."""
+        sink = self._owner._sink
+        if isinstance(sink, InlineSink):
+            await sink.run()
+        else:
+            await ends.wait()
 
     def __len__(self) -> int:
         """The number of tasks collected and not yet handed off."""

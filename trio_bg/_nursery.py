@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import heapq
-import inspect
-import itertools
 import logging
 import os
 import random
@@ -17,9 +14,7 @@ from contextlib import asynccontextmanager
 from functools import partial
 from typing import TYPE_CHECKING, Any, ParamSpec, Unpack
 
-import outcome as outcomes
 import trio
-from outcome import Error, Value
 
 from ._callables import spec_of
 from ._durable import decode_arguments, needs_a_journal, registered, registered_names
@@ -32,7 +27,8 @@ from ._options import NurseryOptions, Settings
 from ._redis_guard import LOOK_EVERY, Receipt, RedisGuard
 from ._report import ShutdownReport, TaskStats
 from ._tasks import Task, sent
-from ._thread_pool import Job, ThreadPool
+from ._thread_pool import ThreadPool
+from ._thread_tasks import ThreadTasks
 
 if TYPE_CHECKING:
     from ._tracing import TaskTracer
@@ -63,10 +59,6 @@ class BackgroundNursery:
         self._trio_token = trio.lowlevel.current_trio_token()
         self._trio_thread = threading.get_ident()
         self._clock = trio.lowlevel.current_clock()  # readable from any thread
-        self._threads = ThreadPool(settings.thread_limit, self._trio_token, self._clock)
-        # Bound once, not for each thread task: two objects less for the cyclic GC each.
-        self._on_thread_start = self._thread_started
-        self._on_thread_done = self._thread_done
         self._capacity = settings.max_running + settings.max_pending
         # Tasks admitted and not yet ended or discarded: _admitted - _released.
         # Admission may happen in worker threads (sync handlers), so _admitted changes
@@ -92,11 +84,18 @@ class BackgroundNursery:
             from ._tracing import TaskTracer  # OpenTelemetry: only when asked for
 
             self._tracer = TaskTracer()
+        # Plain-function tasks: each attempt in a worker thread, no trio task waiting.
+        self._threads = ThreadTasks(
+            ThreadPool(settings.thread_limit, self._trio_token, self._clock),
+            self._thread_started,
+            self._thread_ended,
+            self._tracer,
+        )
         # _pending counts the tasks queued or waiting for a retry (of those, _retrying
         # wait for a retry: they hold no running slot). _running counts the tasks
-        # holding a running slot; of those, _awaiting_thread are thread tasks still
-        # waiting for a worker thread (shown as pending).
-        self._accepted = self._pending = self._running = self._awaiting_thread = 0
+        # holding a running slot (of those, thread tasks no worker thread has started
+        # yet are shown as pending).
+        self._accepted = self._pending = self._running = 0
         # Tasks added outside a request that are being stored in the journal (or handed
         # to Redis) before they are accepted: shown as reserved, waited for when idle.
         self._keeping = 0
@@ -116,12 +115,6 @@ class BackgroundNursery:
         if journal is not None:
             journal.on_lease_lost = self._rows_lost
         self._backlog = False
-        # Plain-function tasks handed to the worker threads (no trio task waits on
-        # them), and the deadlines of those with a timeout that have started.
-        self._thread_jobs: dict[Task, Job] = {}
-        self._deadlines: list[tuple[float, int, Task, Job]] = []
-        self._deadline_order = itertools.count()  # (ties: no comparing tasks)
-        self._deadline_wake = trio.Event()
         self._feed_wake = trio.Event()
         # Durable tasks given a running slot, waiting for the journal to record that
         # they start (see _record_starts).
@@ -395,8 +388,8 @@ class BackgroundNursery:
         self._launch(task)
 
     def _launch(self, task: Task) -> None:
-        if not task.is_async and self._tracer is None:
-            self._submit(task)  # no trio task for it (with tracing, one holds its span)
+        if not task.is_async:
+            self._threads.submit(task)  # no trio task for it
             return
         # trio gives the new task a copy of the current context: the caller's, or
         # (run from inside it) the one the task was deferred with.
@@ -439,8 +432,8 @@ class BackgroundNursery:
     def _stats(self) -> TaskStats:
         return TaskStats(
             accepted=self._accepted,
-            pending=self._pending + self._awaiting_thread,
-            running=self._running - self._awaiting_thread,
+            pending=self._pending + self._threads.awaiting,
+            running=self._running - self._threads.awaiting,
             completed=self._completed,
             failed=self._failed,
             timed_out=self._timed_out,
@@ -454,7 +447,7 @@ class BackgroundNursery:
                 if self._queue
                 else 0.0
             ),
-            threads_in_use=self._threads.in_use,
+            threads_in_use=self._threads.pool.in_use,
             retrying=self._retrying,
             retried=self._retried,
             recovered=self._recovered,
@@ -540,17 +533,7 @@ class BackgroundNursery:
             self._pending -= 1
             self._end(task, "cancelled", observed)
         self._nursery.cancel_scope.cancel()  # (before the thread tasks: none is retried)
-        for task, job in list(self._thread_jobs.items()):
-            state = self._threads.cancel(job)
-            if state == "done":
-                self._threads.settle(job)  # it finished: heard now, not after the report
-                continue
-            del self._thread_jobs[task]
-            if state == "refused":  # it never ran
-                self._awaiting_thread -= 1
-                self._attempt_over(task, "cancelled", observed)
-            else:
-                self._attempt_over(task, "abandoned", observed)
+        self._threads.cancel_all()
         if self._outbox:  # (a batch on its way is the forwarder's to settle)
             logger.warning(
                 "%d remote task(s) not yet handed to Redis stay in the journal for the next start",
@@ -602,9 +585,7 @@ class BackgroundNursery:
         try:
             # A task the shutdown cancelled before it was scheduled never starts.
             await trio.lowlevel.checkpoint_if_cancelled()
-            if not task.is_async:
-                outcome = await self._run_in_thread(task, observed)
-            elif task.timeout is None:
+            if task.timeout is None:
                 self._started(task, observed)
                 await task.func(*task.args, **task.kwargs)
                 outcome = "completed"
@@ -616,7 +597,6 @@ class BackgroundNursery:
         except BaseException as exc:
             cancellation, error = _split_cancellation(exc)
             if error is None:
-                outcome = "abandoned" if task.thread_started else "cancelled"
                 raise  # trio's cancellation is never swallowed
             # It failed, perhaps while being cancelled (cleanup code that raised). Any
             # BaseException is the task's failure; KeyboardInterrupt and SystemExit
@@ -658,94 +638,14 @@ class BackgroundNursery:
 
     # -- running a plain-function task ---------------------------------------------
 
-    def _submit(self, task: Task) -> None:
-        """Hand a plain-function task to the worker threads (one attempt). No trio task
-        waits on it: the pool calls `_thread_started`, then `_thread_done`; a timeout
-        is `_abandon_overdue`'s, a shutdown `_cancel_rest`'s."""
-        # Each attempt runs in a copy of the caller's context, as a trio task would: the
-        # one the task was deferred with (a copy already, its own unless it may run
-        # again), or, taken at once, the caller's own.
-        context = task.context
-        if context is None:
-            context = contextvars.copy_context()
-        elif task.retries:
-            context = context.copy()
-        self._awaiting_thread += 1
-        self._thread_jobs[task] = self._threads.submit(
-            task.func,
-            task.args,
-            task.kwargs,
-            context,
-            task,
-            self._on_thread_start,
-            self._on_thread_done,
-        )
+    def _thread_started(self, task: Task, at: float) -> None:
+        self._started(task, self._observed(), at)
 
-    def _thread_started(self, task: Task, started_at: float) -> None:
-        """A worker thread started ``task`` at ``started_at``: its timeout runs from then."""
-        task.thread_started = True
-        self._awaiting_thread -= 1
-        self._started(task, self._observed(), started_at)
-        if task.timeout is not None:
-            job = self._thread_jobs[task]
-            deadline = started_at + task.timeout
-            heapq.heappush(self._deadlines, (deadline, next(self._deadline_order), task, job))
-            if self._deadlines[0][3] is job:  # the new first: the keeper sleeps too long
-                self._deadline_wake.set()
-
-    def _thread_done(self, task: Task, result: outcomes.Outcome[object]) -> None:
-        """``task``'s call returned (or raised) in its worker thread."""
-        assert isinstance(result, Value | Error)
-        del self._thread_jobs[task]
-        if len(self._deadlines) > 2 * len(self._thread_jobs) + 64:
-            self._forget_past_deadlines()
-        error: BaseException | None = None
-        if isinstance(result, Error):
-            error = result.error
-        elif inspect.isawaitable(value := result.value):
-            if inspect.iscoroutine(value):
-                value.close()
-            error = TypeError(
-                f"{task.name} returned an awaitable from a worker thread, so nothing awaited "
-                f"it; define it with async def to run it as a trio task"
-            )
-        observed = self._observed()
-        if error is None:
-            self._attempt_over(task, "completed", observed)
-            return
+    def _thread_ended(self, task: Task, outcome: Outcome, error: BaseException | None) -> None:
         retry = isinstance(error, Exception) and self._may_retry(task)
-        if not retry:
+        if error is not None and not retry:
             self._report_failure(task, error)
-        self._attempt_over(task, "failed", observed, error, retry)
-
-    async def _keep_deadlines(self) -> None:
-        """One trio task for every thread task's timeout: it sleeps until the next."""
-        while True:
-            self._deadline_wake = trio.Event()
-            if self._deadlines:
-                with trio.move_on_at(self._deadlines[0][0]):
-                    await self._deadline_wake.wait()  # (a task with an earlier deadline)
-            else:
-                await self._deadline_wake.wait()
-            self._abandon_overdue()
-
-    def _abandon_overdue(self) -> None:
-        """Thread tasks past their timeout: their threads are abandoned (and replaced),
-        the tasks timed out. (One that has just finished is heard as it finished.)"""
-        now = trio.current_time()
-        observed = self._observed()
-        while self._deadlines and self._deadlines[0][0] <= now:
-            _, _, task, job = heapq.heappop(self._deadlines)
-            if self._thread_jobs.get(task) is job and self._threads.cancel(job) == "abandoned":
-                del self._thread_jobs[task]
-                self._attempt_over(task, "timed_out", observed)
-
-    def _forget_past_deadlines(self) -> None:
-        """Drop the deadlines of calls that have finished (they pile up otherwise)."""
-        self._deadlines = [
-            entry for entry in self._deadlines if self._thread_jobs.get(entry[2]) is entry[3]
-        ]
-        heapq.heapify(self._deadlines)
+        self._attempt_over(task, outcome, self._observed(), error, retry)
 
     async def _run_traced(self, task: Task) -> None:
         assert self._tracer is not None
@@ -948,43 +848,6 @@ class BackgroundNursery:
     def _set_idle_if_idle(self) -> None:
         if self._idle is not None and not (self._pending or self._running or self._keeping):
             self._idle.set()
-
-    async def _run_in_thread(self, task: Task, observed: bool) -> Outcome:
-        """Run a plain-function task in one of the nursery's worker threads. While it
-        waits for a thread it is pending; its timeout (if any) starts when a thread has
-        started it. Cancelled before that, it never runs; after, it is abandoned."""
-        # A cancel scope costs more than the rest of this: only for tasks with a timeout.
-        timeout_scope = None if task.timeout is None else trio.CancelScope()
-
-        def on_start(started_at: float) -> None:
-            task.thread_started = True
-            self._awaiting_thread -= 1
-            self._started(task, observed, started_at)
-            if timeout_scope is not None:
-                assert task.timeout is not None
-                timeout_scope.deadline = started_at + task.timeout
-
-        call = partial(task.func, *task.args, **task.kwargs)
-        self._awaiting_thread += 1
-        try:
-            if timeout_scope is None:
-                result = await self._threads.run(call, on_start)
-            else:
-                with timeout_scope:
-                    result = await self._threads.run(call, on_start)
-        finally:
-            if not task.thread_started:
-                self._awaiting_thread -= 1
-        if timeout_scope is not None and timeout_scope.cancelled_caught:
-            return "timed_out"  # (its thread had started the clock)
-        if inspect.isawaitable(result):
-            if inspect.iscoroutine(result):
-                result.close()
-            raise TypeError(
-                f"{task.name} returned an awaitable from a worker thread, so nothing awaited "
-                f"it; define it with async def to run it as a trio task"
-            )
-        return "completed"
 
     def _report_failure(self, task: Task, exc: BaseException) -> None:
         logger.error("background task %s failed%s", task.name, _of(task), exc_info=exc)
@@ -1261,12 +1124,12 @@ class BackgroundNursery:
         """Own the tasks' nursery, so that its cancel scope covers the tasks only."""
         try:
             async with trio.open_nursery() as self._nursery:
-                self._nursery.start_soon(self._threads.deliver_news)
-                self._nursery.start_soon(self._keep_deadlines)
+                self._nursery.start_soon(self._threads.pool.deliver_news)
+                self._nursery.start_soon(self._threads.keep_deadlines)
                 task_status.started()
                 await trio.sleep_forever()
         finally:
-            self._threads.close()  # (abandoned threads run on, unheard)
+            self._threads.pool.close()  # (abandoned threads run on, unheard)
             self._all_ended.set()
             self._stopping.set()
 

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 try:
+    from opentelemetry import context as otel_context
     from opentelemetry import propagate, trace
 except ImportError as error:  # pragma: no cover -- the extra is not installed
     raise ImportError(
@@ -30,33 +31,50 @@ if TYPE_CHECKING:
     from ._events import TaskEvent
     from ._tasks import Task
 
-# The span of the background task running in this context (its task, to tell apart).
-_current: contextvars.ContextVar[tuple[Task, trace.Span]] = contextvars.ContextVar(
-    "trio_bg.task_span"
-)
-
 
 class TaskTracer:
-    """Makes and annotates the spans of one nursery's tasks."""
+    """Makes and annotates the spans of one nursery's tasks: the span of each attempt
+    under way, by task (the events of a thread task come from trio's thread, not from
+    its context)."""
 
     def __init__(self) -> None:
         self._tracer = trace.get_tracer("trio_bg")
+        self._spans: dict[Task, trace.Span] = {}
 
     @contextmanager
     def span(self, task: Task) -> Iterator[None]:
-        """The span of ``task``, current for the code run in this block."""
+        """The span of ``task``'s attempt, current for the code run in this block (the
+        trio task that runs an ``async def`` task)."""
         with self._tracer.start_as_current_span(
-            f"background task {task.name}",
+            _name(task),
             kind=trace.SpanKind.INTERNAL,
             attributes={"trio_bg.task.name": task.name},
             record_exception=False,  # the nursery records the task's own failure
             set_status_on_exception=False,
         ) as span:
-            token = _current.set((task, span))
+            self._spans[task] = span
             try:
                 yield
             finally:
-                _current.reset(token)
+                del self._spans[task]
+
+    def begin(self, task: Task, context: contextvars.Context) -> None:
+        """Begin the span of an attempt of ``task`` (a thread task) as a child of what
+        is current in ``context``, and make it current there: its thread runs the call
+        in ``context``. `end` ends it."""
+        span = context.run(
+            self._tracer.start_span,
+            _name(task),
+            kind=trace.SpanKind.INTERNAL,
+            attributes={"trio_bg.task.name": task.name},
+        )
+        # (The context is the attempt's own copy: nothing to detach afterwards.)
+        context.run(otel_context.attach, trace.set_span_in_context(span))
+        self._spans[task] = span
+
+    def end(self, task: Task) -> None:
+        """End the span `begin` began for ``task``'s attempt."""
+        self._spans.pop(task).end()
 
     def carrier(self) -> dict[str, str] | None:
         """The current trace context as W3C headers (None if there is none), for a
@@ -67,7 +85,7 @@ class TaskTracer:
 
     def record(self, task: Task, event: TaskEvent) -> None:
         """Put ``event`` on ``task``'s span, if this is the task's own context."""
-        if (span := _span_of(task)) is None:
+        if (span := self._span_of(task)) is None:
             return
         if event.kind == "started":
             span.set_attribute("trio_bg.task.attempt", event.attempt)
@@ -82,10 +100,12 @@ class TaskTracer:
 
     def record_failure(self, task: Task, exc: BaseException) -> None:
         """Record the exception ``task`` failed with on its span."""
-        if (span := _span_of(task)) is not None:
+        if (span := self._span_of(task)) is not None:
             span.record_exception(exc)
 
+    def _span_of(self, task: Task) -> trace.Span | None:
+        return self._spans.get(task)
 
-def _span_of(task: Task) -> trace.Span | None:
-    current = _current.get(None)
-    return current[1] if current is not None and current[0] is task else None
+
+def _name(task: Task) -> str:
+    return f"background task {task.name}"

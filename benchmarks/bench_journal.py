@@ -29,9 +29,9 @@ from typing import Any, Literal, TypeVar
 import trio
 
 import trio_bg
+from trio_bg import BackgroundTasks
 from trio_bg import _journal_file as journal_file
 from trio_bg._options import DEFAULT_MAX_PENDING, DEFAULT_MAX_RUNNING
-from trio_bg._tasks import BackgroundTasks
 
 from .apps.counting import WELCOME_ARGUMENTS
 from .bench_http import (

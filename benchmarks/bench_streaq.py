@@ -31,7 +31,7 @@ from typing import IO, TYPE_CHECKING, Any, Self, TypeVar
 import trio
 
 import trio_bg
-from trio_bg._tasks import BackgroundTasks
+from trio_bg import BackgroundTasks
 
 from .bench_http import App, HttpSettings, Matrix, measure, tasks_cell, versus_cells
 from .inprocess import fresh_run

@@ -7,6 +7,7 @@ what happened to every one.
 
 from ._asgi import BackgroundTaskMiddleware
 from ._callables import Backoff, task
+from ._collection import BackgroundTasks, current_tasks
 from ._errors import HandoffError, JournalError, NurseryClosed, Overloaded
 from ._events import TaskEvent
 from ._journal import lease_held
@@ -14,7 +15,6 @@ from ._nursery import BackgroundNursery, open_background_nursery
 from ._options import DEFAULT_GRACE_PERIOD, NurseryOptions
 from ._report import ShutdownReport, TaskStats
 from ._serve import serve
-from ._tasks import BackgroundTasks, current_tasks
 
 __all__ = [
     "DEFAULT_GRACE_PERIOD",

@@ -10,13 +10,13 @@ from typing import Any, Unpack
 
 import trio
 
+from ._collection import BackgroundTasks, TaskSink, current_collection
 from ._errors import HandoffError, JournalError, Overloaded
 from ._hypercorn_worker import hypercorn_worker_config, ignore_sigterm
 from ._inline import InlineSink, on_trio
 from ._nursery import BackgroundNursery, open_nursery
 from ._options import NurseryOptions, Settings
 from ._report import ShutdownReport
-from ._tasks import BackgroundTasks, TaskSink, _current_tasks
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -200,7 +200,7 @@ class BackgroundTaskMiddleware:
                 raise
             complete(client_gone)
 
-        token = _current_tasks.set(tasks)
+        token = current_collection.set(tasks)
         try:
             await self.app({**scope, SCOPE_KEY: tasks}, client.receive, send_then_hand_off)
         except BaseException as exc:
@@ -212,7 +212,7 @@ class BackgroundTaskMiddleware:
             await send(self._unavailable[1])
             return
         finally:
-            _current_tasks.reset(token)
+            current_collection.reset(token)
             client.close()
         if held_start is not None:  # a start with no body: as the app sent it
             await send(held_start)
@@ -249,14 +249,14 @@ class BackgroundTaskMiddleware:
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         tasks, inline = self._collection()
-        token = _current_tasks.set(tasks)
+        token = current_collection.set(tasks)
         try:
             await self.app({**scope, SCOPE_KEY: tasks}, receive, send)
         except BaseException as exc:
             self._discard_on_error(scope, tasks, exc)
             raise
         finally:
-            _current_tasks.reset(token)
+            current_collection.reset(token)
         if tasks._uncommitted:
             try:
                 await tasks._commit()

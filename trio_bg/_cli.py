@@ -10,46 +10,36 @@ import inspect
 import json
 import logging
 import os
-import shutil
 import signal
 import sys
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, cast
 
 import trio
 from hypercorn.config import Config
 
 from ._asgi import ASGIApp, BackgroundTaskMiddleware
 from ._cli_values import (
+    EXIT_OK,
+    EXIT_USAGE,
+    add_command,
+    check_journal_path,
+    leaves,
     load_attribute,
-    non_negative_float,
-    non_negative_int,
-    positive_float,
     positive_int,
 )
-from ._journal import DEFAULT_LEASE
+from ._drill_command import add_drill_parser, drill_command
 from ._journal_command import add_journal_parser, journal_command
-from ._journal_file import journal_path_problem
-from ._options import (
-    DEFAULT_GRACE_PERIOD,
-    DEFAULT_MAX_PENDING,
-    DEFAULT_MAX_RUNNING,
-    DEFAULT_THREAD_LIMIT,
-    NurseryOptions,
-)
+from ._option_table import DRILL_FLAGS, FLAGS, OPTIONS_BY_NAME, add_flags, given_flags
+from ._options import NurseryOptions
 from ._report import ShutdownReport
-from ._serve import SHUTDOWN_MARGIN, default_config, serve, serve_worker, wrap
+from ._serve import default_config, serve, serve_worker, wrap
 from ._supervisor import WorkerExit, combined, describe_exit, supervise
 from ._worker_command import WorkerRefused, add_worker_parser, load_streaq_worker, worker_command
 
-if TYPE_CHECKING:
-    from ._drill import DrillPlan
-
-EXIT_OK = 0
 EXIT_CUT_SHORT = 1
-EXIT_USAGE = 2
 EXIT_SERVER_FAILED = 3
 
 NOTHING_ACCEPTED = ShutdownReport(
@@ -95,38 +85,6 @@ report (null: it left none). A worker that dies while serving is logged and repl
 (not if it dies within a second of its start, or before it serves: the server stops).
 """
 
-DRILL_EPILOG = """\
-The drill starts `python -m trio_bg serve APP` on 127.0.0.1 (a free port), sends up to
---requests GET / requests at --rate from --concurrency clients, sends the server SIGTERM
-after --signal-after seconds (or once every request was sent; none starts after it),
-waits for the server to exit, and reads its shutdown report. Then it checks the books:
-every accepted task ended completed, failed, timed out, cancelled or abandoned, and
-every answered request had its tasks accepted. For the latter the app sets the response
-header `x-trio-bg-tasks: N`, N being the number of tasks that request added (as
-examples/drill_app.py does); without it that check is skipped, and the drill says so.
-
-The distributed drill (--redis) hands remote tasks to streaq workers: it starts Redis
-(unless --redis URL: a Redis, or a queue, of the drill's alone), --workers processes of
-`python -m trio_bg worker` and the web server (`serve APP --streaq MODULE:NAME`), all
-with $TRIO_BG_DRILL_REDIS set to Redis's URL and $TRIO_BG_DRILL_LEDGER to a ledger file.
-Under load it kills Redis a quarter of the way in and starts it again halfway
-(--kill-redis), SIGKILLs the worker running the most remote tasks halfway, or three
-quarters of the way with --kill-redis (--kill-worker), SIGTERMs the web server, waits
-for the workers to run what the answered requests named (a killed worker's tasks go
-to another after its idle timeout), and stops them. The app names its remote tasks'
-keys in `x-trio-bg-remote`, and each run notes `KEY started PID` and `KEY ran PID` in
-the ledger (as examples/drill_app.py does). Every remote task an answered request named
-must have run to the end at least once; runs beyond it are counted, as at-least-once
-delivery allows them. With --journal the journal is the outbox: a Redis outage costs
-no request a 503.
-
-exit status:
-  0  the books balance and the server stopped within --deadline
-  1  tasks are unaccounted for or lost, or a process failed or did not stop in time
-  2  usage error
-  130  the drill was interrupted (SIGINT, SIGTERM); the processes it started are stopped
-"""
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
@@ -138,117 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return journal_command(args)
     if args.command == "worker":
         return worker_command(args)
-    try:
-        from ._crash_drill import DRILL_LEASE, crash_drill
-        from ._drill import DrillPlan, drill  # needs httpx, which serving does not
-    except ModuleNotFoundError as error:
-        if error.name != "httpx":
-            raise
-        parser.error("the drill needs httpx: pip install 'trio-bg[drill]'")
-    if args.kill and args.journal is None:
-        parser.error("--kill needs --journal: only durable tasks can survive a SIGKILL")
-    if args.poison and not args.kill and args.redis is None:
-        parser.error("--poison needs --kill (the crash drill) or --redis (the distributed drill)")
-    _check_remote_options(parser, args)
-    _check_journal_path(parser, args)
-    lease = args.journal_lease
-    if args.kill and lease is None:
-        lease = DRILL_LEASE
-    plan = DrillPlan(
-        app=args.app,
-        requests=args.requests,
-        concurrency=args.concurrency,
-        rate=args.rate,
-        signal_after=args.signal_after,
-        grace_period=args.grace_period,
-        graceful_timeout=args.graceful_timeout,
-        max_running=args.max_running,
-        max_pending=args.max_pending,
-        deadline=args.deadline,
-        journal=args.journal,
-        journal_lease=lease,
-        kill=args.kill,
-        poison=args.poison,
-    )
-    if args.redis is not None:
-        return _remote_drill_command(parser, args, plan)
-    run = crash_drill if args.kill else drill
-    return run(plan, json_output=args.json)
-
-
-_REMOTE_ONLY = (
-    "streaq",
-    "workers",
-    "kill_worker",
-    "kill_redis",
-    "redis_without_persistence",
-    "idle_timeout",
-)
-
-
-def _check_remote_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Refuse (exit 2) the distributed drill's options where they cannot apply."""
-    if args.redis is None:
-        for name in _REMOTE_ONLY:
-            if getattr(args, name) not in (None, False):
-                parser.error(
-                    f"--{name.replace('_', '-')} needs --redis, the distributed drill "
-                    f"(--redis without a URL: the drill starts a Redis of its own)"
-                )
-        return
-    if args.kill:
-        parser.error("--kill (the crash drill) and --redis (the distributed drill) do not combine")
-    if args.redis and "://" not in args.redis:
-        parser.error(f"--redis: expected a URL (redis://HOST:PORT), not {args.redis!r}")
-    for option in ("kill_redis", "redis_without_persistence"):
-        if getattr(args, option) and args.redis:
-            parser.error(
-                f"--{option.replace('_', '-')} needs the drill's own Redis: give --redis "
-                f"without a URL (a Redis of yours is not the drill's to kill or configure)"
-            )
-    if args.kill_worker and (args.workers or 2) < 2:
-        parser.error("--kill-worker needs --workers 2 or more: another must take over its tasks")
-    if not args.redis and shutil.which("redis-server") is None:
-        parser.error(
-            "--redis without a URL starts a redis-server, and there is none on the PATH: "
-            "install it, or give --redis URL"
-        )
-
-
-def _remote_drill_command(
-    parser: argparse.ArgumentParser, args: argparse.Namespace, plan: DrillPlan
-) -> int:
-    try:
-        from ._remote_drill import RemotePlan, prepare, remote_drill
-    except ModuleNotFoundError as error:
-        if error.name != "streaq":
-            raise
-        parser.error("the distributed drill needs streaq: pip install 'trio-bg[streaq]'")
-    streaq = args.streaq
-    if streaq is None:
-        streaq = f"{args.app.partition(':')[0]}:worker"
-    remote = RemotePlan(
-        drill=plan,
-        streaq=streaq,
-        redis=args.redis or None,
-        workers=args.workers or 2,
-        kill_worker=args.kill_worker,
-        kill_redis=args.kill_redis,
-        redis_persists=not args.redis_without_persistence,
-        idle_timeout=args.idle_timeout,
-        poison=args.poison,
-    )
-    try:
-        target = prepare(remote)
-    except (LookupError, WorkerRefused) as error:
-        parser.error(f"--streaq: {error}")
-    except Exception as error:
-        if isinstance(error, ModuleNotFoundError) and error.name == "streaq":
-            parser.error("the distributed drill needs streaq: pip install 'trio-bg[streaq]'")
-        logging.basicConfig(stream=sys.stderr)
-        logging.getLogger("trio_bg").exception("cannot load %s", streaq)
-        return EXIT_USAGE
-    return remote_drill(target, json_output=args.json)
+    return drill_command(parser, args)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -258,12 +106,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve_parser = commands.add_parser(
+    serve_parser = add_command(
+        commands,
         "serve",
-        help="serve an ASGI app with Hypercorn's trio worker and BackgroundTaskMiddleware",
-        description="Serve an ASGI app with Hypercorn (trio) and BackgroundTaskMiddleware.",
-        epilog=SERVE_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "serve an ASGI app with Hypercorn's trio worker and BackgroundTaskMiddleware",
+        "Serve an ASGI app with Hypercorn (trio) and BackgroundTaskMiddleware.",
+        SERVE_EPILOG,
     )
     serve_parser.add_argument("app", help="the app to serve, as module:attribute")
     serve_parser.add_argument(
@@ -273,13 +121,8 @@ def _parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="where to listen (repeatable; default 127.0.0.1:8000)",
     )
-    _add_nursery_options(serve_parser)
-    serve_parser.add_argument(
-        "--thread-limit",
-        type=positive_int,
-        metavar="N",
-        help=f"worker threads for plain-function tasks (default {DEFAULT_THREAD_LIMIT})",
-    )
+    add_flags(serve_parser, DRILL_FLAGS)
+    add_flags(serve_parser, (OPTIONS_BY_NAME["thread_limit"],))
     serve_parser.add_argument(
         "--log-level",
         choices=("debug", "info", "warning", "error"),
@@ -300,180 +143,14 @@ def _parser() -> argparse.ArgumentParser:
         help="worker processes; from 2, run them under a supervisor in this process "
         "(default 1: serve in this process)",
     )
-    serve_parser.add_argument(
-        "--streaq",
-        metavar="MODULE:NAME",
-        help="the streaq worker (made with trio_bg.streaq.worker()) that remote tasks are "
-        "handed to, loaded like the app",
-    )
+    add_flags(serve_parser, (OPTIONS_BY_NAME["streaq"],))
     # A worker of --workers: commands from the supervisor on stdin (see serve_worker).
     serve_parser.add_argument("--supervised", action="store_true", help=argparse.SUPPRESS)
 
-    drill_parser = commands.add_parser(
-        "drill",
-        help="rehearse a graceful shutdown under load and check that every task is accounted for",
-        description="Rehearse a graceful shutdown of an ASGI app under load.",
-        epilog=DRILL_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    drill_parser.add_argument("app", help="the app to drill, as module:attribute")
-    drill_parser.add_argument(
-        "--requests",
-        type=positive_int,
-        default=400,
-        metavar="N",
-        help="requests to send at most (default 400)",
-    )
-    drill_parser.add_argument(
-        "--concurrency",
-        type=positive_int,
-        default=10,
-        metavar="C",
-        help="concurrent clients (default 10)",
-    )
-    drill_parser.add_argument(
-        "--rate",
-        type=non_negative_float,
-        default=100.0,
-        metavar="R",
-        help="requests per second, all clients together; 0: as fast as they go (default 100)",
-    )
-    drill_parser.add_argument(
-        "--signal-after",
-        type=non_negative_float,
-        default=2.0,
-        metavar="S",
-        help="seconds of load before SIGTERM, or less if every request was sent (default 2)",
-    )
-    _add_nursery_options(drill_parser)
-    drill_parser.add_argument(
-        "--deadline",
-        type=positive_float,
-        metavar="S",
-        help="seconds the server may take to stop after SIGTERM before it is killed and the "
-        f"drill fails (default: graceful timeout + grace period + {SHUTDOWN_MARGIN:g}; pass it "
-        "for an app wrapped in code with a grace period over "
-        f"{DEFAULT_GRACE_PERIOD:g})",
-    )
-    drill_parser.add_argument(
-        "--kill",
-        action="store_true",
-        help="the crash drill (needs --journal): SIGKILL the server instead of SIGTERM, serve "
-        "it again on the same journal, and check that every durable task an answered "
-        "request named ran at least once (journal lease 5 s unless --journal-lease)",
-    )
-    drill_parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    remote = drill_parser.add_argument_group(
-        "the distributed drill (remote tasks, run by streaq workers)"
-    )
-    remote.add_argument(
-        "--redis",
-        nargs="?",
-        const="",
-        metavar="URL",
-        help="the distributed drill, on the Redis at URL (a Redis of the drill's own, on a "
-        "free port of 127.0.0.1, when no URL is given): see below",
-    )
-    remote.add_argument(
-        "--streaq",
-        metavar="MODULE:NAME",
-        help="the streaq worker the workers run and the web server hands its remote tasks to "
-        "(default: the app's module, attribute worker); the app's own spec, for an app "
-        "wrapped in code with streaq=",
-    )
-    remote.add_argument(
-        "--workers",
-        type=positive_int,
-        metavar="N",
-        help="streaq worker processes, python -m trio_bg worker (default 2); not serve's "
-        "--workers: the web server runs in one process",
-    )
-    remote.add_argument(
-        "--kill-worker",
-        action="store_true",
-        help="SIGKILL the worker running the most remote tasks mid-load; another runs its "
-        "tasks once its idle timeout has passed",
-    )
-    remote.add_argument(
-        "--kill-redis",
-        action="store_true",
-        help="SIGKILL the drill's own Redis mid-load (no --redis URL), and start it again on "
-        "the same port",
-    )
-    remote.add_argument(
-        "--redis-without-persistence",
-        action="store_true",
-        help="the drill's own Redis keeps its data in memory only: with --kill-redis it "
-        "comes back empty; with a --journal, every task must still complete",
-    )
-    remote.add_argument(
-        "--poison",
-        action="store_true",
-        help="plant a poisoned record (valid JSON, not a task's) in the queue mid-load: a "
-        "worker must set it aside (recorded as failed) and go on; with --kill, a journal "
-        "row that cannot be read and a durable task that SIGKILLs its process (the app "
-        "adds it on GET /trio-bg-drill/poison): both must end dead letters",
-    )
-    remote.add_argument(
-        "--idle-timeout",
-        type=positive_float,
-        metavar="S",
-        help="set $TRIO_BG_DRILL_IDLE_TIMEOUT for the app's module, which builds its worker "
-        "with it (examples/drill_app.py does; default: trio_bg.streaq's 10 s)",
-    )
+    add_drill_parser(commands)
     add_journal_parser(commands)
     add_worker_parser(commands)
     return parser
-
-
-def _add_nursery_options(parser: argparse.ArgumentParser) -> None:
-    """The options both commands pass on to the middleware and to Hypercorn (only those
-    given: an app that is already a BackgroundTaskMiddleware takes none)."""
-    parser.add_argument(
-        "--grace-period",
-        type=non_negative_float,
-        metavar="S",
-        help="seconds the shutdown waits for background tasks "
-        f"(default {DEFAULT_GRACE_PERIOD:g}, or what an app wrapped in code was given)",
-    )
-    parser.add_argument(
-        "--max-running",
-        type=positive_int,
-        metavar="N",
-        help=f"background tasks running at once (default {DEFAULT_MAX_RUNNING})",
-    )
-    parser.add_argument(
-        "--max-pending",
-        type=non_negative_int,
-        metavar="N",
-        help=f"tasks waiting for a slot before requests get 503 (default {DEFAULT_MAX_PENDING})",
-    )
-    parser.add_argument(
-        "--journal",
-        metavar="PATH",
-        help="the SQLite journal of durable tasks (created if missing): they are stored "
-        "before each response completes and survive a crash or a restart",
-    )
-    parser.add_argument(
-        "--journal-lease",
-        type=positive_float,
-        metavar="S",
-        help="seconds before another process resumes the journal rows of one that died "
-        f"(default {DEFAULT_LEASE:g})",
-    )
-    parser.add_argument(
-        "--graceful-timeout",
-        type=non_negative_float,
-        metavar="S",
-        help="seconds in-flight requests get at shutdown (Hypercorn's; default 3)",
-    )
-
-
-def _check_journal_path(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Refuse (exit 2) a ``--journal`` path that could never be a journal, before
-    anything starts."""
-    if args.journal is not None and (problem := journal_path_problem(Path(args.journal))):
-        parser.error(f"--journal {args.journal}: {problem}")
 
 
 # -- serve ---------------------------------------------------------------------------
@@ -492,20 +169,13 @@ def _serve_command(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     )
     if args.report_json is not None and (problem := _unwritable(args.report_json)):
         parser.error(f"--report-json {args.report_json}: {problem}")
-    options = NurseryOptions()  # only those given: an app that is already wrapped takes none
-    if args.grace_period is not None:
-        options["grace_period"] = args.grace_period
-    if args.thread_limit is not None:
-        options["thread_limit"] = args.thread_limit
-    if args.max_running is not None:
-        options["max_running"] = args.max_running
-    if args.max_pending is not None:
-        options["max_pending"] = args.max_pending
-    if args.journal is not None:
-        _check_journal_path(parser, args)
-        options["journal"] = args.journal
-    if args.journal_lease is not None:
-        options["journal_lease"] = args.journal_lease
+    check_journal_path(parser, args)
+    given: dict[str, Any] = {}  # only those given: an app that is already wrapped takes none
+    for option in FLAGS:
+        value = getattr(args, option.name)
+        if option.nursery and option.name != "streaq" and value is not None:
+            given[option.name] = value
+    options = cast("NurseryOptions", given)
     try:
         loaded = _load_app(args.app)
     except LookupError as error:
@@ -608,19 +278,7 @@ def _worker_command(args: argparse.Namespace) -> list[str]:
     sockets and the report path."""
     command = [sys.executable, "-m", "trio_bg", "serve", args.app, "--supervised"]
     command.append(f"--log-level={args.log_level}")
-    for name in (
-        "grace_period",
-        "max_running",
-        "max_pending",
-        "graceful_timeout",
-        "thread_limit",
-        "journal",
-        "journal_lease",
-        "streaq",
-    ):
-        if (value := getattr(args, name)) is not None:
-            command.append(f"--{name.replace('_', '-')}={value}")
-    return command
+    return command + given_flags(args)
 
 
 def _accounted_for(worker: WorkerExit) -> bool:
@@ -629,19 +287,12 @@ def _accounted_for(worker: WorkerExit) -> bool:
 
 def _server_failed(error: Exception) -> int:
     logger = logging.getLogger("trio_bg")
-    errors = _leaves(error)
+    errors = leaves(error)
     if all(isinstance(leaf, OSError) for leaf in errors):  # no traceback for "port in use"
         logger.error("the server failed: %s", "; ".join(map(str, errors)))
     else:
         logger.error("the server failed", exc_info=error)
     return EXIT_SERVER_FAILED
-
-
-def _leaves(error: BaseException) -> list[BaseException]:
-    """The exceptions in ``error``, nested groups flattened (Hypercorn nests them)."""
-    if isinstance(error, BaseExceptionGroup):
-        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
-    return [error]
 
 
 def _load_app(spec: str) -> ASGIApp:

@@ -1,4 +1,5 @@
-"""What the command line reads: ``module:attribute`` specs, and numbers with bounds."""
+"""What the commands share: the exit statuses, what they read (``module:attribute``
+specs, numbers with bounds), and how they describe an error."""
 
 from __future__ import annotations
 
@@ -7,6 +8,13 @@ import importlib
 import math
 import os
 import sys
+from pathlib import Path
+from typing import Any
+
+from ._journal_file import journal_path_problem
+
+EXIT_OK = 0
+EXIT_USAGE = 2
 
 
 def load_attribute(spec: str, *, what: str, default: str | None = None) -> object:
@@ -35,6 +43,21 @@ def load_attribute(spec: str, *, what: str, default: str | None = None) -> objec
     return target
 
 
+def add_command(
+    commands: Any, name: str, summary: str, description: str, epilog: str
+) -> argparse.ArgumentParser:
+    """Add the command ``name`` to the command line's subcommands (``summary``: its line
+    in the list); its ``epilog`` is shown as written."""
+    parser: argparse.ArgumentParser = commands.add_parser(
+        name,
+        help=summary,
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    return parser
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
@@ -61,3 +84,25 @@ def non_negative_float(text: str) -> float:
     if not (value >= 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, not {text}")
     return value
+
+
+def leaves(error: BaseException) -> list[BaseException]:
+    """The exceptions in ``error``, nested groups flattened (Hypercorn's and streaq's
+    task groups nest them)."""
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in leaves(inner)]
+    return [error]
+
+
+def describe_error(error: BaseException, *, once: bool = False) -> str:
+    """``Type: message`` of each exception in ``error`` (``once``: of each different
+    one), joined by "; "."""
+    described = [f"{type(leaf).__name__}: {leaf}" for leaf in leaves(error)]
+    return "; ".join(dict.fromkeys(described) if once else described)
+
+
+def check_journal_path(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse (exit 2) a ``--journal`` path that could never be a journal, before
+    anything starts."""
+    if args.journal is not None and (problem := journal_path_problem(Path(args.journal))):
+        parser.error(f"--journal {args.journal}: {problem}")

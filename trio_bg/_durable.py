@@ -189,13 +189,3 @@ def _first_unencodable(value: object) -> object:
 
 def _definition(func: Callable[..., Any]) -> str:
     return f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', func)!s}"
-
-
-def needs_a_journal(name: str, where: str) -> RuntimeError:
-    """The error for a durable task added where no journal keeps it."""
-    return RuntimeError(
-        f"{name} is a durable task, and {where}: configure one with "
-        f"journal='path/tasks.db' (BackgroundTaskMiddleware, trio_bg.serve, "
-        f"open_background_nursery, the integrations; --journal on the command line), "
-        f"or journal=':memory:' in tests"
-    )

@@ -34,3 +34,22 @@ class HandoffError(Exception):
     def __init__(self, message: str, *, in_doubt: bool = False) -> None:
         super().__init__(message)
         self.in_doubt = in_doubt
+
+
+def needs_a_journal(name: str, where: str) -> RuntimeError:
+    """The error for a durable task added where no journal keeps it."""
+    return RuntimeError(
+        f"{name} is a durable task, and {where}: configure one with "
+        f"journal='path/tasks.db' (BackgroundTaskMiddleware, trio_bg.serve, "
+        f"open_background_nursery, the integrations; --journal on the command line), "
+        f"or journal=':memory:' in tests"
+    )
+
+
+def needs_a_handoff(name: str, where: str) -> RuntimeError:
+    """The error for a remote task added where nothing hands it to its worker."""
+    return RuntimeError(
+        f"{name} is a streaq task, and {where}: give its worker to the nursery with "
+        f"streaq=worker (BackgroundTaskMiddleware, trio_bg.serve, open_background_nursery, "
+        f"the integrations)"
+    )

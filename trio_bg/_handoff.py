@@ -70,9 +70,9 @@ class Handoff:
     them (`HandoffError` if it cannot take them). `run` holds the connection."""
 
     def __init__(self, worker: Worker[Any]) -> None:
-        from .streaq import _Worker
+        from ._streaq_worker import TrioWorker
 
-        assert isinstance(worker, _Worker)  # (checked with the nursery's options)
+        assert isinstance(worker, TrioWorker)  # (checked with the nursery's options)
         self._origin = worker
         self.worker = worker._sender()  # the app's own worker may run in this process
         self._open: _Shipment | None = None  # the next batch, gathering tasks
@@ -315,15 +315,6 @@ class Handoff:
         code = await trio.Path(Path(streaq.__file__).parent / "lua" / "streaq.lua").read_text()
         self.worker._lib = await Streaq(self.worker.redis, code=code, replace=True)
         logger.warning("Redis had lost streaq's functions (restarted?): loaded them again")
-
-
-def needs_a_handoff(name: str, where: str) -> RuntimeError:
-    """The error for a remote task added where nothing hands it to its worker."""
-    return RuntimeError(
-        f"{name} is a streaq task, and {where}: give its worker to the nursery with "
-        f"streaq=worker (BackgroundTaskMiddleware, trio_bg.serve, open_background_nursery, "
-        f"the integrations)"
-    )
 
 
 def _never_connected(error: BaseException) -> bool:

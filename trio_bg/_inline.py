@@ -14,8 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ._durable import needs_a_journal
-from ._handoff import needs_a_handoff
+from ._errors import needs_a_handoff, needs_a_journal
 
 if TYPE_CHECKING:
     from ._tasks import Task

@@ -17,10 +17,17 @@ from typing import TYPE_CHECKING, Any, ParamSpec, Unpack
 import trio
 
 from ._callables import spec_of
-from ._durable import decode_arguments, needs_a_journal, registered, registered_names
-from ._errors import HandoffError, JournalError, NurseryClosed, Overloaded
+from ._durable import decode_arguments, registered, registered_names
+from ._errors import (
+    HandoffError,
+    JournalError,
+    NurseryClosed,
+    Overloaded,
+    needs_a_handoff,
+    needs_a_journal,
+)
 from ._events import EventKind, Outcome, TaskEvent
-from ._handoff import Handoff, needs_a_handoff
+from ._handoff import Handoff
 from ._journal import REMOTE_PREFIX, Claim, Journal, current_claim
 from ._journal_file import Row
 from ._options import NurseryOptions, Settings

@@ -133,29 +133,6 @@ class ThreadPool:
             self._start_thread()
         return job
 
-    async def run(self, call: Callable[[], object], on_start: Callable[[float], None]) -> object:
-        """Run ``call`` in a worker thread, in a copy of this task's context; return
-        what it returned, or raise what it raised. ``on_start`` is called in this
-        task's context once trio knows a thread has started it (before the result, or
-        the cancellation that abandons it), with the time it started."""
-        waiter = trio.lowlevel.current_task()
-
-        def started(_: object, at: float) -> None:
-            waiter.context.run(on_start, at)
-
-        def done(_: object, result: outcome.Outcome[object]) -> None:
-            trio.lowlevel.reschedule(waiter, result)
-
-        job = self.submit(call, (), {}, contextvars.copy_context(), None, started, done)
-
-        def abort(_: object) -> trio.lowlevel.Abort:
-            if self.cancel(job) == "done":  # its outcome reschedules this task
-                return trio.lowlevel.Abort.FAILED
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        # Rescheduled with the call's outcome: its value comes back, or its error is raised.
-        return await trio.lowlevel.wait_task_rescheduled(abort)
-
     def cancel(self, job: Job) -> Literal["refused", "abandoned", "done"]:
         """Take ``job`` back: ``"refused"`` if it had not started (it never will),
         ``"abandoned"`` if it had (its thread runs on, unheard); ``"done"`` if it had

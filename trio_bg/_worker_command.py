@@ -13,13 +13,18 @@ from typing import TYPE_CHECKING, Any, cast
 
 import trio
 
-from ._cli_values import load_attribute, positive_int
+from ._cli_values import (
+    EXIT_OK,
+    EXIT_USAGE,
+    add_command,
+    describe_error,
+    load_attribute,
+    positive_int,
+)
 
 if TYPE_CHECKING:
     from streaq import Worker
 
-EXIT_OK = 0
-EXIT_USAGE = 2
 EXIT_WORKER_FAILED = 3
 
 FIRST_DELAY = 0.1
@@ -60,12 +65,12 @@ logger = logging.getLogger("trio_bg")
 
 def add_worker_parser(commands: Any) -> None:
     """Add the ``worker`` command to the command line's subcommands."""
-    parser = commands.add_parser(
+    parser = add_command(
+        commands,
         "worker",
-        help="run the tasks of a streaq worker (trio_bg.streaq) on trio",
-        description="Run the tasks of a streaq worker on trio, until a signal stops it.",
-        epilog=WORKER_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "run the tasks of a streaq worker (trio_bg.streaq) on trio",
+        "Run the tasks of a streaq worker on trio, until a signal stops it.",
+        WORKER_EPILOG,
     )
     parser.add_argument(
         "worker",
@@ -90,7 +95,7 @@ def worker_command(args: argparse.Namespace) -> int:
     """Run ``worker``; return the exit status."""
     parser: argparse.ArgumentParser = args.worker_parser
     try:
-        from . import streaq  # noqa: F401 -- streaq is optional: serving needs none of it
+        from . import _streaq_worker  # noqa: F401 -- streaq is optional: serving needs none of it
     except ModuleNotFoundError as error:
         if error.name != "streaq":
             raise
@@ -172,7 +177,7 @@ async def _run(
             return  # stopped by a signal, or the burst is over
         if trio.current_time() - started >= MAX_DELAY:
             delay = FIRST_DELAY  # it ran a while: a new failure, not the last one again
-        reasons = "; ".join(dict.fromkeys(f"{type(e).__name__}: {e}" for e in _leaves(failed)))
+        reasons = describe_error(failed, once=True)
         if stopping.is_set():
             logger.error(
                 "streaq worker %s lost Redis while stopping (%s): the tasks it had taken go "
@@ -210,20 +215,13 @@ class _Entered(AbstractAsyncContextManager[Any]):
         return None
 
 
-def _leaves(error: BaseException) -> list[BaseException]:
-    """The exceptions in ``error``, nested groups flattened (streaq's task groups nest)."""
-    if isinstance(error, BaseExceptionGroup):
-        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
-    return [error]
-
-
 def load_streaq_worker(spec: str) -> Worker[Any]:
     """The streaq worker at ``module:name``: a worker made by `trio_bg.streaq.worker`,
     or the worker of a `BackgroundTaskMiddleware` given one (``streaq=``). `LookupError`
     when there is none there, `WorkerRefused` when `trio_bg.streaq.check_worker` refuses
     it; whatever the module raises on import goes through."""
     from ._asgi import BackgroundTaskMiddleware
-    from .streaq import check_worker
+    from ._streaq_worker import check_worker
 
     target = load_attribute(spec, what="worker")
     if isinstance(target, BackgroundTaskMiddleware):

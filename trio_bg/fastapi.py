@@ -39,7 +39,7 @@ from starlette.background import BackgroundTask
 from starlette.requests import HTTPConnection
 from starlette.types import Scope
 
-from . import _tasks
+from . import _collection, _tasks
 from ._options import NurseryOptions
 from .starlette import install as _install_middleware
 from .starlette import middleware_of, overloaded_handler
@@ -160,7 +160,7 @@ class _Adoption:
     async def adopt(
         self, background_tasks: fastapi.BackgroundTasks, connection: HTTPConnection
     ) -> None:
-        tasks = _tasks._current_tasks.get(None)
+        tasks = _collection.current_collection.get(None)
         if tasks is None:  # no middleware: FastAPI runs them inline, as trio_bg would
             return
         adopted = _Adopted(self, background_tasks, tasks, connection.scope)
@@ -179,7 +179,7 @@ class _Adopted:
         self,
         adoption: _Adoption,
         fastapi_tasks: fastapi.BackgroundTasks,
-        tasks: _tasks.BackgroundTasks,
+        tasks: _collection.BackgroundTasks,
         scope: Scope,
     ) -> None:
         self._adoption = adoption
@@ -258,15 +258,15 @@ def _may_inject(route: starlette.routing.BaseRoute) -> bool:
     return isinstance(route, fastapi_routes) or not isinstance(route, starlette_routes)
 
 
-async def request_tasks() -> _tasks.BackgroundTasks:
+async def request_tasks() -> _collection.BackgroundTasks:
     """FastAPI dependency: the `trio_bg.BackgroundTasks` of the request being handled.
 
     An ``async def`` on purpose: FastAPI would run a plain function dependency (such
     as `trio_bg.current_tasks` itself) in a worker thread, one per request.
     """
-    return _tasks.current_tasks()
+    return _collection.current_tasks()
 
 
-Tasks = Annotated[_tasks.BackgroundTasks, Depends(request_tasks)]
+Tasks = Annotated[_collection.BackgroundTasks, Depends(request_tasks)]
 """Declare ``tasks: Tasks`` in an endpoint (or a dependency) to get the request's
 `trio_bg.BackgroundTasks`; its tasks run in the server's nursery after the response."""

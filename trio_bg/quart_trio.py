@@ -47,10 +47,10 @@ from ._asgi import (
     retry_after_headers,
 )
 from ._callables import spec_of, task
+from ._collection import BackgroundTasks, current_collection
 from ._errors import Overloaded
 from ._failures import FailureWatch, WatchesTasks
 from ._options import NurseryOptions
-from ._tasks import BackgroundTasks, _current_tasks
 
 __all__ = ["EXTENSION_KEY", "TestApp", "add_background_task", "init_app", "middleware_of"]
 
@@ -165,7 +165,7 @@ def _add(
 ) -> None:
     target = _in_app_context(app, func)
     middleware = middleware_of(app)
-    tasks = _current_tasks.get(None)
+    tasks = current_collection.get(None)
     if tasks is not None and (
         (has_request_context() and not has_websocket_context())
         # No lifespan (Quart's test client without test_app()): no nursery to start
@@ -204,7 +204,7 @@ def _in_app_context(app: QuartTrio, func: Callable[P, Any]) -> Callable[P, Any]:
 
 def _discard_collected(why: str) -> None:
     """Discard the tasks the current HTTP request has collected (it failed)."""
-    tasks: BackgroundTasks | None = _current_tasks.get(None)
+    tasks: BackgroundTasks | None = current_collection.get(None)
     if tasks is not None and has_request_context():
         from quart import request
 

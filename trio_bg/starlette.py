@@ -35,9 +35,9 @@ from ._asgi import (
     check_retry_after,
     retry_after_headers,
 )
+from ._collection import BackgroundTasks
 from ._errors import Overloaded
 from ._options import NurseryOptions, Settings
-from ._tasks import BackgroundTasks
 
 if TYPE_CHECKING:
     from ._starlette_testclient import TestClient

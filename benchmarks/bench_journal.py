@@ -30,8 +30,8 @@ import trio
 
 import trio_bg
 from trio_bg import BackgroundTasks
-from trio_bg import _journal_file as journal_file
-from trio_bg._options import DEFAULT_MAX_PENDING, DEFAULT_MAX_RUNNING
+from trio_bg._keeping import journal_file
+from trio_bg._running.options import DEFAULT_MAX_PENDING, DEFAULT_MAX_RUNNING
 
 from .apps.counting import WELCOME_ARGUMENTS
 from .bench_http import (

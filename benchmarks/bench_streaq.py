@@ -207,7 +207,7 @@ Wait = Callable[[], Awaitable[int]]
 @contextlib.contextmanager
 def _counting_round_trips() -> Iterator[list[int]]:
     """Count the hand-off's pipelines to Redis (``Handoff._publish``), for one run."""
-    from trio_bg._handoff import Handoff
+    from trio_bg._keeping.handoff import Handoff
 
     original = Handoff._publish
     count = [0]

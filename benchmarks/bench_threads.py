@@ -22,7 +22,7 @@ from functools import partial
 import trio
 
 import trio_bg
-from trio_bg._options import DEFAULT_MAX_RUNNING, DEFAULT_THREAD_LIMIT
+from trio_bg._running.options import DEFAULT_MAX_RUNNING, DEFAULT_THREAD_LIMIT
 
 from .bench_http import BARE, App, HttpSettings, Matrix, Measurement, measure, tasks_cell
 from .inprocess import fresh_run

@@ -16,7 +16,7 @@ from hypercorn.config import Config
 from hypercorn.trio import serve
 from redis_server import durable_redis_server, redis_server  # fixtures
 
-from trio_bg._asgi import ASGIApp, Message
+from trio_bg._web.middleware import ASGIApp, Message
 
 __all__ = ["durable_redis_server", "redis_server"]
 

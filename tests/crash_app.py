@@ -10,7 +10,7 @@ import trio
 from journal_app import note_in_ledger
 
 import trio_bg
-from trio_bg._asgi import Receive, Scope, Send
+from trio_bg._web.middleware import Receive, Scope, Send
 
 
 async def record(key: str) -> None:

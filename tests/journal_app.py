@@ -15,7 +15,7 @@ from urllib.parse import parse_qs
 import trio
 
 import trio_bg
-from trio_bg._asgi import Receive, Scope, Send
+from trio_bg._web.middleware import Receive, Scope, Send
 
 
 @trio_bg.task(name="tests.journal_app.record", durable=True)

@@ -15,7 +15,7 @@ import signal
 from journal_app import note_in_ledger
 
 import trio_bg
-from trio_bg._asgi import Receive, Scope, Send
+from trio_bg._web.middleware import Receive, Scope, Send
 
 
 @trio_bg.task(name="tests.poison_app.record", durable=True)

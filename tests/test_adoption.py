@@ -22,7 +22,7 @@ from starlette.testclient import TestClient
 
 import trio_bg
 import trio_bg.starlette
-from trio_bg._asgi import Receive, Scope, Send
+from trio_bg._web.middleware import Receive, Scope, Send
 from trio_bg.testing import open_test_client
 
 

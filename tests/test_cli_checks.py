@@ -19,8 +19,8 @@ from quart_trio import QuartTrio
 from starlette.applications import Starlette
 
 import trio_bg
-from trio_bg._asgi import Receive, Scope, Send
-from trio_bg._cli import _not_asgi3, _write_json
+from trio_bg._cli.main import _not_asgi3, _write_json
+from trio_bg._web.middleware import Receive, Scope, Send
 
 BOUND = 15.0
 TESTS = Path(__file__).parent

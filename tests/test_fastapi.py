@@ -24,7 +24,7 @@ from fastapi import Depends, FastAPI, HTTPException
 
 import trio_bg
 import trio_bg.fastapi
-from trio_bg._asgi import ASGIApp
+from trio_bg._web.middleware import ASGIApp
 from trio_bg.fastapi import Tasks
 
 BOUND = 10.0

@@ -23,7 +23,7 @@ from starlette.testclient import TestClient
 
 import trio_bg
 import trio_bg.fastapi
-from trio_bg._asgi import ASGIApp, Message, Receive, Scope, Send
+from trio_bg._web.middleware import ASGIApp, Message, Receive, Scope, Send
 from trio_bg.testing import open_test_client
 
 BOUND = 10.0

@@ -7,7 +7,7 @@ from collections import Counter
 import trio
 
 import trio_bg
-from trio_bg._asgi import Receive, Scope, Send
+from trio_bg._web.middleware import Receive, Scope, Send
 from trio_bg.testing import open_test_client
 
 MAX_RUNNING, MAX_PENDING = 4, 16

@@ -32,7 +32,7 @@ from wsproto.events import (
 )
 
 import trio_bg
-from trio_bg._asgi import ASGIApp, Message, Receive, Scope, Send
+from trio_bg._web.middleware import ASGIApp, Message, Receive, Scope, Send
 
 BOUND = 10.0
 """Seconds any single wait may take before the test fails (generous: a noisy CI box)."""

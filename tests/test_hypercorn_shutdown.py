@@ -20,7 +20,7 @@ from conftest import asgi_client, run_hypercorn, run_lifespan
 from hypercorn.utils import LifespanFailureError
 
 import trio_bg
-from trio_bg._asgi import ASGIApp, Message, Receive, Scope, Send
+from trio_bg._web.middleware import ASGIApp, Message, Receive, Scope, Send
 
 BOUND = 10.0
 """Seconds any single wait may take before the test fails."""

@@ -17,10 +17,11 @@ import trio
 from conftest import StartupFailed, asgi_client, run_lifespan, served
 
 import trio_bg
-from trio_bg import _journal, _journal_file
 from trio_bg import fastapi as trio_bg_fastapi
-from trio_bg._asgi import ASGIApp
 from trio_bg._errors import JournalError
+from trio_bg._keeping import journal as _journal
+from trio_bg._keeping import journal_file as _journal_file
+from trio_bg._web.middleware import ASGIApp
 from trio_bg.testing import open_test_client
 
 ran: list[tuple[str, int]] = []
@@ -214,7 +215,7 @@ async def test_recovery_takes_no_more_than_there_is_room_for(tmp_path: Path) -> 
 async def test_startup_takes_one_round_of_rows_even_when_they_end_at_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(trio_bg._nursery, "_CLAIM_BATCH", 2)  # a round takes 4 claims
+    monkeypatch.setattr(trio_bg._running.nursery, "_CLAIM_BATCH", 2)  # a round takes 4 claims
     path = tmp_path / "tasks.db"
     async with trio_bg.open_background_nursery(journal=path, grace_period=0) as bg:
         for number in range(30):

@@ -16,7 +16,7 @@ from conftest import asgi_client, run_lifespan
 from processes import BOUND
 
 import trio_bg
-from trio_bg import _journal
+from trio_bg._keeping import journal as _journal
 
 BUSY = 0.5
 """The busy timeout in these tests (5 s in production)."""

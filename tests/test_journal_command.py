@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from trio_bg import _journal_command
-from trio_bg import _journal_file as journal_file
-from trio_bg._cli import main
+from trio_bg._cli import journal_command as _journal_command
+from trio_bg._cli.main import main
+from trio_bg._keeping import journal_file
 
 EMAIL = "alice@example.com"  # personal data in a task's arguments
 ERROR = (

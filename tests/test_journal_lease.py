@@ -19,7 +19,7 @@ from redis_server import free_port
 from test_journal_processes import Server, client, ledger_lines
 
 import trio_bg
-from trio_bg import _journal_file
+from trio_bg._keeping import journal_file as _journal_file
 
 LEASE = 1.0
 

@@ -15,7 +15,7 @@ import trio
 from processes import BOUND
 
 import trio_bg
-from trio_bg import _journal_file
+from trio_bg._keeping import journal_file as _journal_file
 
 ran = trio.Event()
 

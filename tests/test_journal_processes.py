@@ -287,7 +287,7 @@ async def test_workers_share_one_journal_and_defer_into_it(tmp_path: Path) -> No
 
 
 def _open_at_once(path: str, barrier: Any, results: Any) -> None:
-    from trio_bg import _journal_file
+    from trio_bg._keeping import journal_file as _journal_file
 
     barrier.wait()
     try:

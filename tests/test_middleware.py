@@ -14,7 +14,7 @@ import trio.testing
 from conftest import StartupFailed, asgi_client, run_lifespan
 
 import trio_bg
-from trio_bg._asgi import Message, Receive, Scope, Send
+from trio_bg._web.middleware import Message, Receive, Scope, Send
 
 HEADERS = [(b"content-type", b"text/plain")]
 

@@ -14,7 +14,7 @@ import trio.testing
 from conftest import task_with_a_cleanup_bug
 
 import trio_bg
-from trio_bg._thread_pool import ThreadPool
+from trio_bg._engine.thread_pool import ThreadPool
 
 
 async def broken(secret: str = "") -> None:

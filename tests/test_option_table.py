@@ -7,9 +7,9 @@ from typing import get_type_hints
 
 import pytest
 
-from trio_bg._events import TaskEvent
-from trio_bg._option_table import NURSERY_OPTIONS, markdown_table
-from trio_bg._options import NurseryOptions, Settings
+from trio_bg._engine.events import TaskEvent
+from trio_bg._running.option_table import NURSERY_OPTIONS, markdown_table
+from trio_bg._running.options import NurseryOptions, Settings
 
 NAMESPACE = {"TaskEvent": TaskEvent}
 

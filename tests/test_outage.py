@@ -19,8 +19,8 @@ from redis_server import RedisServer, redis_server_or_skip
 from test_streaq import HandedOff, Queue, endpoint, looking_into, run_worker_until_empty
 
 import trio_bg
-from trio_bg import _handoff
-from trio_bg._asgi import HANDOFF_IN_DOUBT_TEXT
+from trio_bg._keeping import handoff as _handoff
+from trio_bg._web.middleware import HANDOFF_IN_DOUBT_TEXT
 
 stored: list[int] = []
 

@@ -25,8 +25,8 @@ from processes import BOUND, Child, trio_bg_process
 from redis_server import free_port
 
 import trio_bg
-from trio_bg import _journal_file
-from trio_bg._asgi import Receive, Scope, Send
+from trio_bg._keeping import journal_file as _journal_file
+from trio_bg._web.middleware import Receive, Scope, Send
 
 ran: list[tuple[str, object]] = []
 changed = trio.Event()

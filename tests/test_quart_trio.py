@@ -26,7 +26,7 @@ from quart_trio import QuartTrio
 
 import trio_bg
 import trio_bg.quart_trio
-from trio_bg._asgi import ASGIApp, Receive, Scope, Send
+from trio_bg._web.middleware import ASGIApp, Receive, Scope, Send
 
 BOUND = 10.0
 """Seconds any single wait may take before the test fails (generous: a noisy CI box)."""

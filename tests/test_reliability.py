@@ -20,7 +20,7 @@ import trio.testing
 from conftest import run_hypercorn, run_lifespan
 
 import trio_bg
-from trio_bg._asgi import Receive, Scope, Send
+from trio_bg._web.middleware import Receive, Scope, Send
 from trio_bg.testing import TaskFailures, open_test_client
 
 HEADERS = [(b"content-type", b"text/plain")]

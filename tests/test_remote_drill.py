@@ -24,8 +24,8 @@ import pytest
 import trio
 
 import trio_bg
-from trio_bg._asgi import Receive, Scope, Send
-from trio_bg._cli import main
+from trio_bg._cli.main import main
+from trio_bg._web.middleware import Receive, Scope, Send
 
 BOUND = 40.0
 """Seconds one drill may take before the test fails (a noisy machine; typically ~5 s)."""

@@ -17,7 +17,7 @@ from conftest import task_with_a_cleanup_bug
 
 import trio_bg
 from trio_bg import Backoff
-from trio_bg._asgi import Receive, Scope, Send
+from trio_bg._web.middleware import Receive, Scope, Send
 from trio_bg.testing import open_test_client
 
 EXACT = Backoff(initial=10, jitter=0)  # retry n waits 10 * 2 ** (n - 1) seconds

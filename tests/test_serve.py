@@ -29,9 +29,9 @@ from hypercorn.config import Config
 from redis_server import RedisServer, redis_server_or_skip
 
 import trio_bg
-from trio_bg import _journal_file
-from trio_bg._asgi import Receive, Scope, Send
-from trio_bg._serve import SHUTDOWN_MARGIN, default_config
+from trio_bg._keeping import journal_file as _journal_file
+from trio_bg._web.middleware import Receive, Scope, Send
+from trio_bg._web.serve import SHUTDOWN_MARGIN, default_config
 
 BOUND = 15.0
 """Seconds any single wait may take before the test fails (generous: a noisy machine)."""
@@ -372,7 +372,7 @@ async def test_a_server_that_cannot_bind_exits_3() -> None:
 
 
 def test_serve_is_exported() -> None:
-    assert trio_bg.serve is trio_bg._serve.serve
+    assert trio_bg.serve is trio_bg._web.serve.serve
     assert "serve" in trio_bg.__all__
 
 

@@ -29,7 +29,7 @@ from starlette.routing import Route
 
 import trio_bg
 import trio_bg.starlette
-from trio_bg._asgi import ASGIApp, Receive, Scope, Send
+from trio_bg._web.middleware import ASGIApp, Receive, Scope, Send
 
 BOUND = 10.0
 """Seconds any single wait may take before the test fails (generous: a noisy CI box)."""

@@ -25,7 +25,7 @@ from starlette.routing import Route
 
 import trio_bg
 import trio_bg.starlette
-from trio_bg._asgi import Receive, Scope, Send
+from trio_bg._web.middleware import Receive, Scope, Send
 
 with warnings.catch_warnings():
     # Starlette 1.10's TestClient prefers httpx2, and warns once when it finds httpx.

@@ -21,8 +21,8 @@ from redis_server import RedisServer
 import trio_bg
 import trio_bg.streaq
 from trio_bg import fastapi as trio_bg_fastapi
-from trio_bg._asgi import HANDOFF_FAILED_TEXT, ASGIApp
-from trio_bg._events import TaskEvent
+from trio_bg._engine.events import TaskEvent
+from trio_bg._web.middleware import HANDOFF_FAILED_TEXT, ASGIApp
 
 Handler = Callable[[trio_bg.BackgroundTasks], Any]
 
@@ -451,7 +451,7 @@ async def test_fastapi_background_tasks_of_a_remote_task_hand_it_off(queue: Queu
 async def test_a_remote_tasks_analysis_is_kept(queue: Queue) -> None:
     """A streaq task cannot be hashed (a dataclass): its analysis is kept by identity
     all the same, not redone (an ``inspect.signature`` and a compile) at every add."""
-    from trio_bg._callables import spec_of
+    from trio_bg._engine.calls import spec_of
 
     assert spec_of(queue.welcome) is spec_of(queue.welcome)
 

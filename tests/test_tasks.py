@@ -10,7 +10,7 @@ import pytest
 import trio
 
 import trio_bg
-from trio_bg._tasks import Task
+from trio_bg._engine.tasks import Task
 
 
 async def notify(user: str, *, subject: str = "") -> None:

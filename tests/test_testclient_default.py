@@ -24,7 +24,7 @@ from starlette.routing import Route
 import trio_bg
 import trio_bg.fastapi
 import trio_bg.starlette
-from trio_bg._asgi import ASGIApp, Receive, Scope, Send
+from trio_bg._web.middleware import ASGIApp, Receive, Scope, Send
 
 
 class Loops:

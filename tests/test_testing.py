@@ -9,7 +9,7 @@ import trio
 import trio.testing
 
 import trio_bg
-from trio_bg._asgi import Receive, Scope, Send
+from trio_bg._web.middleware import Receive, Scope, Send
 from trio_bg.testing import TaskFailures, open_test_client
 
 HEADERS = [(b"content-length", b"2")]

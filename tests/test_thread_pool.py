@@ -13,7 +13,7 @@ import trio.lowlevel
 import trio.testing
 
 import trio_bg
-from trio_bg import _thread_pool
+from trio_bg._engine import thread_pool as _thread_pool
 
 BOUND = 15.0
 """Seconds any single wait may take before the test fails (generous: a noisy machine)."""

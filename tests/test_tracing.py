@@ -16,7 +16,7 @@ from redis_server import RedisServer
 
 import trio_bg
 import trio_bg.streaq
-from trio_bg._asgi import Receive, Scope, Send
+from trio_bg._web.middleware import Receive, Scope, Send
 from trio_bg.testing import open_test_client
 
 EXPORTER = InMemorySpanExporter()

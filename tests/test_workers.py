@@ -26,8 +26,8 @@ from typing import Any
 import httpx
 import trio
 
-from trio_bg._asgi import Receive, Scope, Send
-from trio_bg._supervisor import MIN_UPTIME
+from trio_bg._cli.supervisor import MIN_UPTIME
+from trio_bg._web.middleware import Receive, Scope, Send
 
 BOUND = 15.0
 """Seconds any single wait may take before the test fails (generous: a noisy machine)."""

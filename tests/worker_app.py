@@ -22,7 +22,7 @@ from pathlib import Path
 import trio
 
 import trio_bg
-from trio_bg._asgi import Receive, Scope, Send
+from trio_bg._web.middleware import Receive, Scope, Send
 
 # Under Hypercorn's CLI nothing else sets up logging: show every INFO line of trio_bg's
 # too, unless the test is of plain Hypercorn, where no one sets up logging.

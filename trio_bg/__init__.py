@@ -5,16 +5,16 @@ nursery; shutdown drains them for a grace period, cancels the rest, and reports
 what happened to every one.
 """
 
-from ._asgi import BackgroundTaskMiddleware
-from ._callables import Backoff, task
-from ._collection import BackgroundTasks, current_tasks
+from ._engine.calls import Backoff, task
+from ._engine.events import TaskEvent
+from ._engine.report import ShutdownReport, TaskStats
 from ._errors import HandoffError, JournalError, NurseryClosed, Overloaded
-from ._events import TaskEvent
-from ._journal import lease_held
-from ._nursery import BackgroundNursery, open_background_nursery
-from ._options import DEFAULT_GRACE_PERIOD, NurseryOptions
-from ._report import ShutdownReport, TaskStats
-from ._serve import serve
+from ._keeping.journal import lease_held
+from ._running.nursery import BackgroundNursery, open_background_nursery
+from ._running.options import DEFAULT_GRACE_PERIOD, NurseryOptions
+from ._web.collection import BackgroundTasks, current_tasks
+from ._web.middleware import BackgroundTaskMiddleware
+from ._web.serve import serve
 
 __all__ = [
     "DEFAULT_GRACE_PERIOD",

@@ -111,7 +111,7 @@ def _has_trio_bg(app: object) -> bool:
     """Whether ``app`` has trio_bg installed: it is a `BackgroundTaskMiddleware`, a
     Starlette (or FastAPI) app lists one in ``user_middleware`` (its stack is only
     built when it first runs), or a middleware's ``.app`` leads to one of those."""
-    from ._asgi import BackgroundTaskMiddleware
+    from ._web.middleware import BackgroundTaskMiddleware
 
     for _ in range(_APP_CHAIN_LIMIT):
         if isinstance(app, BackgroundTaskMiddleware):

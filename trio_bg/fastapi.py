@@ -39,13 +39,14 @@ from starlette.background import BackgroundTask
 from starlette.requests import HTTPConnection
 from starlette.types import Scope
 
-from . import _collection, _tasks
-from ._options import NurseryOptions
+from ._engine import tasks as _tasks
+from ._running.options import NurseryOptions
+from ._web import collection as _collection
 from .starlette import install as _install_middleware
 from .starlette import middleware_of, overloaded_handler
 
 if TYPE_CHECKING:
-    from ._starlette_testclient import TestClient
+    from ._testkit.starlette_testclient import TestClient
 
 __all__ = [
     "Tasks",
@@ -60,7 +61,7 @@ __all__ = [
 
 def __getattr__(name: str) -> object:
     if name == "TestClient":  # imported on first use: it needs httpx
-        from ._starlette_testclient import TestClient
+        from ._testkit.starlette_testclient import TestClient
 
         return TestClient
     if name == "BackgroundTasks":

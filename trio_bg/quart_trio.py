@@ -39,18 +39,18 @@ from quart.typing import TestClientProtocol
 from quart_trio import QuartTrio
 from quart_trio.testing import TrioTestApp
 
-from ._asgi import (
+from ._engine.calls import spec_of, task
+from ._errors import Overloaded
+from ._running.options import NurseryOptions
+from ._testkit.failures import FailureWatch, WatchesTasks
+from ._web.collection import BackgroundTasks, current_collection
+from ._web.middleware import (
     UNAVAILABLE_TEXT,
     ASGIApp,
     BackgroundTaskMiddleware,
     Message,
     retry_after_headers,
 )
-from ._callables import spec_of, task
-from ._collection import BackgroundTasks, current_collection
-from ._errors import Overloaded
-from ._failures import FailureWatch, WatchesTasks
-from ._options import NurseryOptions
 
 __all__ = ["EXTENSION_KEY", "TestApp", "add_background_task", "init_app", "middleware_of"]
 

@@ -28,19 +28,19 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
-from ._asgi import (
+from ._errors import Overloaded
+from ._running.options import NurseryOptions, Settings
+from ._web.collection import BackgroundTasks
+from ._web.middleware import (
     SCOPE_KEY,
     UNAVAILABLE_TEXT,
     BackgroundTaskMiddleware,
     check_retry_after,
     retry_after_headers,
 )
-from ._collection import BackgroundTasks
-from ._errors import Overloaded
-from ._options import NurseryOptions, Settings
 
 if TYPE_CHECKING:
-    from ._starlette_testclient import TestClient
+    from ._testkit.starlette_testclient import TestClient
 
 __all__ = ["TestClient", "install", "middleware_of", "overloaded_handler"]
 
@@ -49,7 +49,7 @@ def __getattr__(name: str) -> object:
     # TestClient is imported on first use: starlette.testclient needs httpx, which
     # an app that only serves does not.
     if name == "TestClient":
-        from ._starlette_testclient import TestClient
+        from ._testkit.starlette_testclient import TestClient
 
         return TestClient
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -22,6 +22,6 @@ worker, which runs it again. Make remote tasks idempotent (README, Remote tasks)
 
 from __future__ import annotations
 
-from ._streaq_worker import DEFAULT_GRACE_PERIOD, DEFAULT_IDLE_TIMEOUT, check_worker, worker
+from ._keeping.streaq_worker import DEFAULT_GRACE_PERIOD, DEFAULT_IDLE_TIMEOUT, check_worker, worker
 
 __all__ = ["DEFAULT_GRACE_PERIOD", "DEFAULT_IDLE_TIMEOUT", "check_worker", "worker"]

@@ -15,8 +15,8 @@ from typing import Any
 import httpx
 import trio
 
-from ._asgi import STATE_KEY, ASGIApp, BackgroundTaskMiddleware, Message
-from ._failures import FailureWatch, TaskFailures, WatchesTasks
+from ._testkit.failures import FailureWatch, TaskFailures, WatchesTasks
+from ._web.middleware import STATE_KEY, ASGIApp, BackgroundTaskMiddleware, Message
 
 __all__ = ["TaskFailures", "TestClient", "open_test_client"]
 

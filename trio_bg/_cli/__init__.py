@@ -1,0 +1,1 @@
+"""The command line: `python -m trio_bg serve | drill | journal | worker`."""

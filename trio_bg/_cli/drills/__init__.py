@@ -1,0 +1,1 @@
+"""The drills: one harness, and the shutdown, crash and distributed drills on it."""

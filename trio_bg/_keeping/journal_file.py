@@ -1,0 +1,556 @@
+"""The journal file: an SQLite database in WAL mode, its schema, and every statement
+run on it. Plain, blocking code: `Journal` runs it on the one thread that owns the
+connection, and the ``journal`` command runs it directly.
+
+Two tables. ``tasks`` holds one row per durable task not yet done: its registered
+name, its JSON arguments, its attempt, whether that attempt has ``started``, and which
+process (``owner``) has claimed it; dead letters (tasks that failed their last
+attempt) stay with ``state = 'dead'``. A row claimed with ``started`` set had its run
+cut short by the death of its process: that counts as an attempt.
+``owners`` holds one row per live process, with the wall-clock time its lease
+expires; a process renews it while it lives, and when it renews its own it also
+releases the rows of any process whose lease has expired (`reap`): then another
+process may claim them. Ids are ``AUTOINCREMENT``: a reused id
+could make one task look like another.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import sqlite3
+import time
+import urllib.parse
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .._errors import JournalError
+
+APPLICATION_ID = 0x74726267  # "trbg", in the SQLite header: this file is a trio_bg journal
+SCHEMA_VERSION = 2
+
+MEMORY = ":memory:"
+"""The path of a journal that lives in memory, for tests: durable only in name."""
+
+_SCHEMA = f"""
+CREATE TABLE tasks (
+    id        INTEGER PRIMARY KEY AUTOINCREMENT,
+    name      TEXT    NOT NULL,
+    arguments TEXT    NOT NULL,
+    attempt   INTEGER NOT NULL DEFAULT 1,
+    state     TEXT    NOT NULL DEFAULT 'queued' CHECK (state IN ('queued', 'dead')),
+    owner     INTEGER,
+    created   REAL    NOT NULL,
+    error     TEXT,
+    started   INTEGER NOT NULL DEFAULT 0,
+    sent      TEXT
+);
+CREATE INDEX tasks_by_state ON tasks (state, owner, id);
+CREATE TABLE owners (
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    pid     INTEGER NOT NULL,
+    host    TEXT    NOT NULL,
+    expires REAL    NOT NULL
+);
+PRAGMA application_id = {APPLICATION_ID};
+PRAGMA user_version = {SCHEMA_VERSION};
+"""
+
+SYNCHRONOUS_LEVELS = ("full", "normal")
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One task as the journal keeps it."""
+
+    id: int
+    name: str
+    arguments: str
+    attempt: int
+    state: str = "queued"
+    owner: int | None = None
+    created: float = 0.0
+    error: str | None = None
+    started: bool = False
+    """Whether its attempt had started (and not ended) when it was read."""
+    sent: str | None = None
+    """A remote task's stream entry id, once Redis has it."""
+
+
+def connect(
+    path: str, *, synchronous: str = "full", busy_timeout: float = 5.0, create: bool = True
+) -> sqlite3.Connection:
+    """Open the journal at ``path`` (creating it if need be, and ``create``), checked:
+    `JournalError` saying what is wrong with a path, a file that is not a journal (or
+    is a newer one's), a corrupt or locked database."""
+    if synchronous not in SYNCHRONOUS_LEVELS:
+        raise ValueError(f"synchronous must be one of {SYNCHRONOUS_LEVELS}, not {synchronous!r}")
+    if path != MEMORY and (problem := journal_path_problem(Path(path))):
+        raise JournalError(f"cannot open the journal {path}: {problem}")
+    if create and path != MEMORY:
+        _create_private(path)
+    try:
+        connection = sqlite3.connect(
+            path if create else f"file:{urllib.parse.quote(path)}?mode=rw",
+            timeout=busy_timeout,
+            isolation_level=None,
+            check_same_thread=False,
+            uri=not create,
+        )
+    except sqlite3.Error as error:
+        raise JournalError(f"cannot open the journal {path}: {error}") from error
+    # Switching a new journal to WAL mode needs the file to itself: a process starting
+    # at the same moment may get "locked" at once, without SQLite's busy wait.
+    deadline = time.monotonic() + busy_timeout
+    while True:
+        try:
+            _prepare(connection, path, synchronous, create)
+        except JournalError as error:
+            if _locked(error) and time.monotonic() < deadline:
+                time.sleep(0.01)
+                continue
+            connection.close()
+            raise
+        except BaseException:
+            connection.close()
+            raise
+        return connection
+
+
+def _create_private(path: str) -> None:
+    """Create ``path`` empty, readable and writable by its owner only, if it does not
+    exist: its rows hold task arguments. SQLite gives its -wal and -shm files the
+    journal's mode; the umask may narrow it, never widen it."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+    except OSError as error:
+        raise JournalError(f"cannot create the journal {path}: {error.strerror}") from error
+
+
+def exposed(path: str) -> list[str]:
+    """The journal's files (the journal, its -wal and -shm) that others than their
+    owner may read or write."""
+    if path == MEMORY:
+        return []
+    found = []
+    for name in (path, f"{path}-wal", f"{path}-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(name).st_mode & 0o077:
+                found.append(name)
+    return found
+
+
+def _locked(error: JournalError) -> bool:
+    cause = error.__cause__
+    return isinstance(cause, sqlite3.OperationalError) and "locked" in str(cause)
+
+
+def journal_path_problem(path: Path) -> str | None:
+    """What makes ``path`` unusable for a journal, checked before SQLite is asked, or
+    None."""
+    directory = path.parent
+    if not directory.is_dir():
+        return f"its directory {directory} does not exist"
+    if path.is_dir():
+        return "it is a directory"
+    # SQLite writes its -wal and -shm files beside the journal: the directory must be
+    # writable, not just the file.
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return f"its directory {directory} is not writable"
+    if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+        return "the file is not readable and writable"
+    return None
+
+
+def _prepare(connection: sqlite3.Connection, path: str, synchronous: str, create: bool) -> None:
+    try:
+        application_id, version = _header(connection)
+        if create and application_id != APPLICATION_ID:
+            # Several processes may start on a new journal at once: under the write lock
+            # one creates it, in one transaction (executescript would commit first), and
+            # the others then see it whole.
+            with transaction(connection):
+                application_id, version = _header(connection)
+                if (application_id, version) == (0, 0) and _is_empty(connection):
+                    for statement in _SCHEMA.split(";"):
+                        if statement.strip():
+                            connection.execute(statement)
+                    application_id, version = _header(connection)
+        if application_id == version == 0 and _is_empty(connection):
+            raise JournalError(f"{path} is empty, not a trio_bg journal")
+        if application_id != APPLICATION_ID:
+            raise JournalError(
+                f"{path} is not a trio_bg journal (it is an SQLite database of something "
+                f"else): give the journal a file of its own"
+            )
+        if version > SCHEMA_VERSION:
+            raise JournalError(
+                f"the journal {path} has schema version {version}, newer than this trio_bg "
+                f"knows ({SCHEMA_VERSION}): it was written by a newer trio_bg; upgrade "
+                f"trio_bg to open it"
+            )
+        if version < SCHEMA_VERSION:
+            _upgrade(connection)
+        mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if path != MEMORY and mode != "wal":
+            raise JournalError(
+                f"cannot put the journal {path} in WAL mode (it stays in {mode} mode)"
+            )
+        connection.execute(f"PRAGMA synchronous = {synchronous}")
+        check = connection.execute("PRAGMA quick_check").fetchone()[0]
+        if check != "ok":
+            raise JournalError(
+                f"the journal {path} is corrupt ({check}); restore it or move it away"
+            )
+    except sqlite3.Error as error:
+        raise journal_error(error, f"cannot open the journal {path}") from error
+
+
+def _upgrade(connection: sqlite3.Connection) -> None:
+    """Bring an older journal to this schema, in place, keeping its rows: under the
+    write lock, so that of processes opening it at once only the first does it."""
+    with transaction(connection):
+        if _header(connection)[1] < 2:
+            connection.execute("ALTER TABLE tasks ADD COLUMN started INTEGER NOT NULL DEFAULT 0")
+            connection.execute("ALTER TABLE tasks ADD COLUMN sent TEXT")
+        connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+def _header(connection: sqlite3.Connection) -> tuple[int, int]:
+    application_id = connection.execute("PRAGMA application_id").fetchone()[0]
+    version = connection.execute("PRAGMA user_version").fetchone()[0]
+    return application_id, version
+
+
+def _is_empty(connection: sqlite3.Connection) -> bool:
+    count: int = connection.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+    return count == 0
+
+
+def journal_error(error: sqlite3.Error, doing: str) -> JournalError:
+    """A `JournalError` that says what SQLite's ``error`` means for the journal."""
+    text = str(error)
+    if "file is not a database" in text:
+        meaning = "the file is not a trio_bg journal (not an SQLite database at all)"
+    elif "malformed" in text:
+        meaning = "the database is corrupt; restore it or move it away"
+    elif "locked" in text or "busy" in text:
+        meaning = "the database is locked by another process for too long"
+    elif "full" in text:
+        meaning = "the disk is full"
+    elif "readonly" in text or "read-only" in text:
+        meaning = "the journal is read-only here"
+    else:
+        meaning = text
+    if meaning != text:
+        meaning = f"{meaning} ({text})"
+    return JournalError(f"{doing}: {meaning}")
+
+
+# -- what a process does -------------------------------------------------------------
+
+
+def join(connection: sqlite3.Connection, lease: float) -> int:
+    """Register this process as an owner holding a lease of ``lease`` seconds; its id."""
+    with transaction(connection):
+        owner = int(
+            connection.execute(
+                "INSERT INTO owners (pid, host, expires) VALUES (?, ?, ?) RETURNING id",
+                (os.getpid(), socket.gethostname(), time.time() + lease),
+            ).fetchone()[0]
+        )
+        reap(connection, owner)  # a process that died long ago: its rows are ours to take
+        return owner
+
+
+def held(connection: sqlite3.Connection, owner: int) -> set[int]:
+    """The ids of the rows ``owner`` holds."""
+    return {id for (id,) in connection.execute("SELECT id FROM tasks WHERE owner = ?", (owner,))}
+
+
+def renew(connection: sqlite3.Connection, owner: int, lease: float) -> bool:
+    """Extend ``owner``'s lease; False if it had expired and been reaped meanwhile (it
+    is registered again, and its rows may have been claimed by another process)."""
+    expires = time.time() + lease
+    cursor = connection.execute("UPDATE owners SET expires = ? WHERE id = ?", (expires, owner))
+    if cursor.rowcount:
+        return True
+    connection.execute(
+        "INSERT INTO owners (id, pid, host, expires) VALUES (?, ?, ?, ?)",
+        (owner, os.getpid(), socket.gethostname(), expires),
+    )
+    return False
+
+
+def append(
+    connection: sqlite3.Connection, owner: int, rows: Sequence[tuple[str, str, int]]
+) -> list[int]:
+    """Insert tasks (name, JSON arguments, attempt) claimed by ``owner``; their ids.
+
+    One statement for all the rows: Python's sqlite3 lets go of the GIL at every
+    statement step, and taking it back from a busy event loop can take a while. In
+    one transaction holding the write lock, ``AUTOINCREMENT`` gives consecutive ids,
+    one more than the largest ever used: so the ids are those up to the last.
+    """
+    if not rows:
+        return []
+    cursor = connection.execute(
+        "INSERT INTO tasks (name, arguments, attempt, owner, created) "
+        "SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), "
+        "json_extract(value, '$[2]'), ?, ? FROM json_each(?) ORDER BY key",
+        (owner, time.time(), _json_list(rows)),
+    )
+    last = cursor.lastrowid
+    assert last is not None
+    return list(range(last - len(rows) + 1, last + 1))
+
+
+def remove(connection: sqlite3.Connection, owner: int, ids: Sequence[int]) -> None:
+    """Delete done (or discarded) tasks of ``owner``, in one statement. (Each of these
+    writes skips the rows ``owner`` no longer holds: a late finisher never touches
+    another process's claim.)"""
+    connection.execute(
+        "DELETE FROM tasks WHERE owner = ? AND id IN (SELECT value FROM json_each(?))",
+        (owner, _json_list(ids)),
+    )
+
+
+def mark_sent(
+    connection: sqlite3.Connection, owner: int, receipts: Sequence[tuple[int, str]]
+) -> None:
+    """Record where Redis put remote tasks of ``owner`` it acknowledged: (id, receipt)
+    pairs."""
+    connection.execute(
+        "UPDATE tasks SET sent = json_extract(value, '$[1]') FROM json_each(?) "
+        "WHERE tasks.id = json_extract(value, '$[0]') AND owner = ?",
+        (_json_list(receipts), owner),
+    )
+
+
+def unsend(connection: sqlite3.Connection, owner: int, ids: Sequence[int]) -> None:
+    """Queue remote tasks of ``owner`` again, for any process, that Redis lost."""
+    connection.execute(
+        "UPDATE tasks SET sent = NULL, owner = NULL "
+        "WHERE owner = ? AND id IN (SELECT value FROM json_each(?))",
+        (owner, _json_list(ids)),
+    )
+
+
+def set_attempt(connection: sqlite3.Connection, owner: int, id: int, attempt: int) -> None:
+    """Record that task ``id`` is on attempt ``attempt``, not started yet (its retry is
+    due, or its last run died with its process)."""
+    connection.execute(
+        "UPDATE tasks SET attempt = ?, started = 0 WHERE id = ? AND owner = ?", (attempt, id, owner)
+    )
+
+
+def start(connection: sqlite3.Connection, owner: int, ids: Sequence[int]) -> None:
+    """Record that the current attempts of tasks ``ids`` of ``owner`` start, in one
+    statement: found so when claimed, a row's run was cut short by the death of its
+    process."""
+    connection.execute(
+        "UPDATE tasks SET started = 1 WHERE owner = ? AND id IN (SELECT value FROM json_each(?))",
+        (owner, _json_list(ids)),
+    )
+
+
+def bury(connection: sqlite3.Connection, owner: int, id: int, error: str) -> None:
+    """Make task ``id`` a dead letter: it failed its last attempt."""
+    connection.execute(
+        "UPDATE tasks SET state = 'dead', owner = NULL, error = ? WHERE id = ? AND owner = ?",
+        (error, id, owner),
+    )
+
+
+def claim(
+    connection: sqlite3.Connection, owner: int, names: Sequence[str], limit: int
+) -> list[Row]:
+    """Claim for ``owner`` up to ``limit`` queued tasks, oldest first, that are nobody's
+    and whose name is one of ``names``. (The rows of a process that died become
+    nobody's when a live one `reap`s.) The index gives them in order: no sort of the
+    whole backlog per claim.
+
+    The arguments are read as bytes and decoded here, so that no row can fail the
+    claim of the others: one that is not text (a damaged page, a row written by hand)
+    is made a dead letter, in this transaction, and returned as such.
+    """
+    claimed = connection.execute(
+        """
+        UPDATE tasks SET owner = :owner
+        WHERE id IN (
+            SELECT id FROM tasks
+            WHERE state = 'queued' AND owner IS NULL
+            AND name IN (SELECT value FROM json_each(:names))
+            ORDER BY id LIMIT :limit
+        )
+        RETURNING id, name, CAST(arguments AS BLOB), attempt, started, sent
+        """,
+        {"owner": owner, "names": _json_list(names), "limit": limit},
+    ).fetchall()
+    rows = []
+    for id, name, data, attempt, started, sent in sorted(claimed):
+        error = None
+        try:
+            # As a str with lone surrogates, which JSON allows, was stored by trio_bg
+            # before it escaped them.
+            arguments = data.decode("utf-8", "surrogatepass")
+        except UnicodeDecodeError:
+            arguments, error = "", "cannot run from the journal: its arguments are not UTF-8"
+        if type(attempt) is not int or attempt < 1:
+            error = "cannot run from the journal: its attempt is not a number"
+        if error is not None:
+            bury(connection, owner, id, error)
+            rows.append(Row(id, name, arguments, 1, "dead", error=error))
+        else:
+            rows.append(Row(id, name, arguments, attempt, started=bool(started), sent=sent))
+    return rows
+
+
+def reap(connection: sqlite3.Connection, owner: int) -> int:
+    """Release the rows of the processes whose lease has expired (or that are gone),
+    and forget those processes; return how many rows were released."""
+    now = time.time()
+    released = connection.execute(
+        "UPDATE tasks SET owner = NULL WHERE state = 'queued' AND owner IS NOT NULL "
+        "AND owner != :owner AND owner NOT IN (SELECT id FROM owners WHERE expires > :now)",
+        {"owner": owner, "now": now},
+    ).rowcount
+    connection.execute("DELETE FROM owners WHERE expires <= ? AND id != ?", (now, owner))
+    return released
+
+
+def unknown(connection: sqlite3.Connection, names: Sequence[str]) -> dict[str, int]:
+    """Queued tasks whose name is not one of ``names``, counted by name."""
+    rows = connection.execute(
+        "SELECT CAST(name AS BLOB), count(*) FROM tasks WHERE state = 'queued' "
+        "AND name NOT IN (SELECT value FROM json_each(?)) GROUP BY name ORDER BY name",
+        (_json_list(names),),
+    ).fetchall()
+    return {_text(name): count for name, count in rows}
+
+
+def leave(connection: sqlite3.Connection, owner: int, keep: Sequence[int]) -> None:
+    """This process is done: release its rows, but for ``keep`` (tasks abandoned in
+    their threads, which may still be running: they wait for the lease to expire); and
+    if it keeps none, unregister it."""
+    connection.execute(
+        "UPDATE tasks SET owner = NULL, started = 0 WHERE owner = ? "
+        "AND id NOT IN (SELECT value FROM json_each(?))",
+        (owner, _json_list(keep)),
+    )
+    if not keep:
+        connection.execute("DELETE FROM owners WHERE id = ?", (owner,))
+
+
+def plant_unreadable(connection: sqlite3.Connection, name: str) -> int:
+    """Queue a task ``name`` whose arguments are not text, as a damaged page may leave
+    them (the crash drill's poison); its id."""
+    with transaction(connection):
+        return int(
+            connection.execute(
+                "INSERT INTO tasks (name, arguments, created) "
+                "VALUES (?, CAST(X'5b5bff5d2c7b7d5d' AS TEXT), ?) RETURNING id",
+                (name, time.time()),
+            ).fetchone()[0]
+        )
+
+
+# -- what the journal command does ---------------------------------------------------
+
+
+def rows(
+    connection: sqlite3.Connection, *, state: str | None = None, ids: Sequence[int] | None = None
+) -> list[Row]:
+    """The journal's tasks, oldest first: all, those in ``state``, or those of ``ids``.
+    Text that is not UTF-8 (a damaged row) comes with replacement characters."""
+    query = (
+        "SELECT id, CAST(name AS BLOB), CAST(arguments AS BLOB), attempt, state, owner, "
+        "created, CAST(error AS BLOB), started, sent FROM tasks"
+    )
+    clauses, parameters = _where(state, ids)
+    return [
+        Row(
+            id,
+            _text(name),
+            _text(arguments),
+            attempt,
+            state,
+            owner,
+            created,
+            None if error is None else _text(error),
+            bool(started),
+            sent,
+        )
+        for id, name, arguments, attempt, state, owner, created, error, started, sent in (
+            connection.execute(f"{query}{clauses} ORDER BY id", parameters)
+        )
+    ]
+
+
+def queued(connection: sqlite3.Connection) -> int:
+    """How many tasks are queued (claimed or not): those still to run."""
+    count: int = connection.execute("SELECT count(*) FROM tasks WHERE state = 'queued'").fetchone()[
+        0
+    ]
+    return count
+
+
+def requeue(connection: sqlite3.Connection, ids: Sequence[int] | None) -> int:
+    """Queue dead letters (those of ``ids``, or all for None) again, from their first
+    attempt."""
+    clauses, parameters = _where("dead", ids)
+    with transaction(connection):
+        return connection.execute(
+            f"UPDATE tasks SET state = 'queued', attempt = 1, started = 0, owner = NULL, "
+            f"error = NULL{clauses}",
+            parameters,
+        ).rowcount
+
+
+def purge(connection: sqlite3.Connection, ids: Sequence[int] | None) -> int:
+    """Delete dead letters (those of ``ids``, or all for None)."""
+    clauses, parameters = _where("dead", ids)
+    with transaction(connection):
+        return connection.execute(f"DELETE FROM tasks{clauses}", parameters).rowcount
+
+
+def _where(state: str | None, ids: Sequence[int] | None) -> tuple[str, list[object]]:
+    clauses: list[str] = []
+    parameters: list[object] = []
+    if state is not None:
+        clauses.append("state = ?")
+        parameters.append(state)
+    if ids is not None:
+        clauses.append("id IN (SELECT value FROM json_each(?))")
+        parameters.append(_json_list(ids))
+    return (" WHERE " + " AND ".join(clauses) if clauses else ""), parameters
+
+
+def _text(data: bytes) -> str:
+    return data.decode("utf-8", "replace")
+
+
+def _json_list(values: Iterable[object]) -> str:
+    return json.dumps(list(values))
+
+
+@contextlib.contextmanager
+def transaction(connection: sqlite3.Connection) -> Iterator[None]:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT`` (``ROLLBACK`` on error): the write lock is
+    taken up front, so two processes never deadlock upgrading a read to a write."""
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        connection.execute("COMMIT")
+    except BaseException:
+        # SQLite may have rolled back already (a full disk, say): then there is nothing
+        # to roll back, and the error that did it is the one to raise.
+        if connection.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                connection.execute("ROLLBACK")
+        raise

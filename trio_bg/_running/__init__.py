@@ -1,0 +1,1 @@
+"""The nursery that runs tasks, with what keeps them, and its options."""

@@ -1,0 +1,1 @@
+"""What `trio_bg.testing`, the integrations' test clients and the pytest plugin use."""

@@ -215,7 +215,7 @@ async def test_recovery_takes_no_more_than_there_is_room_for(tmp_path: Path) -> 
 async def test_startup_takes_one_round_of_rows_even_when_they_end_at_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(trio_bg._running.nursery, "_CLAIM_BATCH", 2)  # a round takes 4 claims
+    monkeypatch.setattr(trio_bg._keeping.journal_keeper, "CLAIM_BATCH", 2)  # a round takes 4 claims
     path = tmp_path / "tasks.db"
     async with trio_bg.open_background_nursery(journal=path, grace_period=0) as bg:
         for number in range(30):

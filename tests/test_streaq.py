@@ -158,8 +158,8 @@ async def test_concurrent_requests_share_a_round_trip(queue: Queue) -> None:
         streaq=queue.worker,
     )
     async with run_lifespan(app), asgi_client(app) as client:
-        handoff = app.nursery._handoff
-        assert handoff is not None
+        assert app.nursery._remote is not None
+        handoff = app.nursery._remote.handoff
         trips = 0
         publish = handoff._publish
 

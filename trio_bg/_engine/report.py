@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
@@ -163,3 +164,11 @@ def report_from_json(data: Mapping[str, Any]) -> ShutdownReport:
         for field in fields(ShutdownReport)
     }
     return ShutdownReport(**values | {"unfinished": tuple(values["unfinished"])})
+
+
+def names_with_counts(names: Iterable[str]) -> str:
+    """Task names for a log line, each once with its count, most frequent first:
+    ``"send_email (9000), resize (1000), audit"``."""
+    return ", ".join(
+        name if count == 1 else f"{name} ({count})" for name, count in Counter(names).most_common()
+    )

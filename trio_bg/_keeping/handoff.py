@@ -73,7 +73,7 @@ class Handoff:
         from .streaq_worker import TrioWorker
 
         assert isinstance(worker, TrioWorker)  # (checked with the nursery's options)
-        self._origin = worker
+        self.origin = worker  # the worker the nursery was given
         self.worker = worker._sender()  # the app's own worker may run in this process
         self._open: _Shipment | None = None  # the next batch, gathering tasks
         self._on_its_way: _Shipment | None = None
@@ -156,7 +156,7 @@ class Handoff:
                     delay = min(max(2 * delay, RETRY_FIRST), RETRY_MAX)
                     logger.error("lost or cannot reach %s; trying again in %.3gs", problem, delay)
                     await trio.sleep(delay)
-                    self.worker = self._origin._sender()  # (a worker is entered only once)
+                    self.worker = self.origin._sender()  # (a worker is entered only once)
         finally:
             self._closed = True
             self._fail_waiting("the hand-off to Redis was cancelled")

@@ -8,7 +8,7 @@ import logging
 import os
 import random
 import threading
-from collections import Counter, deque
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
@@ -16,10 +16,8 @@ from typing import TYPE_CHECKING, Any, ParamSpec, Unpack
 
 import trio
 
-from .._engine.calls import spec_of
-from .._engine.durable import decode_arguments, registered, registered_names
 from .._engine.events import EventKind, Outcome, TaskEvent
-from .._engine.report import ShutdownReport, TaskStats
+from .._engine.report import ShutdownReport, TaskStats, names_with_counts
 from .._engine.tasks import Task, sent
 from .._engine.thread_pool import ThreadPool
 from .._engine.thread_tasks import ThreadTasks
@@ -32,9 +30,9 @@ from .._errors import (
     needs_a_journal,
 )
 from .._keeping.handoff import Handoff
-from .._keeping.journal import REMOTE_PREFIX, Claim, Journal, current_claim
-from .._keeping.journal_file import Row
-from .._keeping.redis_guard import LOOK_EVERY, Receipt, RedisGuard
+from .._keeping.journal import Journal
+from .._keeping.journal_keeper import JournalKeeper
+from .._keeping.remote_keeper import RemoteKeeper
 from .options import NurseryOptions, Settings
 
 if TYPE_CHECKING:
@@ -58,10 +56,13 @@ class BackgroundNursery:
     `ShutdownReport` in `report`.
     """
 
-    def __init__(self, settings: Settings, journal: Journal | None = None) -> None:
+    def __init__(self, settings: Settings) -> None:
         """Private: use `open_background_nursery`."""
         self._settings = settings
-        self._journal = journal
+        # What keeps durable tasks (a journal) and remote ones (a streaq worker's queue
+        # in Redis), set by open_nursery: collaborators told of each step of such a task.
+        self._journal: JournalKeeper | None = None
+        self._remote: RemoteKeeper | None = None
         self._nursery: trio.Nursery  # set by _host; its cancel scope covers the tasks only
         self._trio_token = trio.lowlevel.current_trio_token()
         self._trio_thread = threading.get_ident()
@@ -109,39 +110,9 @@ class BackgroundNursery:
         self._completed = self._failed = self._timed_out = 0
         self._cancelled = self._abandoned = self._discarded = self._rejected = 0
         self._retrying = self._retried = 0
-        # With a journal: tasks taken from it, durable tasks left in it for a later run
-        # (of those, _kept were abandoned in threads that may still run), and rows of
-        # names unknown here. The feeder claims rows while there is room; _backlog says
-        # its last claim found more than it could take, so a task's end wakes it.
-        self._recovered = self._deferred = self._unknown = 0
-        self._kept: list[int] = []
-        # The durable tasks in this process's hands (placed, not yet ended), and how
-        # many of them went to another process while its lease had lapsed.
-        self._claims: dict[Task, Claim] = {}
-        self._lease_lost = 0
-        if journal is not None:
-            journal.on_lease_lost = self._rows_lost
-        self._backlog = False
-        self._feed_wake = trio.Event()
-        # Durable tasks given a running slot, waiting for the journal to record that
-        # they start (see _record_starts).
-        self._starting: list[Task] = []
-        self._starts_wake = trio.Event()
-        # With a streaq worker: what sends remote tasks to its queue (set by
-        # open_nursery), and how many it did. With a journal too, the journal is the
-        # outbox: remote tasks are stored, then wait (pending) in _outbox until the
-        # forwarder has handed them off.
-        self._handoff: Handoff | None = None
-        self._handed_off = 0
-        self._outbox: deque[Task] = deque()
-        self._outbox_wake = trio.Event()
-        self._left_in_outbox = 0
-        # Remote tasks Redis acknowledged that no worker has taken yet, watched in
-        # case Redis forgets them (see _watch_redis); those whose hand-off got no
-        # answer (Redis may have them), those Redis forgot that a journal sent again,
-        # and those it forgot that no journal kept.
-        self._guard = RedisGuard()
-        self._unconfirmed = self._resent = self._maybe_lost = 0
+        # Remote tasks Redis acknowledged (the workers' now), and those whose hand-off
+        # got no answer (Redis may have them: never counted discarded).
+        self._handed_off = self._unconfirmed = 0
 
     # -- taking work ---------------------------------------------------------------
 
@@ -162,7 +133,11 @@ class BackgroundNursery:
         if task.durable and self._journal is None:
             raise needs_a_journal(task.name, "this background nursery has no journal")
         if task.remote is not None:
-            self._check_remote(task)
+            if self._remote is None:
+                raise needs_a_handoff(
+                    task.name, "this background nursery hands off to no streaq worker"
+                )
+            self._remote.check(task, self._tracer)
         with self._admission_lock:
             if self._closed:
                 raise NurseryClosed(
@@ -176,21 +151,6 @@ class BackgroundNursery:
                     f"{self._settings.max_pending} pending); refused: {task.name}"
                 )
             self._admitted += 1
-
-    def _check_remote(self, task: Task) -> None:
-        """A remote task needs the nursery's streaq worker; it takes the caller's trace."""
-        assert task.remote is not None
-        streaq = self._settings.streaq
-        if task.remote.registered.worker is not streaq:
-            raise needs_a_handoff(
-                task.name,
-                "this background nursery hands off to no streaq worker"
-                if streaq is None
-                else f"this background nursery hands off to another streaq worker "
-                f"(queue {streaq.queue_name!r})",
-            )
-        if self._tracer is not None:
-            task.remote.trace = self._tracer.carrier()  # (the caller's: the request's)
 
     def accept(self, tasks: Sequence[Task]) -> None:
         """Run or queue admitted ``tasks`` (part of `TaskSink`).
@@ -217,10 +177,9 @@ class BackgroundNursery:
             self._accepted += 1
             if task.remote is None:
                 self._place(task, observed)
-            elif task.remote.sent:
-                self._end(task, "handed_off", observed)  # Redis has it: the workers' now
             else:
-                self._to_forward(task, observed)
+                assert self._remote is not None  # (admit refuses them without one)
+                self._remote.accept(task)
 
     async def commit(self, tasks: Sequence[Task]) -> None:
         """Store the durable ones of ``tasks`` in the journal, and hand the remote ones
@@ -228,11 +187,11 @@ class BackgroundNursery:
         unkept = [task for task in tasks if _not_kept(task)]
         if self._journal is not None:
             if unkept:
-                await self._journal.append(unkept)
+                await self._journal.journal.append(unkept)
             return
         if unkept:
-            assert self._handoff is not None  # (admit refuses them without one)
-            await self._handoff.send(unkept)  # (remote ones: admit refuses durable ones)
+            assert self._remote is not None  # (admit refuses them without one)
+            await self._remote.handoff.send(unkept)  # (remote: admit refuses durable ones)
             for task in unkept:
                 assert task.remote is not None
                 task.remote.sent = True
@@ -251,7 +210,7 @@ class BackgroundNursery:
         """Run ``task`` now if a slot is free and none is queued, else queue it."""
         if self._nursery.cancel_scope.cancel_called:
             self._cancel_unstarted(task, observed)  # past the grace period: never runs
-        elif task.journal_id is not None and self._claim(task).lost:
+        elif self._journal is not None and task.journal_id is not None and self._journal.lost(task):
             self._end(task, "cancelled", observed)  # (a retry) its row is another's now
         elif not self._queue and self._running < self._settings.max_running:
             self._running += 1  # the slot is the task's from now on
@@ -262,53 +221,6 @@ class BackgroundNursery:
             if task.context is None:
                 task.context = contextvars.copy_context()
             self._queue.append(task)
-
-    def _to_forward(self, task: Task, observed: bool) -> None:
-        """A remote task stored in the journal: pending until the forwarder sent it."""
-        if self._nursery.cancel_scope.cancel_called:
-            self._end(task, "cancelled", observed)  # past the grace period: kept for later
-            return
-        self._pending += 1
-        self._outbox.append(task)
-        self._outbox_wake.set()
-
-    async def _forward(self, handoff: Handoff) -> None:
-        """Hand the journal's remote tasks to Redis, in batches, in order; while Redis
-        cannot take them they wait (pending, in the journal), and it tries again."""
-        delay = 0.0
-        while True:
-            while not self._outbox:
-                self._outbox_wake = trio.Event()
-                await self._outbox_wake.wait()
-            await handoff.wait_connected()
-            batch = [self._outbox.popleft() for _ in range(min(len(self._outbox), _SEND_BATCH))]
-            try:
-                await handoff.send(batch)
-            except HandoffError as error:
-                if self._nursery.cancel_scope.cancel_called:
-                    self._left_in_outbox += len(batch)
-                    self._forwarded(batch, "cancelled")
-                    return
-                self._outbox.extendleft(reversed(batch))  # first in line, still
-                if not delay:
-                    logger.warning(
-                        "remote tasks wait in the journal until Redis takes them (%s)", error
-                    )
-                delay = min(max(2 * delay, _FORWARD_FIRST), _FORWARD_MAX)
-                await trio.sleep(delay)
-                continue
-            if delay:
-                logger.warning("Redis takes remote tasks again: the journal's are on their way")
-                delay = 0.0
-            self._forwarded(batch, "handed_off")
-
-    def _forwarded(self, batch: list[Task], outcome: Outcome) -> None:
-        observed = self._observed()
-        for task in batch:
-            assert task.remote is not None
-            task.remote.sent = outcome == "handed_off"
-            self._pending -= 1
-            self._end(task, outcome, observed)
 
     def _cancel_unstarted(self, task: Task, observed: bool, *, accepting: bool = False) -> None:
         """``task``, accepted past the grace period (or skipped: ``accepting`` it
@@ -361,7 +273,7 @@ class BackgroundNursery:
                 "a worker may run them, so they count as unconfirmed: %s",
                 len(in_doubt),
                 reason,
-                _grouped(task.name for task in in_doubt),
+                names_with_counts(task.name for task in in_doubt),
             )
             self._released += len(in_doubt)
             self._unconfirmed += len(in_doubt)
@@ -373,10 +285,8 @@ class BackgroundNursery:
         self._released += len(tasks)
         self._discarded += len(tasks)
         _tell_ended(tasks)
-        stored = [task.journal_id for task in tasks if task.journal_id is not None]
-        if stored:
-            assert self._journal is not None
-            self._journal.remove(stored)
+        if self._journal is not None:
+            self._journal.discarded(tasks)
         self._set_idle_if_idle()
         logger.warning(
             "discarded %d background task(s) (%s): %s",
@@ -387,10 +297,8 @@ class BackgroundNursery:
 
     def _spawn(self, task: Task) -> None:
         if task.journal_id is not None:  # durable: its start is recorded first
-            if task.context is None:
-                task.context = contextvars.copy_context()  # (the caller's, as it runs later)
-            self._starting.append(task)
-            self._starts_wake.set()
+            assert self._journal is not None
+            self._journal.start(task)
             return
         self._launch(task)
 
@@ -406,24 +314,11 @@ class BackgroundNursery:
             task.context.run(self._start_soon, task)
 
     def _start_soon(self, task: Task) -> None:
+        run: Callable[[Task], Awaitable[None]]
         run = self._run if self._tracer is None else self._run_traced
-        if task.journal_id is not None and (claim := self._claims.get(task)) is not None:
-            run = partial(self._run_claimed, claim, run)
+        if task.journal_id is not None and self._journal is not None:
+            run = self._journal.claimed(task, run)
         self._nursery.start_soon(run, task, name=task.name)
-
-    @staticmethod
-    async def _run_claimed(
-        claim: Claim, run: Callable[[Task], Awaitable[None]], task: Task
-    ) -> None:
-        """Run a durable task in a cancel scope of its own: cancelled if its row goes
-        to another process (see `_rows_lost`)."""
-        with trio.CancelScope() as claim.scope:
-            if claim.lost:
-                claim.scope.cancel()
-            try:
-                await run(task)
-            finally:
-                claim.scope = None
 
     # -- looking on ----------------------------------------------------------------
 
@@ -457,14 +352,26 @@ class BackgroundNursery:
             threads_in_use=self._threads.pool.in_use,
             retrying=self._retrying,
             retried=self._retried,
-            recovered=self._recovered,
-            deferred=self._deferred,
-            unknown=self._unknown,
             handed_off=self._handed_off,
             unconfirmed=self._unconfirmed,
-            resent=self._resent,
-            maybe_lost=self._maybe_lost,
+            **self._kept_counts("recovered", "deferred", "unknown", "resent", "maybe_lost"),
         )
+
+    def _kept_counts(self, *names: str) -> dict[str, int]:
+        """Those of ``names`` that the keepers (the journal's, Redis's) count."""
+        counts: dict[str, int] = {}
+        if (journal := self._journal) is not None:
+            counts.update(
+                recovered=journal.recovered,
+                deferred=journal.deferred,
+                unknown=journal.unknown,
+                lease_lost=journal.lease_lost,
+            )
+        if (remote := self._remote) is not None:
+            counts.update(
+                outbox=remote.left_in_outbox, resent=remote.resent, maybe_lost=remote.maybe_lost
+            )
+        return {name: counts[name] for name in names if name in counts}
 
     @property
     def closed(self) -> bool:
@@ -541,14 +448,8 @@ class BackgroundNursery:
             self._end(task, "cancelled", observed)
         self._nursery.cancel_scope.cancel()  # (before the thread tasks: none is retried)
         self._threads.cancel_all()
-        if self._outbox:  # (a batch on its way is the forwarder's to settle)
-            logger.warning(
-                "%d remote task(s) not yet handed to Redis stay in the journal for the next start",
-                len(self._outbox),
-            )
-            self._left_in_outbox += len(self._outbox)
-            self._forwarded(list(self._outbox), "cancelled")
-            self._outbox.clear()
+        if self._remote is not None:
+            self._remote.cancel()
 
     def _finish(self) -> ShutdownReport:
         """Build (once) and log the report; every task has ended."""
@@ -564,19 +465,16 @@ class BackgroundNursery:
                 discarded=self._discarded,
                 unfinished=tuple(self._unfinished),
                 duration=0.0 if started is None else trio.current_time() - started,
-                deferred=self._deferred,
-                recovered=self._recovered,
                 handed_off=self._handed_off,
-                outbox=self._left_in_outbox,
                 unconfirmed=self._unconfirmed,
-                resent=self._resent,
-                maybe_lost=self._maybe_lost,
-                lease_lost=self._lease_lost,
+                **self._kept_counts(
+                    "deferred", "recovered", "outbox", "resent", "maybe_lost", "lease_lost"
+                ),
             )
             log = logger.info if self._report.all_completed else logger.warning
             log("background tasks shut down: %s", self._report)
             if self._unfinished:
-                log("unfinished background tasks: %s", _grouped(self._unfinished))
+                log("unfinished background tasks: %s", names_with_counts(self._unfinished))
         return self._report
 
     # -- running one task ----------------------------------------------------------
@@ -702,7 +600,7 @@ class BackgroundNursery:
         task.attempt += 1
         if task.journal_id is not None:
             assert self._journal is not None
-            self._journal.set_attempt(task.journal_id, task.attempt)
+            self._journal.retrying(task)
         task.started_at = None
         task.thread_started = False
         # In the caller's context (a task with retries keeps it), not in this attempt's.
@@ -747,9 +645,8 @@ class BackgroundNursery:
             )
         elif outcome == "handed_off":
             self._handed_off += 1
-            assert task.remote is not None
-            if task.remote.receipt is not None:
-                self._guard.watch(task.remote.receipt, task.journal_id)
+            assert self._remote is not None
+            self._remote.handed_off(task)
         else:
             self._unfinished.append(task.name)
             if outcome == "cancelled":
@@ -757,10 +654,8 @@ class BackgroundNursery:
             else:
                 self._abandoned += 1
         self._released += 1
-        if self._backlog:  # room for one more from the journal
-            self._feed_wake.set()
-        if task.journal_id is not None:
-            self._settle_in_journal(task, task.journal_id, outcome, error)
+        if self._journal is not None:  # (room for one more from the journal, too)
+            self._journal.ended(task, outcome, error)
         if observed:
             self._emit("finished", task, outcome=outcome, duration=duration)
         if task.then is not None:  # an ordered request's next task: its turn now
@@ -777,80 +672,6 @@ class BackgroundNursery:
         if task.ends is not None:
             task.ends.ended()
         self._set_idle_if_idle()
-
-    def _settle_in_journal(
-        self, task: Task, journal_id: int, outcome: Outcome, error: BaseException | None
-    ) -> None:
-        """A durable task ended: done (its row goes), dead (a dead letter), or cut short
-        by the shutdown (its row stays, for the next start)."""
-        journal = self._journal
-        assert journal is not None
-        claim = self._claims.pop(task, None)
-        if claim is not None and claim.lost:
-            return  # its row is another process's now: not this one's to settle
-        if outcome == "handed_off" and task.remote is not None and task.remote.receipt:
-            journal.mark_sent(journal_id, task.remote.receipt.encode())  # (see _watch_redis)
-        elif outcome in ("completed", "handed_off"):
-            journal.remove((journal_id,))
-        elif outcome == "failed":
-            journal.bury(journal_id, f"attempt {task.attempt}: {error!r}")
-        elif outcome == "timed_out":
-            journal.bury(journal_id, f"attempt {task.attempt}: timed out after {task.timeout}s")
-        else:
-            self._deferred += 1
-            if outcome == "abandoned":  # its thread may still run: not for others yet
-                self._kept.append(journal_id)
-
-    def _claim(self, task: Task) -> Claim:
-        """Durable ``task``'s hold on its row, made when it is first placed; its
-        context carries it, for `lease_held`."""
-        claim = self._claims.get(task)
-        if claim is None:
-            assert self._journal is not None
-            claim = self._claims[task] = Claim(self._journal)
-            if task.context is None:
-                task.context = contextvars.copy_context()
-            task.context.run(current_claim.set, claim)
-        return claim
-
-    def _rows_lost(self, held: set[int]) -> None:
-        """This process's lease lapsed (it was paused, or its disk stalled) and other
-        processes may have claimed its rows: it holds only ``held`` now. Its runs of
-        the tasks whose rows it lost are cancelled, and those not started never run.
-        Best effort: a task may reach its side effect first (`lease_held` tells it),
-        and a thread cannot be interrupted."""
-        lost = {task for task in self._claims if task.journal_id not in held}
-        if not lost:
-            return
-        assert self._journal is not None
-        in_threads = 0
-        for task in lost:
-            claim = self._claims[task]
-            claim.lost = True
-            if claim.scope is not None:
-                claim.scope.cancel()
-            if not task.is_async and task.thread_started:
-                in_threads += 1
-        if not lost.isdisjoint(self._queue):
-            observed = self._observed()
-            queue, self._queue = self._queue, deque()
-            for task in queue:
-                if task in lost:
-                    self._pending -= 1
-                    self._end(task, "cancelled", observed)
-                else:
-                    self._queue.append(task)
-        self._lease_lost += len(lost)
-        logger.error(
-            "journal %s: %d durable task(s) in this process's hands went to other processes "
-            "while its lease had lapsed: its runs of them are cancelled%s: %s",
-            self._journal.path,
-            len(lost),
-            f" ({in_threads} in threads run on: a thread cannot be interrupted)"
-            if in_threads
-            else "",
-            _grouped(task.name for task in lost),
-        )
 
     def _set_idle_if_idle(self) -> None:
         if self._idle is not None and not (self._pending or self._running or self._keeping):
@@ -934,199 +755,6 @@ class BackgroundNursery:
         except BaseException as error:  # a hook never breaks the nursery
             self._hook_failed("on_event", task, error)
 
-    # -- the journal's tasks -------------------------------------------------------
-
-    async def _feed(self, journal: Journal, *, task_status: trio.TaskStatus[None]) -> None:
-        """Take the journal's tasks that no live process holds (left by an earlier run,
-        deferred by a draining process, or of a process that died): first as many as
-        there is room for, before the nursery is reported started; then, until the
-        shutdown, whenever room frees up while more wait, and every poll interval."""
-        names = self._journal_names()
-        unknown = await journal.unknown(names)
-        if unknown:
-            self._unknown = sum(unknown.values())
-            logger.error(
-                "journal %s holds %d task(s) of names no durable task here has; they stay "
-                "in the journal until a process that has them starts: %s",
-                journal.path,
-                self._unknown,
-                ", ".join(f"{name} ({count})" for name, count in unknown.items()),
-            )
-        await self._claim_while_room(journal)
-        task_status.started()
-        poll = journal.lease / 10
-        while not self._closed:
-            with trio.move_on_after(poll):
-                await self._feed_wake.wait()
-            self._feed_wake = trio.Event()
-            try:
-                await self._claim_while_room(journal)
-            except JournalError as error:  # a passing disk or lock trouble: try again
-                logger.error("%s", error)
-
-    async def _claim_while_room(self, journal: Journal) -> None:
-        """Claim as many rows as there is room for now (not more as tasks end meanwhile:
-        that is the next round's), in batches."""
-        # Half the pending room stays free for new requests while a backlog drains.
-        limit = self._settings.max_running + self._settings.max_pending // 2
-        room = limit - (self._admitted - self._released)
-        while room > 0 and not self._closed:
-            asked = min(room, _CLAIM_BATCH)
-            rows = await journal.claim(self._journal_names(), asked)
-            for row in rows:
-                self._take_from_journal(journal, row)
-            if len(rows) < asked:
-                self._backlog = False  # the journal has no more for us now
-                return
-            room -= asked
-        self._backlog = True  # more may wait: a task's end starts the next round
-
-    def _journal_names(self) -> list[str]:
-        """The names of the journal's rows this process can run (or hand off)."""
-        names = registered_names()
-        if self._handoff is not None:
-            names += [REMOTE_PREFIX + name for name in self._handoff.worker.registry]
-        return names
-
-    async def _record_starts(self, journal: Journal) -> None:
-        """Record in the journal that durable tasks start, then run them: all those
-        given a slot meanwhile at once, in whatever transaction the journal commits
-        next. So a run cut short by the death of its process counts as an attempt,
-        even one that kills it at once."""
-        try:
-            while True:
-                await self._starts_wake.wait()
-                self._starts_wake = trio.Event()
-                batch, self._starting = self._starting, []
-                try:
-                    ids = [id for task in batch if (id := task.journal_id) is not None]
-                    await journal.start(ids)
-                except JournalError as error:  # they run all the same: at least once
-                    logger.error("%s", error)
-                cancelled = self._nursery.cancel_scope.cancel_called
-                for task in batch:
-                    claim = self._claims.get(task)
-                    # (A thread task would run: nothing cancels it once started.)
-                    if cancelled or (claim is not None and claim.lost):
-                        self._attempt_over(task, "cancelled", self._observed())
-                    else:
-                        self._launch(task)
-        finally:  # the tasks were cancelled: those still waiting never start
-            batch, self._starting = self._starting, []
-            for task in batch:
-                self._attempt_over(task, "cancelled", self._observed())
-
-    def _take_from_journal(self, journal: Journal, row: Row) -> None:
-        if row.state == "dead":  # it cannot be read: claim made it a dead letter
-            logger.error("journal %s: task %d (%s) %s", journal.path, row.id, row.name, row.error)
-            return
-        if row.sent is not None:
-            with contextlib.suppress(ValueError):  # (not a receipt: hand it off again)
-                self._guard.watch(Receipt.decode(row.sent), row.id)  # Redis has it
-                return
-        func: Callable[..., Any] | None
-        if row.name.startswith(REMOTE_PREFIX):
-            assert self._handoff is not None  # (only known names are claimed)
-            func = self._handoff.worker.registry.get(row.name.removeprefix(REMOTE_PREFIX))
-        else:
-            func = registered(row.name)
-        try:
-            assert func is not None  # (only known names are claimed)
-            args, kwargs = decode_arguments(row.arguments)
-            task = Task(func, args, kwargs, payload=row.arguments)
-        except (TypeError, ValueError) as error:  # the function changed since
-            logger.error(
-                "journal %s: task %d (%s) cannot run: %s", journal.path, row.id, row.name, error
-            )
-            journal.bury(row.id, f"cannot run from the journal: {error}")
-            return
-        task.journal_id = row.id
-        task.attempt = row.attempt
-        if row.started and not self._after_death(journal, task):
-            return
-        with self._admission_lock:  # (room was counted by the feeder)
-            self._admitted += 1
-        self._recovered += 1
-        self.accept((task,))
-
-    def _after_death(self, journal: Journal, task: Task) -> bool:
-        """``task``'s last run died with its process (a crash, an OOM kill, a SIGKILL:
-        from here, a task that killed it looks like a deploy that did). That was an
-        attempt: whether it may have another (recorded), or is now a dead letter."""
-        assert task.journal_id is not None
-        last = max(task.retries + 1, spec_of(task.func).crash_limit)
-        if task.attempt >= last:
-            error = f"attempt {task.attempt}: its process died while it ran, its last attempt"
-            logger.error(
-                "journal %s: task %d (%s) becomes a dead letter: %s",
-                journal.path,
-                task.journal_id,
-                task.name,
-                error,
-            )
-            journal.bury(task.journal_id, error)
-            return False
-        logger.warning(
-            "journal %s: task %d (%s): its process died while attempt %d ran; running "
-            "attempt %d of at most %d",
-            journal.path,
-            task.journal_id,
-            task.name,
-            task.attempt,
-            task.attempt + 1,
-            last,
-        )
-        task.attempt += 1
-        journal.set_attempt(task.journal_id, task.attempt)
-        return True
-
-    async def _watch_redis(self, handoff: Handoff) -> None:
-        """While Redis holds remote tasks no worker has taken, look at it every
-        `LOOK_EVERY` seconds (at once on a new connection): the journal's rows of
-        tasks a worker took go; tasks Redis lost are sent again from the journal, or,
-        without one, counted and reported as perhaps lost."""
-        while True:
-            with trio.move_on_after(LOOK_EVERY):
-                await handoff.look_now.wait()
-            handoff.look_now = trio.Event()
-            if not self._guard:
-                continue
-            try:
-                marker, delivered = await handoff.look()
-            except Exception:  # (the hand-off sees the connection's troubles and says so)
-                continue
-            found = self._guard.sort(marker, delivered)
-            journal = self._journal
-            if journal is not None and found.taken:
-                journal.remove([id for id in found.taken if id is not None])
-            if found.lost:
-                self._redis_lost(found.lost)
-
-    def _redis_lost(self, lost: list[int | None]) -> None:
-        """Redis lost its data since it acknowledged these tasks (journal ids; None for
-        a task no journal keeps), before any worker took them."""
-        ids = [id for id in lost if id is not None]
-        why = "Redis lost its data (restarted without persistence, or failed over)"
-        if ids:
-            assert self._journal is not None
-            self._journal.unsend(ids)
-            self._resent += len(ids)
-            self._feed_wake.set()
-            logger.error(
-                "%s: %d remote task(s) it had acknowledged, that no worker had taken, are "
-                "handed off again from the journal",
-                why,
-                len(ids),
-            )
-        if missing := len(lost) - len(ids):
-            self._maybe_lost += missing
-            logger.error(
-                "%s: %d remote task(s) it had acknowledged, that no worker had taken, may "
-                "be lost; with a journal they would be handed off again",
-                why,
-                missing,
-            )
-
     async def _host(self, *, task_status: trio.TaskStatus[None]) -> None:
         """Own the tasks' nursery, so that its cancel scope covers the tasks only."""
         try:
@@ -1149,18 +777,6 @@ class BackgroundNursery:
         await self.shutdown()
         if raise_fatal:
             raise self._fatal
-
-
-_CLAIM_BATCH = 1_000
-"""Journal rows claimed in one transaction, at most."""
-
-_SEND_BATCH = 1_000
-"""Remote tasks the forwarder hands to Redis in one round trip, at most."""
-
-_FORWARD_FIRST = 0.1
-_FORWARD_MAX = 5.0
-"""Seconds the forwarder waits before it tries Redis again: the first wait, doubling
-up to the last."""
 
 
 def _not_kept(task: Task) -> bool:
@@ -1199,14 +815,6 @@ def _tell_ended(tasks: Iterable[Task]) -> None:
             task.ends.ended()
 
 
-def _grouped(names: Iterable[str]) -> str:
-    """Task names for a log line, each once with its count, most frequent first:
-    ``"send_email (9000), resize (1000)"``."""
-    return ", ".join(
-        name if count == 1 else f"{name} ({count})" for name, count in Counter(names).most_common()
-    )
-
-
 def _of(task: Task) -> str:
     """Which attempt ended a task that has retries, for its log line."""
     return f" (attempt {task.attempt} of {task.retries + 1})" if task.retries else ""
@@ -1238,28 +846,37 @@ async def open_nursery(
     """`open_background_nursery` with checked settings. Without ``raise_fatal``, a
     KeyboardInterrupt or SystemExit from a task shuts the nursery down and is left in
     ``nursery._fatal`` for the owner (the middleware) to raise when it sees fit."""
+    nursery = BackgroundNursery(settings)
+    port = _Port(nursery)
     journal = None
     if settings.journal is not None:
-        journal = await Journal.open(
-            os.fspath(settings.journal),
-            lease=settings.journal_lease,
-            synchronous=settings.journal_synchronous,
+        journal = JournalKeeper(
+            await Journal.open(
+                os.fspath(settings.journal),
+                lease=settings.journal_lease,
+                synchronous=settings.journal_synchronous,
+            ),
+            port,
+            max_running=settings.max_running,
+            max_pending=settings.max_pending,
         )
-    nursery = BackgroundNursery(settings, journal)
+        nursery._journal = journal
     body_error: BaseException | None = None
     try:
         async with trio.open_nursery() as host_nursery:
+            remote = None
             if settings.streaq is not None:
                 run = partial(Handoff(settings.streaq).run, patient=journal is not None)
-                nursery._handoff = await host_nursery.start(run)
+                remote = nursery._remote = RemoteKeeper(await host_nursery.start(run), port)
             await host_nursery.start(nursery._host)
-            if nursery._handoff is not None:
-                nursery._nursery.start_soon(nursery._watch_redis, nursery._handoff)
+            if remote is not None:
+                nursery._nursery.start_soon(remote.watch)
+                if journal is not None:
+                    journal.keep_remote(remote)
+                    nursery._nursery.start_soon(remote.forward)
             if journal is not None:
-                if nursery._handoff is not None:
-                    nursery._nursery.start_soon(nursery._forward, nursery._handoff)
-                nursery._nursery.start_soon(nursery._record_starts, journal)
-                await nursery._nursery.start(nursery._feed, journal)
+                nursery._nursery.start_soon(journal.record_starts)
+                await nursery._nursery.start(journal.feed)
             host_nursery.start_soon(
                 partial(nursery._shut_down_when_stopped, raise_fatal=raise_fatal)
             )
@@ -1270,8 +887,8 @@ async def open_nursery(
                 nursery.cancel()
                 raise
             await nursery.shutdown()
-            if nursery._handoff is not None:
-                nursery._handoff.close()
+            if remote is not None:
+                remote.handoff.close()
     except BaseExceptionGroup as group:
         # trio wraps an error of the block (or the KeyboardInterrupt / SystemExit of a
         # task) in a group; when it is the only error, raise it as itself.
@@ -1288,6 +905,62 @@ async def open_nursery(
             nursery._finish()
         if journal is not None:
             try:
-                await journal.close(keep=nursery._kept)
+                await journal.journal.close(keep=journal.kept)
             except JournalError as error:  # its rows wait for the lease to expire
                 logger.error("%s", error)
+
+
+class _Port:
+    """The nursery as its keepers see it (`trio_bg._keeping.port.NurseryPort`)."""
+
+    __slots__ = ("_nursery",)
+
+    def __init__(self, nursery: BackgroundNursery) -> None:
+        self._nursery = nursery
+
+    @property
+    def closed(self) -> bool:
+        return self._nursery._closed
+
+    @property
+    def cancelled(self) -> bool:
+        return self._nursery._nursery.cancel_scope.cancel_called
+
+    def room(self, limit: int) -> int:
+        nursery = self._nursery
+        return limit - (nursery._admitted - nursery._released)
+
+    def take(self, task: Task) -> None:
+        nursery = self._nursery
+        with nursery._admission_lock:  # (room was counted by the feeder)
+            nursery._admitted += 1
+        nursery.accept((task,))
+
+    def launch(self, task: Task) -> None:
+        self._nursery._launch(task)
+
+    def attempt_over(self, task: Task, outcome: Outcome) -> None:
+        self._nursery._attempt_over(task, outcome, self._nursery._observed())
+
+    def hold(self, task: Task) -> None:
+        self._nursery._pending += 1
+
+    def release(self, task: Task, outcome: Outcome) -> None:
+        self._nursery._pending -= 1
+        self.end(task, outcome)
+
+    def end(self, task: Task, outcome: Outcome) -> None:
+        self._nursery._end(task, outcome, self._nursery._observed())
+
+    def drop_queued(self, tasks: set[Task]) -> None:
+        nursery = self._nursery
+        if tasks.isdisjoint(nursery._queue):
+            return
+        observed = nursery._observed()
+        queue, nursery._queue = nursery._queue, deque()
+        for task in queue:
+            if task in tasks:
+                nursery._pending -= 1
+                nursery._end(task, "cancelled", observed)
+            else:
+                nursery._queue.append(task)

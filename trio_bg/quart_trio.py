@@ -43,14 +43,10 @@ from ._engine.calls import spec_of, task
 from ._errors import Overloaded
 from ._running.options import NurseryOptions
 from ._testkit.failures import FailureWatch, WatchesTasks
+from ._web.asgi import ASGIApp, Message
 from ._web.collection import BackgroundTasks, current_collection
-from ._web.middleware import (
-    UNAVAILABLE_TEXT,
-    ASGIApp,
-    BackgroundTaskMiddleware,
-    Message,
-    retry_after_headers,
-)
+from ._web.middleware import BackgroundTaskMiddleware
+from ._web.unavailable import UNAVAILABLE_TEXT, retry_after_headers
 
 __all__ = ["EXTENSION_KEY", "TestApp", "add_background_task", "init_app", "middleware_of"]
 

@@ -31,13 +31,8 @@ from starlette.responses import PlainTextResponse, Response
 from ._errors import Overloaded
 from ._running.options import NurseryOptions, Settings
 from ._web.collection import BackgroundTasks
-from ._web.middleware import (
-    SCOPE_KEY,
-    UNAVAILABLE_TEXT,
-    BackgroundTaskMiddleware,
-    check_retry_after,
-    retry_after_headers,
-)
+from ._web.middleware import SCOPE_KEY, BackgroundTaskMiddleware
+from ._web.unavailable import UNAVAILABLE_TEXT, check_retry_after, retry_after_headers
 
 if TYPE_CHECKING:
     from ._testkit.starlette_testclient import TestClient

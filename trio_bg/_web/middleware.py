@@ -4,9 +4,8 @@ and hands them over once its response is complete."""
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any, Unpack
+from collections.abc import Callable
+from typing import Unpack
 
 import trio
 
@@ -14,15 +13,22 @@ from .._engine.report import ShutdownReport
 from .._errors import HandoffError, JournalError, Overloaded
 from .._running.nursery import BackgroundNursery, open_nursery
 from .._running.options import NurseryOptions, Settings
+from .asgi import ASGIApp, Message, Receive, Scope, Send, describe, expect
+from .client_watch import ClientWatch
 from .collection import BackgroundTasks, TaskSink, current_collection
 from .hypercorn_worker import hypercorn_worker_config, ignore_sigterm
 from .inline import InlineSink, on_trio
+from .lifespan import NOT_TRIO, WrappedLifespan, show_report
+from .unavailable import (
+    HANDOFF_FAILED_TEXT,
+    HANDOFF_IN_DOUBT_TEXT,
+    JOURNAL_FAILED_TEXT,
+    UNAVAILABLE_TEXT,
+    check_retry_after,
+    unavailable_response,
+)
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+__all__ = ["ASGIApp", "BackgroundTaskMiddleware", "Message", "Receive", "Scope", "Send"]
 
 SCOPE_KEY = "trio_bg.tasks"
 """The request scope key under which the middleware puts the `BackgroundTasks`."""
@@ -76,10 +82,10 @@ class BackgroundTaskMiddleware:
         self._stop_on_failure = stop_on_failure
         self._settings = Settings.from_options(options)  # fails here, not at server start
         self.app = app
-        self._unavailable = _unavailable_response(retry_after, UNAVAILABLE_TEXT)
-        self._journal_failed = _unavailable_response(retry_after, JOURNAL_FAILED_TEXT)
-        self._handoff_failed = _unavailable_response(retry_after, HANDOFF_FAILED_TEXT)
-        self._handoff_in_doubt = _unavailable_response(retry_after, HANDOFF_IN_DOUBT_TEXT)
+        self._unavailable = unavailable_response(retry_after, UNAVAILABLE_TEXT)
+        self._journal_failed = unavailable_response(retry_after, JOURNAL_FAILED_TEXT)
+        self._handoff_failed = unavailable_response(retry_after, HANDOFF_FAILED_TEXT)
+        self._handoff_in_doubt = unavailable_response(retry_after, HANDOFF_IN_DOUBT_TEXT)
         self._nursery: BackgroundNursery | None = None
         self._report: ShutdownReport | None = None
         # What went wrong in the lifespan, for trio_bg.serve: the wrapped app's failed
@@ -129,7 +135,7 @@ class BackgroundTaskMiddleware:
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         tasks, inline = self._collection()
-        client = _ClientWatch(receive, listening=inline is None)
+        client = ClientWatch(receive, listening=inline is None)
         response_started = trailers = False
         # With a journal or a streaq worker, the response's start waits for its first
         # body: should the durable tasks fail to be stored (the remote ones to be handed
@@ -140,7 +146,7 @@ class BackgroundTaskMiddleware:
 
         def complete(client_gone: bool) -> None:
             if client_gone:  # the server dropped the response's last messages
-                tasks._discard(f"{_describe(scope)} lost its client before its response completed")
+                tasks._discard(f"{describe(scope)} lost its client before its response completed")
             else:
                 tasks._hand_off()
 
@@ -171,7 +177,7 @@ class BackgroundTaskMiddleware:
                 try:
                     await tasks._commit()
                 except (JournalError, HandoffError) as error:
-                    tasks._discard(f"{_describe(scope)} failed to keep them: {error}")
+                    tasks._discard(f"{describe(scope)} failed to keep them: {error}")
                     if held_start is None:
                         raise  # streaming already: abort the response
                     held_start, replaced = None, True
@@ -207,7 +213,7 @@ class BackgroundTaskMiddleware:
             if response_started or not _is_overload(exc):
                 self._discard_on_error(scope, tasks, exc)
                 raise
-            tasks._discard(f"{_describe(scope)} answered 503: background task capacity is full")
+            tasks._discard(f"{describe(scope)} answered 503: background task capacity is full")
             await send(self._unavailable[0])
             await send(self._unavailable[1])
             return
@@ -217,7 +223,7 @@ class BackgroundTaskMiddleware:
         if held_start is not None:  # a start with no body: as the app sent it
             await send(held_start)
         if not tasks._settled:  # (marks it: a straggler's add_task is discarded too)
-            tasks._discard(f"{_describe(scope)} returned without completing its response")
+            tasks._discard(f"{describe(scope)} returned without completing its response")
         if inline is not None:
             await inline.run()
 
@@ -261,7 +267,7 @@ class BackgroundTaskMiddleware:
             try:
                 await tasks._commit()
             except (JournalError, HandoffError) as error:
-                tasks._discard(f"{_describe(scope)} failed to keep them: {error}")
+                tasks._discard(f"{describe(scope)} failed to keep them: {error}")
                 return
         tasks._hand_off()  # the session ended without an error
         if inline is not None:
@@ -270,12 +276,12 @@ class BackgroundTaskMiddleware:
     def _discard_on_error(self, scope: Scope, tasks: BackgroundTasks, exc: BaseException) -> None:
         if not tasks._settled:
             what = "was cancelled" if isinstance(exc, trio.Cancelled) else f"raised {exc!r}"
-            tasks._discard(f"{_describe(scope)} {what} before its response completed")
+            tasks._discard(f"{describe(scope)} {what} before its response completed")
 
     # -- lifespan ------------------------------------------------------------------
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await _expect(receive, "lifespan.startup")
+        await expect(receive, "lifespan.startup")
         if not on_trio():
             await send({"type": "lifespan.startup.failed", "message": NOT_TRIO})
             raise RuntimeError(NOT_TRIO)  # as Starlette's router does: test clients expect it
@@ -284,7 +290,7 @@ class BackgroundTaskMiddleware:
         async with trio.open_nursery() as app_nursery:
             if (worker_config := hypercorn_worker_config()) is not None:
                 await app_nursery.start(ignore_sigterm, worker_config, self.grace_period)
-            app = _WrappedLifespan(self.app, scope)
+            app = WrappedLifespan(self.app, scope)
             app_nursery.start_soon(app.run)
             try:
                 last_message = await self._run_lifespan(scope, app, receive, send)
@@ -296,7 +302,7 @@ class BackgroundTaskMiddleware:
             # shutdown: it stops the server (and the process) as trio means it to.
             raise fatal
         if self._report is not None and last_message["type"].startswith("lifespan.shutdown"):
-            _show_report(self._report)
+            show_report(self._report)
         # Hypercorn cancels this task as soon as it has this message: everything is done.
         await send(last_message)
         if last_message["type"] == "lifespan.startup.failed":
@@ -305,7 +311,7 @@ class BackgroundTaskMiddleware:
             raise RuntimeError(f"the app's lifespan startup failed: {last_message['message']}")
 
     async def _run_lifespan(
-        self, scope: Scope, app: _WrappedLifespan, receive: Receive, send: Send
+        self, scope: Scope, app: WrappedLifespan, receive: Receive, send: Send
     ) -> Message:
         """Run the lifespan up to its last message, and return that message."""
         opened: BackgroundNursery | None = None
@@ -355,7 +361,7 @@ class BackgroundTaskMiddleware:
 
         async with trio.open_nursery() as waiting:
             waiting.start_soon(on_fatal, waiting.cancel_scope)
-            await _expect(receive, "lifespan.shutdown")
+            await expect(receive, "lifespan.shutdown")
             waiting.cancel_scope.cancel()
 
     def _failed(self, phase: str, message: str) -> Message:
@@ -366,82 +372,11 @@ class BackgroundTaskMiddleware:
         return {"type": f"lifespan.{phase}.failed", "message": message}
 
 
-NOT_TRIO = (
-    "trio_bg's background nursery runs on trio, and this lifespan does not: serve the app "
-    "with `hypercorn --worker-class trio` (or trio_bg.serve); in tests, "
-    'trio_bg.starlette.TestClient (or Starlette\'s `TestClient(app, backend="trio")`), '
-    '`anyio_backend = "trio"` (pytest with anyio, asgi-lifespan), or '
-    "trio_bg.testing.open_test_client. (On its asyncio worker, Hypercorn still exits with "
-    "status 0 after this: an app can only send lifespan.startup.failed; the status is "
-    "Hypercorn's.)"
-)
-
-
-def _show_report(report: ShutdownReport) -> None:
-    """Show a complete shutdown's report where no logging was set up (plain
-    ``hypercorn``): logged at INFO, it went nowhere; Hypercorn's error log has a handler.
-    A report with tasks cut short is a WARNING, which Python shows in any case."""
-    if report.all_completed and not logger.hasHandlers():
-        server_log = logging.getLogger("hypercorn.error")
-        if server_log.handlers:
-            server_log.info("background tasks shut down: %s", report)
-
-
 def _is_overload(exc: BaseException) -> bool:
     """Whether ``exc`` is `Overloaded`, alone or in a group (a handler's own nursery)."""
     if isinstance(exc, BaseExceptionGroup):
         return exc.split(Overloaded)[1] is None
     return isinstance(exc, Overloaded)
-
-
-async def _expect(receive: Receive, kind: str) -> None:
-    message = await receive()
-    if message["type"] != kind:
-        raise RuntimeError(f"expected an ASGI {kind} message, got {message['type']}")
-
-
-def _describe(scope: Scope) -> str:
-    """A request, for log lines: its kind and path, never its query or body."""
-    return f"the {scope['type']} request to {scope.get('path', '?')}"
-
-
-UNAVAILABLE_TEXT = "Service Unavailable: background task capacity is exhausted\n"
-"""The body of every 503 trio_bg answers (the middleware's, and the integrations')."""
-
-JOURNAL_FAILED_TEXT = "Service Unavailable: the background task journal failed\n"
-HANDOFF_FAILED_TEXT = "Service Unavailable: background tasks could not be handed off\n"
-HANDOFF_IN_DOUBT_TEXT = (
-    "Service Unavailable: Redis did not confirm the background tasks; they may still run\n"
-)
-"""The body of the 503 that replaces a response whose durable tasks were not stored."""
-
-
-def check_retry_after(retry_after: object) -> None:
-    """`TypeError` unless ``retry_after`` is None or a whole number of seconds >= 0."""
-    if retry_after is not None and (
-        isinstance(retry_after, bool) or not isinstance(retry_after, int) or retry_after < 0
-    ):
-        raise TypeError(f"retry_after must be a whole number of seconds >= 0, not {retry_after!r}")
-
-
-def retry_after_headers(retry_after: int | None) -> dict[str, str]:
-    """The headers of a 503 besides its content type: ``Retry-After``, if any."""
-    return {} if retry_after is None else {"Retry-After": str(retry_after)}
-
-
-def _unavailable_response(retry_after: int | None, text: str) -> tuple[Message, Message]:
-    body = text.encode()
-    headers = [
-        (b"content-type", b"text/plain; charset=utf-8"),
-        (b"content-length", str(len(body)).encode()),
-    ]
-    headers += [
-        (k.lower().encode(), v.encode()) for k, v in retry_after_headers(retry_after).items()
-    ]
-    return (
-        {"type": "http.response.start", "status": 503, "headers": headers},
-        {"type": "http.response.body", "body": body},
-    )
 
 
 def _completes_response(kind: str, message: Message) -> bool:
@@ -452,140 +387,3 @@ def _completes_response(kind: str, message: Message) -> bool:
     return kind in ("http.response.pathsend", "http.response.zerocopysend") and not (
         message.get("more_body", False)
     )
-
-
-_READ_AHEAD = 16
-"""Messages a `_ClientWatch` reads ahead of the app: enough for the request body of
-a streaming endpoint that never reads it; a larger upload waits for the app."""
-
-
-class _ClientWatch:
-    """Whether the client of one HTTP request has gone away, as far as can be known.
-
-    Hypercorn drops what an app sends after its client disconnected, silently; only
-    ``receive`` tells, with ``http.disconnect``. The app's own reads are watched; and
-    while a response streams and the app is not reading, a system task reads in its
-    stead (a few messages ahead at most) and passes on what it read when the app asks.
-    """
-
-    __slots__ = ("_listener", "_listening", "_reading", "_receive", "_relay", "gone")
-
-    def __init__(self, receive: Receive, *, listening: bool) -> None:
-        self._receive = receive
-        self._listening = listening  # False: only the app's own reads are watched
-        self.gone = False
-        self._reading = False
-        self._listener: trio.CancelScope | None = None
-        self._relay: trio.MemoryReceiveChannel[Message | Exception] | None = None
-
-    async def receive(self) -> Message:
-        """The ``receive`` the app gets."""
-        if self._relay is not None:  # the listener reads in the app's stead
-            try:
-                message = await self._relay.receive()
-            except trio.EndOfChannel:  # it heard the disconnect, and passed it on
-                return {"type": "http.disconnect"}
-            if isinstance(message, Exception):
-                raise message
-            return message
-        self._reading = True
-        try:
-            message = await self._receive()
-        finally:
-            self._reading = False
-        self.gone = message["type"] == "http.disconnect"
-        return message
-
-    def listen(self) -> None:
-        """A response is streaming: listen for the disconnect, unless the app does."""
-        if self._listening and self._relay is None and not (self._reading or self.gone):
-            relay, self._relay = trio.open_memory_channel[Message | Exception](_READ_AHEAD)
-            self._listener = trio.CancelScope()
-            # A system task: no nursery on every request's path for this rare need.
-            trio.lowlevel.spawn_system_task(self._listen, self._listener, relay)
-
-    def close(self) -> None:
-        """The request is over: stop listening."""
-        if self._listener is not None:
-            self._listener.cancel()
-
-    async def _listen(
-        self, scope: trio.CancelScope, relay: trio.MemorySendChannel[Message | Exception]
-    ) -> None:
-        with scope, relay:
-            while not self.gone:
-                try:
-                    message = await self._receive()
-                except Exception as exc:  # a system task must not raise: the app will see it
-                    await relay.send(exc)
-                    return
-                self.gone = message["type"] == "http.disconnect"
-                await relay.send(message)
-
-
-class _WrappedLifespan:
-    """Drives the wrapped app's own lifespan handler, for apps that have one."""
-
-    def __init__(self, app: ASGIApp, scope: Scope) -> None:
-        self._app = app
-        self._scope = scope
-        self._to_app, self._app_inbox = trio.open_memory_channel[Message](math.inf)
-        self._from_app, self._replies = trio.open_memory_channel[Message](math.inf)
-        self._supported = True
-        self._error: Exception | None = None
-        self._received = 0  # lifespan messages the app has read
-
-    async def _receive(self) -> Message:
-        message = await self._app_inbox.receive()
-        self._received += 1
-        return message
-
-    async def run(self) -> None:
-        try:
-            await self._app(self._scope, self._receive, self._from_app.send)
-        except Exception as exc:
-            self._error = exc
-        finally:
-            self._from_app.close()  # the app ended: _ask gets EndOfChannel from now on
-
-    async def startup(self) -> str | None:
-        """Start the app; return its failure message, or None when it started (or
-        does not speak lifespan)."""
-        reply = await self._ask({"type": "lifespan.startup"})
-        if reply is None and self._error is not None and self._received:
-            # It read lifespan.startup, then crashed: its startup failed (the ASGI
-            # "raise to decline lifespan" happens before reading anything).
-            logger.error("the wrapped app's lifespan startup raised", exc_info=self._error)
-            return f"the app's startup raised {self._error!r}"
-        if reply is None:
-            self._supported = False
-            logger.info(
-                "the wrapped app does not handle lifespan events (%s); serving it without",
-                f"it raised {self._error!r}" if self._error else "it returned",
-            )
-            return None
-        if reply["type"] == "lifespan.startup.failed":
-            return str(reply.get("message", ""))
-        return None
-
-    async def shutdown(self) -> str | None:
-        """Shut the app down; return its failure message, or None."""
-        if not self._supported:
-            return None
-        reply = await self._ask({"type": "lifespan.shutdown"})
-        if reply is None:
-            if self._error is None:
-                return None
-            logger.error("the wrapped app's lifespan shutdown raised", exc_info=self._error)
-            return f"the app's shutdown raised {self._error!r}"
-        if reply["type"] == "lifespan.shutdown.failed":
-            return str(reply.get("message", ""))
-        return None
-
-    async def _ask(self, message: Message) -> Message | None:
-        """Send ``message`` to the app and wait for its reply (None: the app ended)."""
-        await self._to_app.send(message)
-        try:
-            return await self._replies.receive()
-        except trio.EndOfChannel:
-            return None

@@ -136,23 +136,23 @@ class ShutdownReport:
         text = f"{self.accepted} accepted"
         if outcomes:
             text += f" ({', '.join(outcomes)})"
-        if self.discarded:
-            text += f", {self.discarded} discarded"
-        if self.recovered:
-            text += f", {self.recovered} recovered from the journal"
-        if self.deferred:
-            text += f", {self.deferred} deferred to the next start"
-        if self.outbox:
-            text += f" ({self.outbox} remote, not yet handed to Redis)"
-        if self.unconfirmed:
-            text += f", {self.unconfirmed} unconfirmed by Redis (may run)"
-        if self.resent:
-            text += f", {self.resent} handed off again after Redis lost them"
-        if self.maybe_lost:
-            text += f", {self.maybe_lost} perhaps lost by Redis"
-        if self.lease_lost:
-            text += f", {self.lease_lost} lost to another process (the lease lapsed)"
+        for name, saying in _ALSO:
+            if count := getattr(self, name):
+                text += saying.format(count)
         return f"{text} in {self.duration:.3f}s"
+
+
+_ALSO = (
+    ("discarded", ", {} discarded"),
+    ("recovered", ", {} recovered from the journal"),
+    ("deferred", ", {} deferred to the next start"),
+    ("outbox", " ({} remote, not yet handed to Redis)"),
+    ("unconfirmed", ", {} unconfirmed by Redis (may run)"),
+    ("resent", ", {} handed off again after Redis lost them"),
+    ("maybe_lost", ", {} perhaps lost by Redis"),
+    ("lease_lost", ", {} lost to another process (the lease lapsed)"),
+)
+"""What a report says after its outcomes, of the counts that are not zero."""
 
 
 def report_from_json(data: Mapping[str, Any]) -> ShutdownReport:

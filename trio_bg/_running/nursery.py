@@ -333,15 +333,8 @@ class BackgroundNursery:
 
     def _stats(self) -> TaskStats:
         return TaskStats(
-            accepted=self._accepted,
             pending=self._pending + self._threads.awaiting,
             running=self._running - self._threads.awaiting,
-            completed=self._completed,
-            failed=self._failed,
-            timed_out=self._timed_out,
-            cancelled=self._cancelled,
-            abandoned=self._abandoned,
-            discarded=self._discarded,
             reserved=self._admitted - self._released - self._pending - self._running,
             rejected=self._rejected,
             oldest_pending_age=(
@@ -352,26 +345,35 @@ class BackgroundNursery:
             threads_in_use=self._threads.pool.in_use,
             retrying=self._retrying,
             retried=self._retried,
-            handed_off=self._handed_off,
-            unconfirmed=self._unconfirmed,
-            **self._kept_counts("recovered", "deferred", "unknown", "resent", "maybe_lost"),
+            **self._counts("recovered", "deferred", "unknown", "resent", "maybe_lost"),
         )
 
-    def _kept_counts(self, *names: str) -> dict[str, int]:
-        """Those of ``names`` that the keepers (the journal's, Redis's) count."""
-        counts: dict[str, int] = {}
+    def _counts(self, *kept: str) -> dict[str, int]:
+        """The totals `stats` and the report share, and those of ``kept`` that the
+        keepers (the journal's, Redis's) count."""
+        keepers: dict[str, int] = {}
         if (journal := self._journal) is not None:
-            counts.update(
+            keepers.update(
                 recovered=journal.recovered,
                 deferred=journal.deferred,
                 unknown=journal.unknown,
                 lease_lost=journal.lease_lost,
             )
         if (remote := self._remote) is not None:
-            counts.update(
+            keepers.update(
                 outbox=remote.left_in_outbox, resent=remote.resent, maybe_lost=remote.maybe_lost
             )
-        return {name: counts[name] for name in names if name in counts}
+        return {
+            "accepted": self._accepted,
+            "completed": self._completed,
+            "failed": self._failed,
+            "timed_out": self._timed_out,
+            "cancelled": self._cancelled,
+            "abandoned": self._abandoned,
+            "discarded": self._discarded,
+            "handed_off": self._handed_off,
+            "unconfirmed": self._unconfirmed,
+        } | {name: keepers[name] for name in kept if name in keepers}
 
     @property
     def closed(self) -> bool:
@@ -456,18 +458,9 @@ class BackgroundNursery:
         if self._report is None:
             started = self._shutdown_started
             self._report = ShutdownReport(
-                accepted=self._accepted,
-                completed=self._completed,
-                failed=self._failed,
-                timed_out=self._timed_out,
-                cancelled=self._cancelled,
-                abandoned=self._abandoned,
-                discarded=self._discarded,
                 unfinished=tuple(self._unfinished),
                 duration=0.0 if started is None else trio.current_time() - started,
-                handed_off=self._handed_off,
-                unconfirmed=self._unconfirmed,
-                **self._kept_counts(
+                **self._counts(
                     "deferred", "recovered", "outbox", "resent", "maybe_lost", "lease_lost"
                 ),
             )

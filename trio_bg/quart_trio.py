@@ -41,6 +41,7 @@ from quart_trio.testing import TrioTestApp
 
 from ._engine.calls import spec_of, task
 from ._errors import Overloaded
+from ._running.nursery import wait_drained
 from ._running.options import NurseryOptions
 from ._testkit.failures import FailureWatch, WatchesTasks
 from ._web.asgi import ASGIApp, Message
@@ -261,7 +262,7 @@ class TestApp(WatchesTasks):
     async def drain(self) -> None:
         """Wait until no background task is pending or running, nor collected by a
         request still in flight; then raise what failed meanwhile."""
-        await self.middleware.nursery._wait_drained()
+        await wait_drained(self.middleware.nursery)
         self._failures.raise_unraised()
 
     async def startup(self) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import trio
 
+from ._running.nursery import wait_drained
 from ._testkit.failures import FailureWatch, TaskFailures, WatchesTasks
 from ._web.middleware import STATE_KEY, ASGIApp, BackgroundTaskMiddleware, Message
 
@@ -50,7 +51,7 @@ class TestClient(WatchesTasks, httpx.AsyncClient):
     async def drain(self) -> None:
         """Wait until no background task is pending or running, nor collected by a
         request still in flight; then raise what failed meanwhile (see the class)."""
-        await self.middleware.nursery._wait_drained()
+        await wait_drained(self.middleware.nursery)
         self._failures.raise_unraised()
 
 

@@ -21,6 +21,7 @@ import trio
 from hypercorn.config import Config
 
 from .._engine.report import ShutdownReport
+from .._running.nursery import fatal
 from .._running.option_table import DRILL_FLAGS, FLAGS, OPTIONS_BY_NAME, add_flags, given_flags
 from .._running.options import NurseryOptions
 from .._running.values import (
@@ -32,7 +33,12 @@ from .._running.values import (
     load_attribute,
     positive_int,
 )
-from .._web.middleware import ASGIApp, BackgroundTaskMiddleware
+from .._web.middleware import (
+    ASGIApp,
+    BackgroundTaskMiddleware,
+    lifespan_failure,
+    report_if_any,
+)
 from .._web.serve import default_config, serve, serve_worker, wrap
 from .drill_command import add_drill_parser, drill_command
 from .journal_command import add_journal_parser, journal_command
@@ -220,14 +226,14 @@ def _serve_command(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
             raise  # as Python would
         failure, report = f"a background task raised {stop!r}", app.report
     except Exception as error:
-        if app._lifespan_failure is None:
+        if lifespan_failure(app) is None:
             return _server_failed(error)
         # Hypercorn raises for a failed startup: what the nursery saw is reported still
         # (nothing, if it could not start).
-        failure, report = app._lifespan_failure, app._report or NOTHING_ACCEPTED
+        failure, report = lifespan_failure(app), report_if_any(app) or NOTHING_ACCEPTED
     else:
-        if app._lifespan_failure is not None:  # a failed shutdown: Hypercorn drops it
-            failure = app._lifespan_failure
+        if (shutdown_failure := lifespan_failure(app)) is not None:
+            failure = shutdown_failure  # a failed shutdown: Hypercorn drops it
     data = dataclasses.asdict(report) | ({"failure": failure} if failure else {})
     written = args.report_json is None or _write_report(args.report_json, data)
     if failure is not None:
@@ -240,7 +246,7 @@ def _serve_command(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
 
 def _raised_by_a_task(app: BackgroundTaskMiddleware, stop: BaseException) -> bool:
     try:
-        return stop is app.nursery._fatal
+        return stop is fatal(app.nursery)
     except RuntimeError:  # no nursery: it never started
         return False
 

@@ -221,11 +221,11 @@ def load_streaq_worker(spec: str) -> Worker[Any]:
     when there is none there, `WorkerRefused` when `trio_bg.streaq.check_worker` refuses
     it; whatever the module raises on import goes through."""
     from .._keeping.streaq_worker import check_worker
-    from .._web.middleware import BackgroundTaskMiddleware
+    from .._web.middleware import BackgroundTaskMiddleware, settings_of
 
     target = load_attribute(spec, what="worker")
     if isinstance(target, BackgroundTaskMiddleware):
-        target = target._settings.streaq
+        target = settings_of(target).streaq
         if target is None:
             raise LookupError(
                 f"cannot run {spec!r}: it is a BackgroundTaskMiddleware with no streaq worker "

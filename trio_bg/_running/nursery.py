@@ -957,3 +957,33 @@ class _Port:
                 nursery._end(task, "cancelled", observed)
             else:
                 nursery._queue.append(task)
+
+
+# What the package asks of a nursery beyond its public face (its owner: the
+# middleware, trio_bg.serve, the test kit), read here, where those attributes live.
+
+
+def fatal(nursery: BackgroundNursery) -> BaseException | None:
+    """The KeyboardInterrupt or SystemExit a task raised (the nursery then shut itself
+    down), for its owner to raise when it sees fit; None if none did."""
+    return nursery._fatal
+
+
+async def stopping(nursery: BackgroundNursery) -> None:
+    """Return once every task has ended, or a task raised KeyboardInterrupt or
+    SystemExit (see `fatal`)."""
+    await nursery._stopping.wait()
+
+
+async def wait_drained(nursery: BackgroundNursery) -> None:
+    """Return once no task is pending or running, nor admitted by a request still in
+    flight (whose tasks are not handed off yet)."""
+    await nursery._wait_drained()
+
+
+def watch_failures(
+    nursery: BackgroundNursery, watchers: Iterable[Callable[[str, BaseException], object]]
+) -> None:
+    """Have ``watchers`` told ``(name, error)`` of every task that fails (the test kit
+    fails the test)."""
+    nursery._failure_watchers.extend(watchers)

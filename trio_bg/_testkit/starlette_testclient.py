@@ -9,6 +9,7 @@ from typing import Any, Literal, Self
 from starlette.testclient import TestClient as StarletteTestClient
 from starlette.types import ASGIApp
 
+from .._running.nursery import wait_drained
 from .._web.middleware import STATE_KEY, BackgroundTaskMiddleware, Message
 from .failures import FailureWatch, WatchesTasks
 
@@ -79,7 +80,7 @@ class TestClient(WatchesTasks, StarletteTestClient):
         Outside ``with`` the tasks ran inline, in their request: there is nothing to
         wait for."""
         if self.portal is not None and self._middleware is not None:
-            self.portal.call(self._middleware.nursery._wait_drained)
+            self.portal.call(wait_drained, self._middleware.nursery)
         self._failures.raise_unraised()
 
     def request(self, method: str, url: Any, **kwargs: Any) -> Any:

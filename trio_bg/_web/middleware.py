@@ -11,7 +11,7 @@ import trio
 
 from .._engine.report import ShutdownReport
 from .._errors import HandoffError, JournalError, Overloaded
-from .._running.nursery import BackgroundNursery, open_nursery
+from .._running.nursery import BackgroundNursery, fatal, open_nursery, stopping, watch_failures
 from .._running.options import NurseryOptions, Settings
 from .asgi import ASGIApp, Message, Receive, Scope, Send, describe, expect
 from .client_watch import ClientWatch
@@ -322,7 +322,7 @@ class BackgroundTaskMiddleware:
                     # Found here by trio_bg.testing, and by the app's own requests (the
                     # server copies the lifespan state into each request's scope).
                     state[STATE_KEY] = self
-                    nursery._failure_watchers.extend(state.get(FAILURE_WATCHERS_KEY, ()))
+                    watch_failures(nursery, state.get(FAILURE_WATCHERS_KEY, ()))
                 failure = await app.startup()
                 if failure is None:
                     await send({"type": "lifespan.startup.complete"})
@@ -351,8 +351,8 @@ class BackgroundTaskMiddleware:
         SystemExit, ask the server to stop (then wait for it), or stop waiting."""
 
         async def on_fatal(waiting: trio.CancelScope) -> None:
-            await nursery._stopping.wait()  # the nursery is draining itself meanwhile
-            if nursery._fatal is None:
+            await stopping(nursery)  # the nursery is draining itself meanwhile
+            if fatal(nursery) is None:
                 return
             if self._stop_server is None:
                 waiting.cancel()
@@ -387,3 +387,29 @@ def _completes_response(kind: str, message: Message) -> bool:
     return kind in ("http.response.pathsend", "http.response.zerocopysend") and not (
         message.get("more_body", False)
     )
+
+
+# What the package asks of a middleware beyond its public face (trio_bg.serve, the
+# command line), read here, where those attributes live.
+
+
+def lifespan_failure(middleware: BackgroundTaskMiddleware) -> str | None:
+    """What went wrong in the lifespan (the wrapped app's startup or shutdown, or a
+    nursery that could not start), for `trio_bg.serve`; None if nothing did."""
+    return middleware._lifespan_failure
+
+
+def report_if_any(middleware: BackgroundTaskMiddleware) -> ShutdownReport | None:
+    """The shutdown report, or None if no nursery ran (it could not start)."""
+    return middleware._report
+
+
+def settings_of(middleware: BackgroundTaskMiddleware) -> Settings:
+    """The nursery's options ``middleware`` was made with."""
+    return middleware._settings
+
+
+def stop_server_with(middleware: BackgroundTaskMiddleware, stop: Callable[[], object]) -> None:
+    """Have ``middleware`` call ``stop`` (stop serving gracefully) should a task raise
+    KeyboardInterrupt or SystemExit, rather than raise it from the lifespan."""
+    middleware._stop_server = stop

@@ -16,8 +16,9 @@ import trio
 from hypercorn.config import Config
 
 from .._engine.report import ShutdownReport
+from .._running.nursery import fatal
 from .._running.options import NurseryOptions
-from .middleware import ASGIApp, BackgroundTaskMiddleware
+from .middleware import ASGIApp, BackgroundTaskMiddleware, stop_server_with
 
 SHUTDOWN_MARGIN = 5.0
 """Seconds Hypercorn's ``shutdown_timeout`` must exceed ``grace_period`` by: room for
@@ -91,7 +92,7 @@ async def _serve(
     config = _checked_config(config, middleware.grace_period)
     shutdown = _Shutdown(middleware)
     # A task's KeyboardInterrupt or SystemExit: stop serving gracefully, then raise it.
-    middleware._stop_server = shutdown.graceful
+    stop_server_with(middleware, shutdown.graceful)
     # Opened before Hypercorn starts: a signal sent once the addresses are known (or
     # during startup) is never delivered to Python's default handler.
     with trio.open_signal_receiver(*SIGNALS) as signals:
@@ -112,8 +113,8 @@ async def _serve(
             if len(group.exceptions) == 1:
                 raise group.exceptions[0] from group.exceptions[0].__cause__
             raise
-    if (fatal := middleware.nursery._fatal) is not None:
-        raise fatal  # the report is made: middleware.report
+    if (raised := fatal(middleware.nursery)) is not None:
+        raise raised  # the report is made: middleware.report
     return middleware.report
 
 

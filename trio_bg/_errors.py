@@ -1,4 +1,6 @@
-"""The exceptions a nursery raises to the code that gives it work."""
+"""The exceptions a nursery raises to the code that gives it work, and the errors for
+a task that nothing here can keep (a durable one without a journal, a remote one
+without its streaq worker)."""
 
 from __future__ import annotations
 

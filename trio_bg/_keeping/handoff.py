@@ -302,9 +302,11 @@ class Handoff:
             await self._publish(tasks, reloaded=True)
             return
         marker = self.marker
-        for task, entry in zip(tasks, pipe.results or (), strict=True):
+        # publish_task answers with the entry it added to the stream. (Redis has the
+        # tasks whatever the answers say: one that cannot be read leaves its task
+        # unwatched, never unsent.)
+        for task, entry in zip(tasks, pipe.results or (), strict=False):
             assert task.remote is not None
-            # publish_task answers with the entry it added to the stream.
             if isinstance(entry, str):
                 task.remote.receipt = Receipt(marker, entry)
 

@@ -29,9 +29,9 @@ from typing import Any, Literal, TypeVar
 import trio
 
 import trio_bg
-from trio_bg import BackgroundTasks
-from trio_bg._keeping import journal_file
+from trio_bg._keeping import journal_file, journal_schema
 from trio_bg._running.options import DEFAULT_MAX_PENDING, DEFAULT_MAX_RUNNING
+from trio_bg._web.collection import RequestTasks, face_of
 
 from .apps.counting import WELCOME_ARGUMENTS
 from .bench_http import (
@@ -254,8 +254,8 @@ class Throughput:
 @contextlib.contextmanager
 def _counting_commits() -> Iterator[list[int]]:
     """Count the journal's committed transactions, by wrapping the function each of them
-    goes through (``_journal_file.transaction``), for one measurement only."""
-    original = journal_file.transaction
+    goes through (``journal_schema.transaction``), for one measurement only."""
+    original = journal_schema.transaction
     count = [0]
 
     @contextlib.contextmanager
@@ -264,11 +264,11 @@ def _counting_commits() -> Iterator[list[int]]:
             yield
         count[0] += 1
 
-    journal_file.transaction = transaction
+    journal_schema.transaction = transaction
     try:
         yield count
     finally:
-        journal_file.transaction = original
+        journal_schema.transaction = original
 
 
 def ceiling(tasks: int, directory: Path, synchronous: str = "NORMAL") -> Throughput:
@@ -279,7 +279,7 @@ def ceiling(tasks: int, directory: Path, synchronous: str = "NORMAL") -> Through
     try:
         db.execute("PRAGMA journal_mode = WAL")
         db.execute(f"PRAGMA synchronous = {synchronous}")
-        db.executescript(journal_file._SCHEMA)
+        db.executescript(journal_schema.SCHEMA)
         insert = (
             "INSERT INTO tasks (name, arguments, attempt, owner, created) VALUES (?, ?, 1, 1, ?)"
         )
@@ -320,12 +320,12 @@ async def _requests(
 
     async def client(requests: int) -> None:
         for _ in range(requests):
-            collection = BackgroundTasks._of_request(nursery, ordered=False)
-            collection.add_task(func, **ARGUMENTS)
-            if collection._uncommitted:
-                await collection._commit()
+            collection = RequestTasks(nursery, ordered=False)
+            face_of(collection).add_task(func, **ARGUMENTS)
+            if collection.uncommitted:
+                await collection.commit()
             await trio.lowlevel.checkpoint()
-            collection._hand_off()
+            collection.hand_off()
 
     async with trio.open_nursery() as clients:
         for i in range(concurrency):
@@ -352,7 +352,7 @@ async def _through_nursery(
             await done.wait()
         seconds = time.perf_counter() - clock
         cpu, process = time.thread_time() - cpu, time.process_time() - process
-    left = _rows_in(Path(journal)) if journal not in (None, journal_file.MEMORY) else 0
+    left = _rows_in(Path(journal)) if journal not in (None, journal_schema.MEMORY) else 0
     return Throughput(seconds, FINISH.ran, commits[0], cpu, process - cpu, left)
 
 
@@ -363,7 +363,7 @@ def _in_trio(
     add: Adder, *, journal: JournalKind = "file", **options: Any
 ) -> Callable[[int, Path], Throughput]:
     def measure(tasks: int, directory: Path) -> Throughput:
-        path = {"file": str(directory / "tasks.db"), "memory": journal_file.MEMORY, "none": None}
+        path = {"file": str(directory / "tasks.db"), "memory": journal_schema.MEMORY, "none": None}
         run = partial(_through_nursery, add=add, journal=path[journal], **options)
         return trio.run(run, tasks)
 
@@ -465,9 +465,9 @@ def throughput(*, reps: int, tasks: int) -> Section:
             f"journal's default; a FULL row for reference): INSERT "
             f"{CEILING_BATCH} rows + COMMIT, DELETE them + COMMIT, repeated; higher is better.",
             f"The request path is what the middleware does per request: "
-            f"BackgroundTasks._of_request, add_task, await _commit() (group commit: the "
+            f"RequestTasks, add_task, await commit() (group commit: the "
             f"concurrent requests' rows share a transaction), a checkpoint for the body, "
-            f"_hand_off(). The target row runs {CONCURRENCY} requests at once, so that a "
+            f"hand_off(). The target row runs {CONCURRENCY} requests at once, so that a "
             f"transaction can hold as many rows as the ceiling's; the {HTTP_LIKE_CONCURRENCY} "
             "row matches the HTTP benchmarks' connections. tasks/commit: tasks ÷ transactions "
             "the journal committed (its inserts and its removals).",
@@ -489,14 +489,14 @@ def throughput(*, reps: int, tasks: int) -> Section:
 def prefill(path: Path, rows: int) -> None:
     """A journal holding ``rows`` queued tasks that no process holds (as if its process
     had died and its lease expired), written in big transactions, then checkpointed."""
-    db = journal_file.connect(str(path))
+    db = journal_schema.connect(str(path))
     try:
         owner = journal_file.join(db, 60.0)
         for start in range(0, rows, PREFILL_BATCH):
             count = min(PREFILL_BATCH, rows - start)
-            with journal_file.transaction(db):
+            with journal_schema.transaction(db):
                 journal_file.append(db, owner, [(NAME, PAYLOAD, 1)] * count)
-        with journal_file.transaction(db):
+        with journal_schema.transaction(db):
             journal_file.leave(db, owner, ())
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     finally:

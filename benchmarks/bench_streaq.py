@@ -31,7 +31,7 @@ from typing import IO, TYPE_CHECKING, Any, Self, TypeVar
 import trio
 
 import trio_bg
-from trio_bg import BackgroundTasks
+from trio_bg._web.collection import RequestTasks, face_of
 
 from .bench_http import App, HttpSettings, Matrix, measure, tasks_cell, versus_cells
 from .inprocess import fresh_run
@@ -234,12 +234,12 @@ async def _requests(
 
     async def client(requests: int) -> None:
         for _ in range(requests):
-            collection = BackgroundTasks._of_request(nursery, ordered=False)
-            collection.add_task(remote, **ARGUMENTS)
-            if collection._uncommitted:
-                await collection._commit()
+            collection = RequestTasks(nursery, ordered=False)
+            face_of(collection).add_task(remote, **ARGUMENTS)
+            if collection.uncommitted:
+                await collection.commit()
             await trio.lowlevel.checkpoint()
-            collection._hand_off()
+            collection.hand_off()
 
     async with trio.open_nursery() as clients:
         for i in range(concurrency):
@@ -385,9 +385,9 @@ def handoff(redis: RedisServer, *, reps: int, tasks: int, readme: list[str]) -> 
             "rotated from rep to rep); higher is better. Redis is emptied (FLUSHALL) after "
             "every measurement, once the tasks in its stream were counted.",
             "trio_bg: the request path, as the middleware runs it for each request: "
-            "BackgroundTasks._of_request, add_task(remote task, 5 keyword arguments), await "
-            "_commit() (the hand-off: the tasks of the requests waiting meanwhile go in the next "
-            "pipeline), a checkpoint for the body, _hand_off(); N requests at once make batches "
+            "RequestTasks, add_task(remote task, 5 keyword arguments), await "
+            "commit() (the hand-off: the tasks of the requests waiting meanwhile go in the next "
+            "pipeline), a checkpoint for the body, hand_off(); N requests at once make batches "
             "of up to N (tasks/round trip: the pipelines actually sent). streaq: the same task "
             "made with task.enqueue() and enqueue_many() of N at a time, one after another; "
             "one at a time, each task awaited (its own enqueue, no pipeline).",

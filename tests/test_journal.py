@@ -21,6 +21,7 @@ from trio_bg import fastapi as trio_bg_fastapi
 from trio_bg._errors import JournalError
 from trio_bg._keeping import journal as _journal
 from trio_bg._keeping import journal_file as _journal_file
+from trio_bg._keeping import journal_schema as _journal_schema
 from trio_bg._web.middleware import ASGIApp
 from trio_bg.testing import open_test_client
 
@@ -270,9 +271,9 @@ async def test_a_row_of_an_unknown_name_stays_and_is_counted(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = tmp_path / "tasks.db"
-    connection = _journal_file.connect(str(path))
+    connection = _journal_schema.connect(str(path))
     owner = _journal_file.join(connection, 1.0)
-    with _journal_file.transaction(connection):
+    with _journal_schema.transaction(connection):
         _journal_file.append(connection, owner, [("gone.task", "[[1],{}]", 1)] * 2)
         _journal_file.leave(connection, owner, ())
     connection.close()
@@ -285,9 +286,9 @@ async def test_a_row_of_an_unknown_name_stays_and_is_counted(
 
 async def test_a_row_whose_arguments_no_longer_fit_is_a_dead_letter(tmp_path: Path) -> None:
     path = tmp_path / "tasks.db"
-    connection = _journal_file.connect(str(path))
+    connection = _journal_schema.connect(str(path))
     owner = _journal_file.join(connection, 1.0)
-    with _journal_file.transaction(connection):
+    with _journal_schema.transaction(connection):
         _journal_file.append(connection, owner, [("tests.journal.welcome", "[[1,2,3],{}]", 1)])
         _journal_file.leave(connection, owner, ())
     connection.close()
@@ -441,13 +442,13 @@ def another_application(path: Path) -> None:
 
 
 def newer_schema(path: Path) -> None:
-    _journal_file.connect(str(path)).execute("PRAGMA user_version = 99")
+    _journal_schema.connect(str(path)).execute("PRAGMA user_version = 99")
 
 
 def corrupt(path: Path) -> None:
-    connection = _journal_file.connect(str(path))
+    connection = _journal_schema.connect(str(path))
     owner = _journal_file.join(connection, 1.0)
-    with _journal_file.transaction(connection):
+    with _journal_schema.transaction(connection):
         _journal_file.append(connection, owner, [("x", "[[" + "1," * 2000 + "1],{}]", 1)] * 50)
     connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     connection.close()
@@ -491,7 +492,7 @@ async def test_a_locked_journal_fails_the_startup(
 ) -> None:
     monkeypatch.setattr(_journal, "BUSY_TIMEOUT", 0.05)
     path = tmp_path / "tasks.db"
-    _journal_file.connect(str(path)).close()
+    _journal_schema.connect(str(path)).close()
     locker = sqlite3.connect(path, isolation_level=None)
     locker.execute("BEGIN EXCLUSIVE")
     try:

@@ -13,7 +13,7 @@ import pytest
 
 from trio_bg._cli import journal_command as _journal_command
 from trio_bg._cli.main import main
-from trio_bg._keeping import journal_file
+from trio_bg._keeping import journal_file, journal_schema
 
 EMAIL = "alice@example.com"  # personal data in a task's arguments
 ERROR = (
@@ -26,9 +26,9 @@ ERROR = (
 def build(path: Path, *, queued: int = 0, claimed: int = 0, dead: int = 0) -> list[int]:
     """A journal with ``claimed`` queued tasks claimed by a live process, then
     ``queued`` nobody's, then ``dead`` dead letters; their ids, in that order."""
-    with closing(journal_file.connect(str(path))) as connection:
+    with closing(journal_schema.connect(str(path))) as connection:
         owner = journal_file.join(connection, lease=3600)
-        with journal_file.transaction(connection):
+        with journal_schema.transaction(connection):
             ids = journal_file.append(
                 connection,
                 owner,
@@ -42,7 +42,7 @@ def build(path: Path, *, queued: int = 0, claimed: int = 0, dead: int = 0) -> li
 
 
 def stored(path: Path) -> dict[int, journal_file.Row]:
-    with closing(journal_file.connect(str(path))) as connection:
+    with closing(journal_schema.connect(str(path))) as connection:
         return {row.id: row for row in journal_file.rows(connection)}
 
 

@@ -20,6 +20,7 @@ from test_journal_processes import Server, client, ledger_lines
 
 import trio_bg
 from trio_bg._keeping import journal_file as _journal_file
+from trio_bg._keeping import journal_schema as _journal_schema
 
 LEASE = 1.0
 
@@ -61,7 +62,7 @@ def take_over(path: Path) -> int:
     """Do what another process does once this one's lease lapsed: reap its rows and
     claim them (in one transaction, so this one cannot renew in between); its id."""
     connection = sqlite3.connect(path, isolation_level=None)
-    with closing(connection), _journal_file.transaction(connection):
+    with closing(connection), _journal_schema.transaction(connection):
         connection.execute("UPDATE owners SET expires = 0")
         other: int = connection.execute(
             "INSERT INTO owners (pid, host, expires) VALUES (0, 'elsewhere', 1e12) RETURNING id"
@@ -116,9 +117,9 @@ async def test_a_thread_runs_on_but_never_settles_a_row_it_lost(
 
 
 def test_a_late_finisher_never_writes_a_row_another_owner_holds(tmp_path: Path) -> None:
-    with closing(_journal_file.connect(str(tmp_path / "tasks.db"))) as connection:
+    with closing(_journal_schema.connect(str(tmp_path / "tasks.db"))) as connection:
         late = _journal_file.join(connection, 60)
-        with _journal_file.transaction(connection):
+        with _journal_schema.transaction(connection):
             [id] = _journal_file.append(connection, late, [("t", "[[],{}]", 1)])
         other = _journal_file.join(connection, 60)
         connection.execute("UPDATE tasks SET owner = ?", (other,))

@@ -15,7 +15,7 @@ import trio
 from processes import BOUND
 
 import trio_bg
-from trio_bg._keeping import journal_file as _journal_file
+from trio_bg._keeping import journal_schema as _journal_schema
 
 ran = trio.Event()
 
@@ -52,7 +52,7 @@ async def test_an_existing_journal_open_to_others_is_warned_about_and_left_alone
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = tmp_path / "tasks.db"
-    _journal_file.connect(str(path)).close()
+    _journal_schema.connect(str(path)).close()
     path.chmod(0o644)
     async with trio_bg.open_background_nursery(journal=path):
         assert modes(path) == {"": 0o644, "-wal": 0o644, "-shm": 0o644}

@@ -288,10 +288,11 @@ async def test_workers_share_one_journal_and_defer_into_it(tmp_path: Path) -> No
 
 def _open_at_once(path: str, barrier: Any, results: Any) -> None:
     from trio_bg._keeping import journal_file as _journal_file
+    from trio_bg._keeping import journal_schema as _journal_schema
 
     barrier.wait()
     try:
-        connection = _journal_file.connect(path)
+        connection = _journal_schema.connect(path)
         _journal_file.join(connection, LEASE)
         connection.close()
         results.put("ok")

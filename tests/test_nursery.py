@@ -15,6 +15,7 @@ from conftest import task_with_a_cleanup_bug
 
 import trio_bg
 from trio_bg._engine.thread_pool import ThreadPool
+from trio_bg._web.collection import RequestTasks, face_of
 
 
 async def broken(secret: str = "") -> None:
@@ -337,20 +338,17 @@ async def test_a_full_nursery_refuses_with_overloaded_and_counts_it() -> None:
 
 async def test_collected_tasks_hold_their_room_until_handed_off_or_discarded() -> None:
     async with trio_bg.open_background_nursery(max_running=1, max_pending=1) as nursery:
-        first, second = (
-            trio_bg.BackgroundTasks._of_request(nursery, ordered=False),
-            trio_bg.BackgroundTasks._of_request(nursery, ordered=False),
-        )
-        first.add_task(trio.sleep, 0)
-        first.add_task(trio.sleep, 0)
+        first, second = RequestTasks(nursery, ordered=False), RequestTasks(nursery, ordered=False)
+        face_of(first).add_task(trio.sleep, 0)
+        face_of(first).add_task(trio.sleep, 0)
         assert nursery.stats.reserved == 2
         with pytest.raises(trio_bg.Overloaded):
-            second.add_task(trio.sleep, 0)
-        first._discard("the test says so")
+            face_of(second).add_task(trio.sleep, 0)
+        first.discard("the test says so")
         stats = nursery.stats
         assert (stats.reserved, stats.discarded, stats.accepted) == (0, 2, 0)
-        second.add_task(trio.sleep, 0)
-        second._hand_off()
+        face_of(second).add_task(trio.sleep, 0)
+        second.hand_off()
     assert (nursery.report.completed, nursery.report.discarded) == (1, 2)
 
 
@@ -362,11 +360,10 @@ async def test_admission_from_worker_threads_is_exact() -> None:
         await gate.wait()
 
     async with trio_bg.open_background_nursery(max_running=10, max_pending=40) as nursery:
-        collections = [
-            trio_bg.BackgroundTasks._of_request(nursery, ordered=False) for _ in range(8)
-        ]
+        collections = [RequestTasks(nursery, ordered=False) for _ in range(8)]
 
-        def add_many(tasks: trio_bg.BackgroundTasks) -> int:
+        def add_many(collection: RequestTasks) -> int:
+            tasks = face_of(collection)
             refused = 0
             for _ in range(20):
                 try:
@@ -376,12 +373,12 @@ async def test_admission_from_worker_threads_is_exact() -> None:
             return refused
 
         async with trio.open_nursery() as threads:
-            for tasks in collections:
-                threads.start_soon(trio.to_thread.run_sync, add_many, tasks)
+            for collection in collections:
+                threads.start_soon(trio.to_thread.run_sync, add_many, collection)
         assert nursery.stats.reserved == 50
         assert nursery.stats.rejected == 8 * 20 - 50
-        for tasks in collections:
-            tasks._hand_off()
+        for collection in collections:
+            collection.hand_off()
         gate.set()
     assert nursery.report.completed == 50
 
@@ -511,12 +508,12 @@ async def test_a_task_handed_off_after_the_cancel_is_cancelled_not_lost() -> Non
 
     async with trio_bg.open_background_nursery(max_running=1, grace_period=0) as nursery:
         nursery.start_soon(stubborn)
-        late = trio_bg.BackgroundTasks._of_request(nursery, ordered=False)
-        late.add_task(work, 1)  # admitted before the shutdown
+        late = RequestTasks(nursery, ordered=False)
+        face_of(late).add_task(work, 1)  # admitted before the shutdown
         async with trio.open_nursery() as shutting_down:
             shutting_down.start_soon(nursery.shutdown)
             await trio.testing.wait_all_tasks_blocked()
-            late._hand_off()  # the slot is still taken, and the tasks are cancelled
+            late.hand_off()  # the slot is still taken, and the tasks are cancelled
             late_added.set()
     report = nursery.report
     assert (report.accepted, report.completed, report.cancelled) == (2, 1, 1)

@@ -20,6 +20,7 @@ from test_streaq import HandedOff, Queue, endpoint, looking_into, run_worker_unt
 
 import trio_bg
 from trio_bg._keeping import handoff as _handoff
+from trio_bg._running.nursery import remote_keeper
 from trio_bg._web.middleware import HANDOFF_IN_DOUBT_TEXT
 
 stored: list[int] = []
@@ -180,7 +181,8 @@ async def test_what_a_worker_took_is_not_reported_lost(
         assert (await client.get("/")).status_code == 200
         await handed_off.wait_for(1)
         await run_worker_until_empty(queue)
-        await until(lambda: not len(app.nursery._remote or ()))  # a worker took it: unwatched
+        # A worker took it: unwatched.
+        await until(lambda: not len(remote_keeper(app.nursery) or ()))
         server.kill()
         server.start()
         assert (await client.get("/")).status_code == 200

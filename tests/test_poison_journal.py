@@ -26,6 +26,7 @@ from redis_server import free_port
 
 import trio_bg
 from trio_bg._keeping import journal_file as _journal_file
+from trio_bg._keeping import journal_schema as _journal_schema
 from trio_bg._web.middleware import Receive, Scope, Send
 
 ran: list[tuple[str, object]] = []
@@ -97,9 +98,9 @@ def journal_rows(path: Path) -> list[_journal_file.Row]:
 def plant(path: Path, *rows: tuple[str, str | bytes, object, bool]) -> list[int]:
     """Queued rows (name, arguments, attempt, started) that no process holds, written
     as they are: ``bytes`` arguments as text that is not UTF-8."""
-    connection = _journal_file.connect(str(path))
+    connection = _journal_schema.connect(str(path))
     ids = []
-    with _journal_file.transaction(connection):
+    with _journal_schema.transaction(connection):
         for name, arguments, attempt, started in rows:
             ids.append(
                 connection.execute(

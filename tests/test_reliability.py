@@ -20,6 +20,7 @@ import trio.testing
 from conftest import run_hypercorn, run_lifespan
 
 import trio_bg
+from trio_bg._running.nursery import stopping, wait_drained
 from trio_bg._web.middleware import Receive, Scope, Send
 from trio_bg.testing import TaskFailures, open_test_client
 
@@ -91,7 +92,7 @@ async def test_keyboard_interrupt_or_system_exit_drains_reports_then_propagates(
             nursery.start_soon(finishes_in_the_grace_period)
             nursery.start_soon(forever)
             nursery.start_soon(stop_now if blocking else astop_now)
-            await nursery._stopping.wait()
+            await stopping(nursery)
             with pytest.raises(trio_bg.NurseryClosed) as closed:  # no new work from here
                 nursery.start_soon(trio.sleep, 0)
             refused.append(closed.value)
@@ -275,7 +276,7 @@ async def test_a_streamed_response_read_to_the_end_runs_its_tasks_and_the_app_re
         ):
             response = await client.post("/", content=b"the request body")
             assert response.text == "ab"
-            await middleware.nursery._wait_drained()
+            await wait_drained(middleware.nursery)
             assert middleware.nursery.stats.completed == 1
     assert received == ["http.request"]
 

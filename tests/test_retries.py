@@ -17,6 +17,7 @@ from conftest import task_with_a_cleanup_bug
 
 import trio_bg
 from trio_bg import Backoff
+from trio_bg._web.collection import RequestTasks, face_of
 from trio_bg._web.middleware import Receive, Scope, Send
 from trio_bg.testing import open_test_client
 
@@ -558,10 +559,11 @@ async def test_an_ordered_requests_next_task_waits_for_the_final_outcome(
         starts.append(("after", trio.current_time()))
 
     async with trio_bg.open_background_nursery() as nursery:
-        tasks = trio_bg.BackgroundTasks._of_request(nursery, ordered=True, stop_on_failure=True)
+        collection = RequestTasks(nursery, ordered=True, stop_on_failure=True)
+        tasks = face_of(collection)
         tasks.add_task(flaky)
         tasks.add_task(after)
-        tasks._hand_off()
+        collection.hand_off()
         await nursery.wait_idle()
     assert starts == [("flaky", 0), ("flaky", 10), ("flaky", 30), ("after", 30)]
     assert nursery.report.completed == 2
@@ -581,10 +583,11 @@ async def test_stop_on_failure_skips_the_rest_only_once_the_retries_are_exhauste
         ran.append("never")
 
     async with trio_bg.open_background_nursery() as nursery:
-        tasks = trio_bg.BackgroundTasks._of_request(nursery, ordered=True, stop_on_failure=True)
+        collection = RequestTasks(nursery, ordered=True, stop_on_failure=True)
+        tasks = face_of(collection)
         tasks.add_task(hopeless)
         tasks.add_task(never)
-        tasks._hand_off()
+        collection.hand_off()
         await nursery.wait_idle()
     assert ran == ["hopeless", "hopeless"]
     assert (nursery.report.failed, nursery.report.cancelled) == (1, 1)

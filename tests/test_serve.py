@@ -29,7 +29,7 @@ from hypercorn.config import Config
 from redis_server import RedisServer, redis_server_or_skip
 
 import trio_bg
-from trio_bg._keeping import journal_file as _journal_file
+from trio_bg._keeping import journal_schema as _journal_schema
 from trio_bg._web.middleware import Receive, Scope, Send
 from trio_bg._web.serve import SHUTDOWN_MARGIN, default_config
 
@@ -329,7 +329,7 @@ async def test_a_nursery_refused_by_redis_exits_3_in_one_line(
 async def test_a_nursery_whose_journal_stays_locked_exits_3_in_one_line(tmp_path: Path) -> None:
     """Takes the journal's busy timeout, 5 s."""
     path = tmp_path / "tasks.db"
-    _journal_file.connect(str(path)).close()
+    _journal_schema.connect(str(path)).close()
     locker = sqlite3.connect(path, isolation_level=None)
     locker.execute("BEGIN EXCLUSIVE")
     try:

@@ -22,6 +22,8 @@ import trio_bg
 import trio_bg.streaq
 from trio_bg import fastapi as trio_bg_fastapi
 from trio_bg._engine.events import TaskEvent
+from trio_bg._keeping.streaq_worker import sender_of
+from trio_bg._running.nursery import remote_keeper, wait_drained
 from trio_bg._web.middleware import HANDOFF_FAILED_TEXT, ASGIApp
 
 Handler = Callable[[trio_bg.BackgroundTasks], Any]
@@ -69,7 +71,7 @@ class Queue:
 @asynccontextmanager
 async def looking_into(url: str) -> AsyncIterator[Queue]:
     queue = Queue(url)
-    async with queue.worker._sender() as queue.look:  # the test's own connection
+    async with sender_of(queue.worker) as queue.look:  # the test's own connection
         yield queue
 
 
@@ -158,8 +160,9 @@ async def test_concurrent_requests_share_a_round_trip(queue: Queue) -> None:
         streaq=queue.worker,
     )
     async with run_lifespan(app), asgi_client(app) as client:
-        assert app.nursery._remote is not None
-        handoff = app.nursery._remote.handoff
+        remote = remote_keeper(app.nursery)
+        assert remote is not None
+        handoff = remote.handoff
         trips = 0
         publish = handoff._publish
 
@@ -231,7 +234,7 @@ def test_a_pickling_worker_is_refused() -> None:
 async def test_a_nursery_started_outside_a_request_hands_off_too(queue: Queue) -> None:
     async with trio_bg.open_background_nursery(streaq=queue.worker) as nursery:
         nursery.start_soon(queue.welcome, "f@example.com")
-        await nursery._wait_drained()
+        await wait_drained(nursery)
         assert nursery.stats.handed_off == 1
     assert nursery.report.handed_off == 1
     assert len(await queue.stored()) == 1

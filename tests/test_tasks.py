@@ -11,6 +11,7 @@ import trio
 
 import trio_bg
 from trio_bg._engine.tasks import Task
+from trio_bg._web.collection import RequestTasks, face_of
 
 
 async def notify(user: str, *, subject: str = "") -> None:
@@ -148,7 +149,8 @@ def test_current_tasks_outside_a_request_names_the_middleware() -> None:
 
 async def test_add_task_checks_at_once_and_collects_until_the_hand_off() -> None:
     async with trio_bg.open_background_nursery() as nursery:
-        tasks = trio_bg.BackgroundTasks._of_request(nursery, ordered=False)
+        collection = RequestTasks(nursery, ordered=False)
+        tasks = face_of(collection)
         ran = trio.Event()
 
         async def job() -> None:
@@ -159,7 +161,7 @@ async def test_add_task_checks_at_once_and_collects_until_the_hand_off() -> None
         tasks.add_task(job)
         assert len(tasks) == 1
         assert nursery.stats.reserved == 1 and nursery.stats.accepted == 0
-        tasks._hand_off()
+        collection.hand_off()
         assert len(tasks) == 0
         await ran.wait()
         # After the hand-off, a task goes to the nursery at once.
@@ -176,7 +178,7 @@ async def test_awaiting_the_collection_hands_it_off_like_a_starlette_background(
         ran.set()
 
     async with trio_bg.open_background_nursery() as nursery:
-        tasks = trio_bg.BackgroundTasks._of_request(nursery, ordered=False)
+        tasks = face_of(RequestTasks(nursery, ordered=False))
         tasks.add_task(job)
         await tasks()
         assert len(tasks) == 0

@@ -164,7 +164,8 @@ class _Adoption:
         tasks = _collection.current_collection.get(None)
         if tasks is None:  # no middleware: FastAPI runs them inline, as trio_bg would
             return
-        adopted = _Adopted(self, background_tasks, tasks, connection.scope)
+        collection = _collection.collection_of(tasks)
+        adopted = _Adopted(self, background_tasks, collection, connection.scope)
         adopted.take()  # those added by a dependency solved before this one
         # (trio_bg's add_task takes ``func`` by position only: nobody passes it by name)
         background_tasks.add_task = adopted.add_task  # type: ignore[method-assign,assignment]
@@ -174,18 +175,18 @@ class _Adopted:
     """One request's ``fastapi.BackgroundTasks``, adopted: what its ``add_task`` adds
     passes to the request's `trio_bg.BackgroundTasks`."""
 
-    __slots__ = ("_adoption", "_ends", "_fastapi", "_hold", "_scope", "_tasks")
+    __slots__ = ("_adoption", "_ends", "_fastapi", "_hold", "_request", "_scope")
 
     def __init__(
         self,
         adoption: _Adoption,
         fastapi_tasks: fastapi.BackgroundTasks,
-        tasks: _collection.BackgroundTasks,
+        collection: _collection.RequestTasks,
         scope: Scope,
     ) -> None:
         self._adoption = adoption
         self._fastapi = fastapi_tasks
-        self._tasks = tasks
+        self._request = collection  # the request's, behind its trio_bg.BackgroundTasks
         self._scope = scope
         self._ends: _tasks.TaskEnds | None = None  # made with the first task, to hold
         self._hold: BackgroundTask | None = None
@@ -210,19 +211,19 @@ class _Adopted:
         if self._ends is not None and self._hold is None and _exits_waiting(self._scope):
             self._hold = BackgroundTask(self._hold_open)
             if self._adoption.order_held:
-                self._tasks.ordered = True  # they may share what the dependencies yielded
+                self._request.ordered = True  # they may share what the dependencies yielded
         collected[:] = [] if self._hold is None else [self._hold]
         for task in added:
             if self._ends is None:
-                self._tasks.add_task(task.func, *task.args, **task.kwargs)
+                self._request.take(_tasks.Task(task.func, task.args, task.kwargs))
             else:
-                self._tasks._add_counted(self._ends, task.func, task.args, task.kwargs)
+                self._request.add_counted(self._ends, task.func, task.args, task.kwargs)
 
     async def _hold_open(self) -> None:
         """Run by Starlette after the response's body, inside FastAPI's request-scoped
         dependencies (some wait to exit): return once the tasks have ended."""
         assert self._ends is not None
-        await self._tasks._until_ended(self._ends)
+        await self._request.until_ended(self._ends)
 
 
 def _exits_waiting(scope: Scope) -> bool:

@@ -45,7 +45,7 @@ from ._running.nursery import wait_drained
 from ._running.options import NurseryOptions
 from ._testkit.failures import FailureWatch, WatchesTasks
 from ._web.asgi import ASGIApp, Message
-from ._web.collection import BackgroundTasks, current_collection
+from ._web.collection import BackgroundTasks, collection_of, current_collection
 from ._web.middleware import BackgroundTaskMiddleware
 from ._web.unavailable import UNAVAILABLE_TEXT, retry_after_headers
 
@@ -205,7 +205,9 @@ def _discard_collected(why: str) -> None:
     if tasks is not None and has_request_context():
         from quart import request
 
-        tasks._discard(f"the {request.method} request to {request.path} failed: {why}")
+        collection_of(tasks).discard(
+            f"the {request.method} request to {request.path} failed: {why}"
+        )
 
 
 class TestApp(WatchesTasks):

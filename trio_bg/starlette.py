@@ -30,7 +30,7 @@ from starlette.responses import PlainTextResponse, Response
 
 from ._errors import Overloaded
 from ._running.options import NurseryOptions, Settings
-from ._web.collection import BackgroundTasks
+from ._web.collection import BackgroundTasks, collection_of
 from ._web.middleware import SCOPE_KEY, BackgroundTaskMiddleware
 from ._web.unavailable import UNAVAILABLE_TEXT, check_retry_after, retry_after_headers
 
@@ -93,7 +93,8 @@ def _overloaded_handler(retry_after: int | None) -> OverloadedHandler:
         if isinstance(tasks, BackgroundTasks):
             # The client is told to retry: the work this request collected must not
             # run now as well.
-            tasks._discard(f"the {request.method} request to {request.url.path} answered 503")
+            why = f"the {request.method} request to {request.url.path} answered 503"
+            collection_of(tasks).discard(why)
         return PlainTextResponse(UNAVAILABLE_TEXT, status_code=503, headers=headers)
 
     handle_overloaded.__qualname__ = handle_overloaded.__name__ = "overloaded_handler"

@@ -15,7 +15,7 @@ from functools import partial
 from typing import Any
 
 from .._errors import JournalError
-from .._keeping import journal_file
+from .._keeping import journal_file, journal_schema
 
 PROG = "python -m trio_bg journal"
 
@@ -113,7 +113,7 @@ def journal_command(args: argparse.Namespace) -> int:
             try:
                 status: int = args.journal_run(connection, args)
             except sqlite3.Error as error:
-                raise journal_file.journal_error(error, f"the journal {path}") from error
+                raise journal_schema.journal_error(error, f"the journal {path}") from error
     except JournalError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -124,9 +124,9 @@ def _open(path: str) -> sqlite3.Connection:
     """Connect to the journal at ``path``, which must exist: `JournalError` if not."""
     if not os.path.lexists(path):
         raise JournalError(f"no journal at {path}")
-    if path == journal_file.MEMORY:  # a file of that name, not a database in memory
+    if path == journal_schema.MEMORY:  # a file of that name, not a database in memory
         path = os.path.join(os.curdir, path)
-    return journal_file.connect(path, busy_timeout=BUSY_TIMEOUT, create=False)
+    return journal_schema.connect(path, busy_timeout=BUSY_TIMEOUT, create=False)
 
 
 # -- ls ------------------------------------------------------------------------------

@@ -109,19 +109,9 @@ class ThreadPool:
         self.in_use = 0
         """Threads running a call, as trio knows it (abandoned ones until they end)."""
 
-    def submit(
-        self,
-        func: Callable[..., object],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        context: contextvars.Context,
-        key: object,
-        on_start: OnStart,
-        on_done: OnDone,
-    ) -> Job:
-        """Queue ``func(*args, **kwargs)``, to run in ``context`` in a worker thread;
-        ``on_start`` and ``on_done`` will be told about it with ``key``."""
-        job = Job(func, args, kwargs, context, key, on_start, on_done)
+    def submit(self, job: Job) -> None:
+        """Queue a new ``job``: its call runs in its context in a worker thread, and its
+        ``on_start`` and ``on_done`` will be told about it with its key."""
         with self._lock:
             self._jobs.append(job)
             if self._idle:
@@ -131,7 +121,6 @@ class ThreadPool:
                 self._threads += 1
         if start:
             self._start_thread()
-        return job
 
     def cancel(self, job: Job) -> Literal["refused", "abandoned", "done"]:
         """Take ``job`` back: ``"refused"`` if it had not started (it never will),

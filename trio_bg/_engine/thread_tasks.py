@@ -64,9 +64,9 @@ class ThreadTasks:
         if self._tracer is not None:
             self._tracer.begin(task, context)
         self.awaiting += 1
-        self._jobs[task] = self.pool.submit(
-            task.func, task.args, task.kwargs, context, task, self._on_start, self._on_done
-        )
+        job = Job(task.func, task.args, task.kwargs, context, task, self._on_start, self._on_done)
+        self._jobs[task] = job
+        self.pool.submit(job)
 
     def _started(self, task: Task, started_at: float) -> None:
         """A worker thread started ``task`` at ``started_at``: its timeout runs from then."""

@@ -70,11 +70,11 @@ class Handoff:
     them (`HandoffError` if it cannot take them). `run` holds the connection."""
 
     def __init__(self, worker: Worker[Any]) -> None:
-        from .streaq_worker import TrioWorker
+        from .streaq_worker import TrioWorker, sender_of
 
         assert isinstance(worker, TrioWorker)  # (checked with the nursery's options)
         self.origin = worker  # the worker the nursery was given
-        self.worker = worker._sender()  # the app's own worker may run in this process
+        self.worker = sender_of(worker)  # the app's own worker may run in this process
         self._open: _Shipment | None = None  # the next batch, gathering tasks
         self._on_its_way: _Shipment | None = None
         self._wake = trio.Event()
@@ -122,6 +122,8 @@ class Handoff:
         ``patient`` (a journal keeps the tasks meanwhile), it starts at once and
         connects when it can. Cancelled, the waiting requests hear that their tasks
         were not sent."""
+        from .streaq_worker import sender_of
+
         started = patient
         if patient:
             task_status.started(self)
@@ -156,7 +158,7 @@ class Handoff:
                     delay = min(max(2 * delay, RETRY_FIRST), RETRY_MAX)
                     logger.error("lost or cannot reach %s; trying again in %.3gs", problem, delay)
                     await trio.sleep(delay)
-                    self.worker = self.origin._sender()  # (a worker is entered only once)
+                    self.worker = sender_of(self.origin)  # (a worker is entered only once)
         finally:
             self._closed = True
             self._fail_waiting("the hand-off to Redis was cancelled")

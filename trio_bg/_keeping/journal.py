@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal, final
 import trio
 
 from .._errors import JournalError
-from . import journal_file
+from . import journal_file, journal_schema
 
 if TYPE_CHECKING:
     from .._engine.tasks import Task
@@ -263,10 +263,10 @@ class Journal:
     # -- in the journal's thread ---------------------------------------------------
 
     def _connect(self, _: object) -> int:
-        self._connection = journal_file.connect(
+        self._connection = journal_schema.connect(
             self.path, synchronous=self._synchronous, busy_timeout=BUSY_TIMEOUT
         )
-        if exposed := journal_file.exposed(self.path):
+        if exposed := journal_schema.exposed(self.path):
             logger.warning(
                 "journal %s: others than its owner may read or write %s, and the task "
                 "arguments in it; make it private: chmod 600 %s",
@@ -337,7 +337,7 @@ class Journal:
         wait = BUSY_TIMEOUT if deadline == math.inf else deadline - time.monotonic()
         try:
             connection.execute(f"PRAGMA busy_timeout = {max(0, int(wait * 1000))}")
-            with journal_file.transaction(connection):
+            with journal_schema.transaction(connection):
                 for op in batch:
                     assert op.run is not None
                     op.result = op.run(connection)
@@ -438,5 +438,5 @@ def _as_journal_error(error: Exception, what: str) -> Exception:
     if isinstance(error, JournalError):
         return error
     if isinstance(error, sqlite3.Error):
-        return journal_file.journal_error(error, f"the journal could not {what}")
+        return journal_schema.journal_error(error, f"the journal could not {what}")
     return error

@@ -325,15 +325,6 @@ class TrioWorker(Worker[Any]):
         )
         return StreaqError(f"malformed task record: {problem}")
 
-    def _sender(self) -> Worker[Any]:
-        """A worker like this one (same Redis, queue and format, same tasks) with a
-        connection of its own: a web process sends with it, while this one may run
-        tasks in the same process (a streaq worker is entered once at a time)."""
-        args, kwargs = self._arguments
-        twin = Worker(*args, **kwargs)
-        twin.registry = self.registry
-        return twin
-
     async def finish_failed_task(
         self,
         msg: StreamMessage,
@@ -363,3 +354,13 @@ class TrioWorker(Worker[Any]):
             msg.task_id,
             self.idle_timeout / 1000,
         )
+
+
+def sender_of(worker: TrioWorker) -> Worker[Any]:
+    """A worker like ``worker`` (same Redis, queue and format, same tasks) with a
+    connection of its own: a web process sends with it, while ``worker`` may run tasks
+    in the same process (a streaq worker is entered once at a time)."""
+    args, kwargs = worker._arguments
+    twin = Worker(*args, **kwargs)
+    twin.registry = worker.registry
+    return twin

@@ -14,7 +14,7 @@ from typing import Any
 from .._engine.calls import is_async_callable, name_of
 from .._engine.events import TaskEvent
 from .._keeping.journal import DEFAULT_LEASE
-from .._keeping.journal_file import SYNCHRONOUS_LEVELS
+from .._keeping.journal_schema import SYNCHRONOUS_LEVELS
 from .values import non_negative_float, non_negative_int, positive_float, positive_int
 
 DEFAULT_GRACE_PERIOD = 10.0

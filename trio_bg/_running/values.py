@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .._keeping.journal_file import journal_path_problem
+from .._keeping.journal_schema import journal_path_problem
 
 EXIT_OK = 0
 EXIT_USAGE = 2

@@ -1,6 +1,10 @@
 """The request side's collection of tasks: `BackgroundTasks` (one per request, handed
 to the nursery once the response has completed), `current_tasks`, and `TaskSink`, the
-one seam between collecting tasks and running them."""
+one seam between collecting tasks and running them.
+
+`BackgroundTasks` is the public face of a `RequestTasks`, what the rest of the package
+works with (`collection_of`, `face_of`): the middleware commits, hands off and discards
+a request's tasks through it."""
 
 from __future__ import annotations
 
@@ -63,62 +67,19 @@ class BackgroundTasks:
     is awaited as a response's ``background``, exactly as Starlette's would.
     """
 
-    __slots__ = (
-        "_adds_to",
-        "_discarded_because",
-        "_handed_off",
-        "_lock",
-        "_ordered",
-        "_sink",
-        "_stop_on_failure",
-        "_tasks",
-        "_uncommitted",
-    )
+    # The public face of a `RequestTasks`, which holds the tasks and does the work.
+    __slots__ = ("_collection",)
 
     def __init__(self, tasks: Iterable[Any] | None = None) -> None:
         """The current request's tasks, or a collection of its own outside requests.
         ``tasks``: Starlette ``BackgroundTask`` objects (``func``, ``args``,
         ``kwargs``) to add, as Starlette's ``BackgroundTasks(tasks=...)`` takes."""
         request = current_collection.get(None)
-        self._adds_to: BackgroundTasks | None
-        if request is None:
-            self._start(None, ordered=False)
-        else:
-            self._adds_to = request
+        self._collection: RequestTasks = (
+            RequestTasks(None, ordered=False) if request is None else request._collection
+        )
         for task in tasks or ():
             self.add_task(task.func, *task.args, **task.kwargs)
-
-    @classmethod
-    def _of_request(
-        cls, sink: TaskSink, *, ordered: bool, stop_on_failure: bool = False
-    ) -> BackgroundTasks:
-        """A request's collection, feeding ``sink`` (the middleware's way in)."""
-        tasks = cls.__new__(cls)
-        tasks._start(sink, ordered=ordered or stop_on_failure)
-        tasks._stop_on_failure = stop_on_failure
-        return tasks
-
-    def _start(self, sink: TaskSink | None, *, ordered: bool) -> None:
-        self._adds_to = None  # those made later in the request add to this one
-        self._sink = sink  # None: no middleware; run inline when awaited
-        self._tasks: list[Task] = []
-        # How many of them must be kept before the response completes and are not yet:
-        # durable tasks (stored in the journal) and remote ones (handed to Redis).
-        self._uncommitted = 0
-        self._handed_off = False
-        self._discarded_because: str | None = None
-        self._ordered = ordered
-        self._stop_on_failure = False
-        # add_task may run in a worker thread (a sync handler, or a thread it left
-        # behind) while trio's thread hands the tasks off or discards them.
-        self._lock = threading.Lock()
-
-    @property
-    def _owner(self) -> BackgroundTasks:
-        """The collection that holds this one's tasks: the request's own. (It never
-        refers to itself: that cycle made every request's collection garbage that only
-        the cyclic GC could free.)"""
-        return self if self._adds_to is None else self._adds_to
 
     def add_task(self, func: Callable[P, Any], /, *args: P.args, **kwargs: P.kwargs) -> None:
         """Run ``func(*args, **kwargs)`` in the background once the response is sent.
@@ -129,7 +90,7 @@ class BackgroundTasks:
         a nursery that cannot take more work raises `Overloaded` (`NurseryClosed`
         once it is shutting down).
         """
-        self._owner._take(Task(func, args, kwargs))
+        self._collection.take(Task(func, args, kwargs))
 
     @property
     def ordered(self) -> bool:
@@ -137,28 +98,28 @@ class BackgroundTasks:
         added (each still after the response, in the nursery, a failure not stopping
         the next), rather than concurrently. Set it before the response completes;
         tasks added after that run as soon as they are added."""
-        return self._owner._ordered
+        return self._collection.ordered
 
     @ordered.setter
     def ordered(self, ordered: bool) -> None:
         if not isinstance(ordered, bool):
             raise TypeError(f"ordered must be True or False, not {ordered!r}")
-        self._owner._ordered = ordered
+        self._collection.ordered = ordered
 
     @property
     def stop_on_failure(self) -> bool:
         """Whether, `ordered`, a task that fails (or times out) skips the tasks after it,
         as Starlette's do: they never run, and are counted as cancelled. Setting it
         sets `ordered` too."""
-        return self._owner._stop_on_failure
+        return self._collection.stop_on_failure
 
     @stop_on_failure.setter
     def stop_on_failure(self, stop: bool) -> None:
         if not isinstance(stop, bool):
             raise TypeError(f"stop_on_failure must be True or False, not {stop!r}")
-        owner = self._owner
-        owner._stop_on_failure = stop
-        owner._ordered = owner._ordered or stop
+        collection = self._collection
+        collection.stop_on_failure = stop
+        collection.ordered = collection.ordered or stop
 
     async def __call__(self) -> None:
         """Hand the collected tasks to the nursery now, without running them here.
@@ -168,54 +129,83 @@ class BackgroundTasks:
         after the body was sent, it passes the tasks on instead of running them inline.
         Outside the middleware, it runs them inline, as Starlette's would.
         """
-        owner = self._owner
-        if owner._sink is not None:
-            owner._hand_off()
-            return
-        with owner._lock:
-            tasks, owner._tasks = owner._tasks, []
-        if (request := current_collection.get(None)) is not None:
-            for task in tasks:  # made outside the request, awaited in one: it takes them
-                request._take(task)
-            return
-        logger.debug("no BackgroundTaskMiddleware: running %d task(s) inline", len(tasks))
-        await run_inline(tasks)
-
-    def _add_counted(
-        self,
-        ends: TaskEnds,
-        func: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> None:
-        """`add_task`, the task counted by ``ends`` until it has ended."""
-        task = Task(func, args, kwargs)
-        ends.add(task)  # first: a task may end as it is taken (past the grace period)
-        try:
-            self._owner._take(task)
-        except BaseException:
-            ends.forget(task)
-            raise
-
-    async def _until_ended(self, ends: TaskEnds) -> None:
-        """Return once the tasks counted by ``ends`` have ended; without a nursery (the
-        tasks would run once the request's call is over), run them here, now."""
-        sink = self._owner._sink
-        if isinstance(sink, InlineSink):
-            await sink.run()
-        else:
-            await ends.wait()
+        await self._collection.release()
 
     def __len__(self) -> int:
         """The number of tasks collected and not yet handed off."""
-        return len(self._owner._tasks)
+        return len(self._collection)
 
     def __repr__(self) -> str:
-        owner = self._owner
-        state = "handed off" if owner._handed_off else f"{len(owner._tasks)} collected"
+        collection = self._collection
+        state = "handed off" if collection.handed_off else f"{len(collection)} collected"
         return f"<trio_bg.BackgroundTasks {state}>"
 
-    def _take(self, task: Task) -> None:
+
+def face_of(collection: RequestTasks) -> BackgroundTasks:
+    """A `BackgroundTasks` for ``collection`` (the middleware's way to make the one it
+    publishes for a request)."""
+    tasks = BackgroundTasks.__new__(BackgroundTasks)
+    tasks._collection = collection
+    return tasks
+
+
+def collection_of(tasks: BackgroundTasks) -> RequestTasks:
+    """The collection behind ``tasks``: the request's own, for one made in a request."""
+    return tasks._collection
+
+
+class RequestTasks:
+    """The tasks of one request (or WebSocket session), behind its `BackgroundTasks`:
+    collected until the response completes, then handed to the sink, or discarded.
+
+    A `BackgroundTasks` made outside requests has one of its own with no sink: its
+    tasks run inline when it is awaited. (A collection never refers to its
+    `BackgroundTasks`: that cycle would leave every request's collection garbage that
+    only the cyclic GC could free.)
+    """
+
+    __slots__ = (
+        "_discarded_because",
+        "_handed_off",
+        "_lock",
+        "_sink",
+        "_tasks",
+        "ordered",
+        "stop_on_failure",
+        "uncommitted",
+    )
+
+    def __init__(
+        self, sink: TaskSink | None, *, ordered: bool, stop_on_failure: bool = False
+    ) -> None:
+        self._sink = sink  # None: no middleware; run inline when awaited
+        self._tasks: list[Task] = []
+        # How many of them must be kept before the response completes and are not yet:
+        # durable tasks (stored in the journal) and remote ones (handed to Redis). Read
+        # it; only this class changes it.
+        self.uncommitted = 0
+        self._handed_off = False
+        self._discarded_because: str | None = None
+        self.ordered = ordered or stop_on_failure
+        self.stop_on_failure = stop_on_failure
+        # add_task may run in a worker thread (a sync handler, or a thread it left
+        # behind) while trio's thread hands the tasks off or discards them.
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    @property
+    def handed_off(self) -> bool:
+        """Whether the collected tasks were handed off (the response completed)."""
+        return self._handed_off
+
+    @property
+    def settled(self) -> bool:
+        """Whether the collected tasks were handed off or discarded already."""
+        return self._handed_off or self._discarded_because is not None
+
+    def take(self, task: Task) -> None:
         """Collect ``task``, or pass it on if the response completed already."""
         sink = self._sink
         if sink is None:  # no middleware: run inline when awaited
@@ -232,7 +222,7 @@ class BackgroundTasks:
             discarded_because = self._discarded_because
             if not self._handed_off and discarded_because is None:
                 self._tasks.append(task)
-                self._uncommitted += task.durable or task.remote is not None
+                self.uncommitted += task.durable or task.remote is not None
                 return
         # Too late to collect it (the sink hops to trio's thread if need be).
         if discarded_because is None:
@@ -240,22 +230,59 @@ class BackgroundTasks:
         else:  # the request failed already
             sink.discard((task,), discarded_because)
 
-    @property
-    def _settled(self) -> bool:
-        """Whether the collected tasks were handed off or discarded already."""
-        return self._handed_off or self._discarded_because is not None
+    def add_counted(
+        self,
+        ends: TaskEnds,
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> None:
+        """`BackgroundTasks.add_task`, the task counted by ``ends`` until it has ended."""
+        task = Task(func, args, kwargs)
+        ends.add(task)  # first: a task may end as it is taken (past the grace period)
+        try:
+            self.take(task)
+        except BaseException:
+            ends.forget(task)
+            raise
 
-    async def _commit(self) -> None:
+    async def until_ended(self, ends: TaskEnds) -> None:
+        """Return once the tasks counted by ``ends`` have ended; without a nursery (the
+        tasks would run once the request's call is over), run them here, now."""
+        sink = self._sink
+        if isinstance(sink, InlineSink):
+            await sink.run()
+        else:
+            await ends.wait()
+
+    async def release(self) -> None:
+        """What awaiting the `BackgroundTasks` does: hand the collected tasks to the
+        sink; without one, pass them to the current request's collection, or, outside
+        requests, run them inline."""
+        if self._sink is not None:
+            self.hand_off()
+            return
+        with self._lock:
+            tasks, self._tasks = self._tasks, []
+        if (request := current_collection.get(None)) is not None:
+            collection = request._collection
+            for task in tasks:  # made outside the request, awaited in one: it takes them
+                collection.take(task)
+            return
+        logger.debug("no BackgroundTaskMiddleware: running %d task(s) inline", len(tasks))
+        await run_inline(tasks)
+
+    async def commit(self) -> None:
         """Store the collected durable tasks in the journal and hand the remote ones to
         Redis (`JournalError`, `HandoffError` if that fails): the response may complete
         once this returns."""
         assert self._sink is not None
         with self._lock:
             tasks = list(self._tasks)
-            self._uncommitted = 0  # (those added from now on are kept next time)
+            self.uncommitted = 0  # (those added from now on are kept next time)
         await self._sink.commit(tasks)
 
-    def _hand_off(self) -> None:
+    def hand_off(self) -> None:
         """The response completed: pass the collected tasks on to the sink."""
         with self._lock:
             self._handed_off = True
@@ -266,19 +293,19 @@ class BackgroundTasks:
     def _pass_on(self, tasks: list[Task]) -> None:
         assert self._sink is not None
         heads = tasks
-        if self._ordered and len(tasks) > 1:
+        if self.ordered and len(tasks) > 1:
             # Remote tasks run elsewhere, so only the tasks run here take turns.
             local = [task for task in tasks if task.remote is None]
             for task, successor in itertools.pairwise(local):
                 task.then = successor  # the sink starts it once ``task`` has ended
-                task.stops_chain = self._stop_on_failure
+                task.stops_chain = self.stop_on_failure
             heads = [task for task in tasks if task.remote is not None] + local[:1]
         try:
             self._sink.accept(heads)
         except NurseryClosed:
             self._sink.discard(tasks, "the background nursery had already shut down")
 
-    def _discard(self, reason: str) -> None:
+    def discard(self, reason: str) -> None:
         """The response did not complete: the collected tasks, and any added later,
         will never run."""
         with self._lock:

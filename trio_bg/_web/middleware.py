@@ -15,7 +15,7 @@ from .._running.nursery import BackgroundNursery, fatal, open_nursery, stopping,
 from .._running.options import NurseryOptions, Settings
 from .asgi import ASGIApp, Message, Receive, Scope, Send, describe, expect
 from .client_watch import ClientWatch
-from .collection import BackgroundTasks, TaskSink, current_collection
+from .collection import BackgroundTasks, RequestTasks, TaskSink, current_collection, face_of
 from .hypercorn_worker import hypercorn_worker_config, ignore_sigterm
 from .inline import InlineSink, on_trio
 from .lifespan import NOT_TRIO, WrappedLifespan, show_report
@@ -134,7 +134,7 @@ class BackgroundTaskMiddleware:
     # -- requests ------------------------------------------------------------------
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        tasks, inline = self._collection()
+        collection, tasks, inline = self._collection()
         client = ClientWatch(receive, listening=inline is None)
         response_started = trailers = False
         # With a journal or a streaq worker, the response's start waits for its first
@@ -146,9 +146,11 @@ class BackgroundTaskMiddleware:
 
         def complete(client_gone: bool) -> None:
             if client_gone:  # the server dropped the response's last messages
-                tasks._discard(f"{describe(scope)} lost its client before its response completed")
+                collection.discard(
+                    f"{describe(scope)} lost its client before its response completed"
+                )
             else:
-                tasks._hand_off()
+                collection.hand_off()
 
         async def send_then_hand_off(message: Message) -> None:
             nonlocal response_started, trailers, held_start, replaced
@@ -169,15 +171,15 @@ class BackgroundTaskMiddleware:
                 final = False
             else:
                 final = _completes_response(kind, message)
-            if tasks._uncommitted and (final or kind == "http.response.body"):
+            if collection.uncommitted and (final or kind == "http.response.body"):
                 # The durability point: the tasks are in the journal (or Redis) before
                 # any of the body goes out (a client may have it all before the final
                 # message: a content-length body, then an empty final one, as Quart
                 # sends it), and those added meanwhile before the final one.
                 try:
-                    await tasks._commit()
+                    await collection.commit()
                 except (JournalError, HandoffError) as error:
-                    tasks._discard(f"{describe(scope)} failed to keep them: {error}")
+                    collection.discard(f"{describe(scope)} failed to keep them: {error}")
                     if held_start is None:
                         raise  # streaming already: abort the response
                     held_start, replaced = None, True
@@ -211,9 +213,9 @@ class BackgroundTaskMiddleware:
             await self.app({**scope, SCOPE_KEY: tasks}, client.receive, send_then_hand_off)
         except BaseException as exc:
             if response_started or not _is_overload(exc):
-                self._discard_on_error(scope, tasks, exc)
+                self._discard_on_error(scope, collection, exc)
                 raise
-            tasks._discard(f"{describe(scope)} answered 503: background task capacity is full")
+            collection.discard(f"{describe(scope)} answered 503: background task capacity is full")
             await send(self._unavailable[0])
             await send(self._unavailable[1])
             return
@@ -222,21 +224,22 @@ class BackgroundTaskMiddleware:
             client.close()
         if held_start is not None:  # a start with no body: as the app sent it
             await send(held_start)
-        if not tasks._settled:  # (marks it: a straggler's add_task is discarded too)
-            tasks._discard(f"{describe(scope)} returned without completing its response")
+        if not collection.settled:  # (marks it: a straggler's add_task is discarded too)
+            collection.discard(f"{describe(scope)} returned without completing its response")
         if inline is not None:
             await inline.run()
 
-    def _collection(self) -> tuple[BackgroundTasks, InlineSink | None]:
-        """A new request's tasks; and, with no nursery, the sink that runs them inline."""
+    def _collection(self) -> tuple[RequestTasks, BackgroundTasks, InlineSink | None]:
+        """A new request's tasks, and the `BackgroundTasks` the app sees of them; and,
+        with no nursery, the sink that runs them inline."""
         sink: TaskSink | None = self._nursery
         inline = None
         if sink is None:
             sink = inline = self._inline_sink()
-        tasks = BackgroundTasks._of_request(
+        collection = RequestTasks(
             sink, ordered=self._ordered, stop_on_failure=self._stop_on_failure
         )
-        return tasks, inline
+        return collection, face_of(collection), inline
 
     def _inline_sink(self) -> InlineSink:
         """Where a request's tasks go when no lifespan ever started: they run inline,
@@ -254,29 +257,29 @@ class BackgroundTaskMiddleware:
         return InlineSink()
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
-        tasks, inline = self._collection()
+        collection, tasks, inline = self._collection()
         token = current_collection.set(tasks)
         try:
             await self.app({**scope, SCOPE_KEY: tasks}, receive, send)
         except BaseException as exc:
-            self._discard_on_error(scope, tasks, exc)
+            self._discard_on_error(scope, collection, exc)
             raise
         finally:
             current_collection.reset(token)
-        if tasks._uncommitted:
+        if collection.uncommitted:
             try:
-                await tasks._commit()
+                await collection.commit()
             except (JournalError, HandoffError) as error:
-                tasks._discard(f"{describe(scope)} failed to keep them: {error}")
+                collection.discard(f"{describe(scope)} failed to keep them: {error}")
                 return
-        tasks._hand_off()  # the session ended without an error
+        collection.hand_off()  # the session ended without an error
         if inline is not None:
             await inline.run()
 
-    def _discard_on_error(self, scope: Scope, tasks: BackgroundTasks, exc: BaseException) -> None:
-        if not tasks._settled:
+    def _discard_on_error(self, scope: Scope, collection: RequestTasks, exc: BaseException) -> None:
+        if not collection.settled:
             what = "was cancelled" if isinstance(exc, trio.Cancelled) else f"raised {exc!r}"
-            tasks._discard(f"{describe(scope)} {what} before its response completed")
+            collection.discard(f"{describe(scope)} {what} before its response completed")
 
     # -- lifespan ------------------------------------------------------------------
 
@@ -296,11 +299,11 @@ class BackgroundTaskMiddleware:
                 last_message = await self._run_lifespan(scope, app, receive, send)
             finally:
                 app_nursery.cancel_scope.cancel()
-        fatal = None if self._nursery is None else self._nursery._fatal
-        if fatal is not None and self._stop_server is None:
+        raised = None if self._nursery is None else fatal(self._nursery)
+        if raised is not None and self._stop_server is None:
             # A task's KeyboardInterrupt or SystemExit, after the drain and the app's
             # shutdown: it stops the server (and the process) as trio means it to.
-            raise fatal
+            raise raised
         if self._report is not None and last_message["type"].startswith("lifespan.shutdown"):
             show_report(self._report)
         # Hypercorn cancels this task as soon as it has this message: everything is done.

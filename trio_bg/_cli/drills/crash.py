@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -19,8 +19,7 @@ from typing import Any, BinaryIO
 import httpx
 import trio
 
-from ..._engine.report import ShutdownReport
-from ..._keeping import journal_file
+from ..._keeping import journal_file, journal_schema
 from .harness import (
     LEDGER_ENV,
     Books,
@@ -36,7 +35,8 @@ from .harness import (
     served,
     verdict_json,
 )
-from .load import DURABLE_HEADER, REQUEST_TIMEOUT, Load, load_and_stop
+from .load import DURABLE_HEADER, REQUEST_TIMEOUT, load_and_stop
+from .outcome import DriveRecord, ServerDrillResult
 
 DRILL_LEASE = 5.0
 """The journal lease the crash drill gives its server unless told otherwise: the
@@ -52,30 +52,20 @@ POISON_HEADER = "x-trio-bg-poison"
 
 
 @dataclass(frozen=True, kw_only=True)
-class CrashDrillResult:
-    """The outcome of a crash drill."""
+class CrashDrillResult(ServerDrillResult):
+    """The outcome of a crash drill: ``load`` is the first life's, ``report`` and
+    ``exit_status`` the second life's; it passed when no claimed durable task was lost
+    and both lives behaved."""
 
-    plan: DrillPlan
-    load: Load
     killed_after: float | None
     """Seconds of load before SIGKILL (None: the first life never served)."""
     resumed_after: float | None
     """Seconds from the second life's start until every claimed task had run (None:
     not within the lease and `RESUME_MARGIN`)."""
-    report: ShutdownReport | None
-    """The second life's shutdown report."""
-    exit_status: int | None
     books: Books | None
     """The durable tasks across both lives."""
     dead_letters: tuple[str, ...]
     """The journal's dead letters after the second life: ``ID NAME: ERROR``."""
-    problems: tuple[str, ...]
-    server_log_tail: tuple[str, ...]
-
-    @property
-    def passed(self) -> bool:
-        """True when no claimed durable task was lost and both lives behaved."""
-        return not self.problems
 
     def to_json(self) -> dict[str, Any]:
         """The result as plain JSON data, for scripts."""
@@ -102,12 +92,11 @@ def crash_drill(plan: DrillPlan, *, json_output: bool) -> int:
 
 
 @dataclass(kw_only=True)
-class _Lives:
-    load: Load = field(default_factory=Load)
-    problems: list[str] = field(default_factory=list)
+class _Lives(DriveRecord):
+    """What the two lives produced (``exit_status``: the second life's)."""
+
     killed_after: float | None = None
     resumed_after: float | None = None
-    exit_status: int | None = None
     second_served: bool = False
     poison: str | None = None  # the name of the app's task that kills its process
     planted: int | None = None  # the id of the row that cannot be read
@@ -187,7 +176,7 @@ async def _poison(
             f"and name it in that header"
         )
         return
-    with contextlib.closing(journal_file.connect(plan.journal, create=False)) as connection:
+    with contextlib.closing(journal_schema.connect(plan.journal, create=False)) as connection:
         lives.planted = journal_file.plant_unreadable(connection, lives.poison)
     progress.milestone(
         f"drill: planted task {lives.planted}, a row that cannot be read, and {lives.poison}, "
@@ -230,7 +219,7 @@ async def _second_life(
 async def _until_ran_or_nothing_left(claimed: set[str], ledger: Path, journal: str) -> None:
     """Return once every ``claimed`` task has run, or the journal holds no task still
     to run (then the missing ones are lost)."""
-    with contextlib.closing(journal_file.connect(journal, create=False)) as connection:
+    with contextlib.closing(journal_schema.connect(journal, create=False)) as connection:
         # The ledger and the journal are files other processes write: nothing to wait on.
         while not claimed <= set(read_ledger(ledger)):
             if journal_file.queued(connection) == 0:
@@ -239,7 +228,7 @@ async def _until_ran_or_nothing_left(claimed: set[str], ledger: Path, journal: s
 
 
 def _dead_letters(journal: str) -> tuple[str, ...]:
-    with contextlib.closing(journal_file.connect(journal, create=False)) as connection:
+    with contextlib.closing(journal_schema.connect(journal, create=False)) as connection:
         return tuple(
             f"{row.id} {row.name}: {row.error}"
             for row in journal_file.rows(connection, state="dead")
@@ -306,8 +295,5 @@ def format_crash_result(result: CrashDrillResult) -> str:
         )
         row("dead letters", len(result.dead_letters), "python -m trio_bg journal ls")
         table.lines.extend(f"      {letter}" for letter in result.dead_letters[:10])
-    logs = {}
-    if result.problems and result.server_log_tail:
-        logs["the server's last log lines"] = result.server_log_tail
     passed = "every durable task an answered request named ran at least once"
-    return table.end(passed, result.problems, logs=logs)
+    return table.end(passed, result.problems, logs=result.server_logs())

@@ -236,10 +236,10 @@ async def _reachable(target: Target) -> str | None:
 
 def _sender(worker: Worker[Any]) -> Worker[Any]:
     """A twin of ``worker`` with a connection of its own (a worker is entered once)."""
-    from ..._keeping.streaq_worker import TrioWorker
+    from ..._keeping.streaq_worker import TrioWorker, sender_of
 
     assert isinstance(worker, TrioWorker)  # (load_streaq_worker checked it)
-    return worker._sender()
+    return sender_of(worker)
 
 
 def _kill_a_worker(

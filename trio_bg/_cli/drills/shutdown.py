@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -20,24 +20,20 @@ from .harness import (
     served,
     verdict_json,
 )
-from .load import TASKS_HEADER, Load, load_and_stop
+from .load import TASKS_HEADER, load_and_stop
+from .outcome import DriveRecord, ServerDrillResult
 
 
 @dataclass(frozen=True, kw_only=True)
-class DrillResult:
-    """The outcome of a drill: what the clients saw, the server's report, the verdict."""
+class DrillResult(ServerDrillResult):
+    """The outcome of a drill: what the clients saw, the server's report, the verdict
+    (passed: every task is accounted for and the server stopped in time)."""
 
-    plan: DrillPlan
-    load: Load
-    report: ShutdownReport | None
-    exit_status: int | None
     signal_after: float | None
     """Seconds of load before SIGTERM went out (None: the server never started)."""
     stopped_after: float | None
     """Seconds from SIGTERM to the server's exit (None: it did not exit by the deadline)."""
-    problems: tuple[str, ...]
     notes: tuple[str, ...]
-    server_log_tail: tuple[str, ...]
 
     @classmethod
     def of(
@@ -61,11 +57,6 @@ class DrillResult:
         )
         problems, notes = _check_books(result)
         return replace(result, problems=problems, notes=notes)
-
-    @property
-    def passed(self) -> bool:
-        """True when every task is accounted for and the server stopped in time."""
-        return not self.problems
 
     @property
     def unaccounted(self) -> int | None:
@@ -125,12 +116,9 @@ def run_drill(plan: DrillPlan, progress: Progress) -> DrillResult:
 
 
 @dataclass(kw_only=True)
-class ServerRun:
+class ServerRun(DriveRecord):
     """What driving the server produced, before the books are checked."""
 
-    load: Load = field(default_factory=Load)
-    problems: list[str] = field(default_factory=list)
-    exit_status: int | None = None
     signal_after: float | None = None
     stopped_after: float | None = None
 
@@ -244,10 +232,7 @@ def format_result(result: DrillResult) -> str:
         table.lines.append(
             "  cut short: " + ", ".join(f"{name} x{n}" for name, n in cut.most_common())
         )
-    server_failed = report is None or result.exit_status not in (0, 1)
-    logs = {}
-    if result.problems and server_failed and result.server_log_tail:
-        logs["the server's last log lines"] = result.server_log_tail
+    logs = result.server_logs(server_failed=report is None or result.exit_status not in (0, 1))
     passed = "every accepted task is accounted for"
     if load.claims:
         passed += ", and every answered request had its tasks accepted"

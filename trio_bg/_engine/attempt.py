@@ -1,0 +1,58 @@
+"""One attempt of an ``async def`` task: its function run once, under its timeout, and
+what became of it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import trio
+
+from .events import Outcome
+from .tasks import Task
+
+
+class Attempt:
+    """The end of one run of a task's function: its `outcome`, the `error` it raised,
+    and whether trio was cancelling it then (`cancelled`: it may not be retried)."""
+
+    __slots__ = ("cancelled", "error", "outcome")
+
+    def __init__(self) -> None:
+        self.outcome: Outcome = "cancelled"
+        self.error: BaseException | None = None
+        self.cancelled = False
+
+    async def run(self, task: Task, started: Callable[[], object]) -> None:
+        """Call ``started``, then run ``task``'s function once. Its error is kept, never
+        raised; trio's cancellation always goes on up (the error stays here)."""
+        try:
+            # A task the shutdown cancelled before it was scheduled never starts.
+            await trio.lowlevel.checkpoint_if_cancelled()
+            started()
+            if task.timeout is None:
+                await task.func(*task.args, **task.kwargs)
+                self.outcome = "completed"
+            else:
+                with trio.move_on_after(task.timeout) as timeout_scope:
+                    await task.func(*task.args, **task.kwargs)
+                self.outcome = "timed_out" if timeout_scope.cancelled_caught else "completed"
+        except BaseException as exc:
+            cancellation, error = _split_cancellation(exc)
+            if error is None:
+                raise  # trio's cancellation is never swallowed
+            # It failed, perhaps while being cancelled (cleanup code that raised): any
+            # BaseException is the task's failure, never just this one trio task's.
+            self.outcome = "failed"
+            self.error = error
+            if cancellation is not None:
+                self.cancelled = True
+                raise cancellation from None
+
+
+def _split_cancellation(exc: BaseException) -> tuple[BaseException | None, BaseException | None]:
+    """``exc`` as (trio's cancellation in it, everything else), either part None."""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split(trio.Cancelled)
+    if isinstance(exc, trio.Cancelled):
+        return exc, None
+    return None, exc

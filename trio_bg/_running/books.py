@@ -1,0 +1,92 @@
+"""A nursery's books: how many of its tasks are in each state, and how many ended each
+way. Only trio's thread writes them, except `admitted`, written under the admission
+lock."""
+
+from __future__ import annotations
+
+from .._engine.events import Outcome
+
+
+class Books:
+    """The counts `TaskStats` and `ShutdownReport` are made of."""
+
+    __slots__ = (
+        "abandoned",
+        "accepted",
+        "admitted",
+        "cancelled",
+        "completed",
+        "discarded",
+        "failed",
+        "handed_off",
+        "keeping",
+        "pending",
+        "rejected",
+        "released",
+        "retried",
+        "retrying",
+        "running",
+        "timed_out",
+        "unconfirmed",
+    )
+
+    def __init__(self) -> None:
+        # Tasks admitted and not yet ended or discarded: admitted - released. Admission
+        # may happen in worker threads (sync handlers), so admitted changes under the
+        # lock; only trio's thread releases, so released needs none (an admission that
+        # reads it a moment early only errs on the safe side).
+        self.admitted = self.released = 0
+        # pending counts the tasks queued or waiting for a retry (of those, retrying
+        # wait for a retry: they hold no running slot). running counts the tasks
+        # holding a running slot (of those, thread tasks no worker thread has started
+        # yet are shown as pending).
+        self.accepted = self.pending = self.running = 0
+        # Tasks added outside a request that are being stored in the journal (or handed
+        # to Redis) before they are accepted: shown as reserved, waited for when idle.
+        self.keeping = 0
+        self.completed = self.failed = self.timed_out = 0
+        self.cancelled = self.abandoned = self.discarded = self.rejected = 0
+        self.retrying = self.retried = 0
+        # Remote tasks Redis acknowledged (the workers' now), and those whose hand-off
+        # got no answer (Redis may have them: never counted discarded).
+        self.handed_off = self.unconfirmed = 0
+
+    @property
+    def in_hand(self) -> int:
+        """Tasks admitted and not yet ended or discarded."""
+        return self.admitted - self.released
+
+    @property
+    def busy(self) -> bool:
+        """Whether a task is pending or running, or being kept before it is accepted."""
+        return bool(self.pending or self.running or self.keeping)
+
+    def ended(self, outcome: Outcome) -> None:
+        """Count an accepted task that ended with ``outcome``, releasing its room."""
+        self.released += 1
+        if outcome == "completed":
+            self.completed += 1
+        elif outcome == "failed":
+            self.failed += 1
+        elif outcome == "timed_out":
+            self.timed_out += 1
+        elif outcome == "handed_off":
+            self.handed_off += 1
+        elif outcome == "cancelled":
+            self.cancelled += 1
+        else:
+            self.abandoned += 1
+
+    def totals(self) -> dict[str, int]:
+        """The totals `TaskStats` and `ShutdownReport` share."""
+        return {
+            "accepted": self.accepted,
+            "completed": self.completed,
+            "failed": self.failed,
+            "timed_out": self.timed_out,
+            "cancelled": self.cancelled,
+            "abandoned": self.abandoned,
+            "discarded": self.discarded,
+            "handed_off": self.handed_off,
+            "unconfirmed": self.unconfirmed,
+        }

@@ -6,6 +6,7 @@ import contextvars
 import itertools
 import logging
 import math
+import re
 import threading
 from collections import Counter
 from typing import Any
@@ -162,8 +163,10 @@ async def test_a_task_that_succeeds_on_its_third_attempt_is_completed(
 
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 2
-    assert (
-        "flaky: attempt 1 of 3 failed (ConnectionError('attempt 1')); retrying in" in (warnings[0])
+    assert re.search(
+        r"flaky \[[0-9a-f]{32}\]: attempt 1 of 3 failed \(ConnectionError\('attempt 1'\)\); "
+        r"retrying in",
+        warnings[0],
     )
     assert "attempt 2 of 3" in warnings[1]
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
@@ -186,7 +189,7 @@ async def test_a_task_that_fails_every_attempt_is_failed_once_with_its_last_erro
     async with trio_bg.open_background_nursery(
         on_event=watch, on_error=lambda name, exc: errors.append((name, exc))
     ) as watch.nursery:
-        watch.nursery.start_soon(charge, "4111-1111")
+        handle = watch.nursery.start_soon(charge, "4111-1111")
         await watch.nursery.wait_idle()
         assert trio.current_time() == 30  # 10 s, then 20 s
     report = watch.nursery.report
@@ -198,7 +201,9 @@ async def test_a_task_that_fails_every_attempt_is_failed_once_with_its_last_erro
     assert [e.delay for e in watch.events if e.kind == "retrying"] == [10, 20]
     watch.assert_books_balanced_throughout()
     failures = [r for r in caplog.records if r.levelno == logging.ERROR]
-    assert [r.getMessage() for r in failures] == ["background task charge failed (attempt 3 of 3)"]
+    assert [r.getMessage() for r in failures] == [
+        f"background task charge [{handle.id}] failed (attempt 3 of 3)"
+    ]
     assert failures[0].exc_info is not None and str(failures[0].exc_info[1]) == "no, 3"
     assert "4111-1111" not in caplog.text
 
@@ -286,8 +291,11 @@ async def test_a_timeout_is_retried_like_a_failure(
     finished = {e.name: (e.outcome, e.attempt) for e in watch.events if e.kind == "finished"}
     assert finished == {"sync-crm": ("completed", 2), "hangs": ("timed_out", 2)}
     watch.assert_books_balanced_throughout()
-    assert "sync-crm: attempt 1 of 2 timed out after 3s; retrying in 10s" in caplog.text
-    assert "hangs timed out after 2s (attempt 2 of 2)" in caplog.text
+    assert re.search(
+        r"sync-crm \[[0-9a-f]{32}\]: attempt 1 of 2 timed out after 3s; retrying in 10s",
+        caplog.text,
+    )
+    assert re.search(r"hangs \[[0-9a-f]{32}\] timed out after 2s \(attempt 2 of 2\)", caplog.text)
 
 
 async def test_a_thread_task_is_retried_in_a_worker_thread(

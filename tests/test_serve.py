@@ -201,6 +201,9 @@ async def test_sigterm_mid_load_drains_every_task_and_exits_0(tmp_path: Path) ->
         "resent": 0,
         "maybe_lost": 0,
         "lease_lost": 0,
+        "unfinished_ids": [],
+        "deduplicated": 0,
+        "cancelled_on_request": 0,
     }
     assert "SIGTERM received: shutting down gracefully" in log
 

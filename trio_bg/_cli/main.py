@@ -128,7 +128,12 @@ def _parser() -> argparse.ArgumentParser:
         help="where to listen (repeatable; default 127.0.0.1:8000)",
     )
     add_flags(serve_parser, DRILL_FLAGS)
-    add_flags(serve_parser, (OPTIONS_BY_NAME["thread_limit"],))
+    add_flags(
+        serve_parser,
+        tuple(
+            OPTIONS_BY_NAME[name] for name in ("thread_limit", "statuses_kept", "statuses_kept_for")
+        ),
+    )
     serve_parser.add_argument(
         "--log-level",
         choices=("debug", "info", "warning", "error"),

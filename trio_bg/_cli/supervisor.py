@@ -16,8 +16,9 @@ import signal
 import socket
 import tempfile
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import trio
 from hypercorn.config import Config
@@ -86,24 +87,20 @@ async def supervise(
 
 
 def combined(exits: Sequence[WorkerExit]) -> ShutdownReport:
-    """The workers' reports added up: counts and ``unfinished`` summed, ``duration``
-    the longest (the workers drain at the same time)."""
+    """The workers' reports added up: every count summed, ``unfinished`` and
+    ``unfinished_ids`` joined, ``duration`` the longest (the workers drain at the same
+    time)."""
     reports = [worker.report for worker in exits if worker.report is not None]
-    return ShutdownReport(
-        accepted=sum(report.accepted for report in reports),
-        completed=sum(report.completed for report in reports),
-        failed=sum(report.failed for report in reports),
-        timed_out=sum(report.timed_out for report in reports),
-        cancelled=sum(report.cancelled for report in reports),
-        abandoned=sum(report.abandoned for report in reports),
-        discarded=sum(report.discarded for report in reports),
-        unfinished=tuple(name for report in reports for name in report.unfinished),
-        duration=max((report.duration for report in reports), default=0.0),
-        deferred=sum(report.deferred for report in reports),
-        recovered=sum(report.recovered for report in reports),
-        handed_off=sum(report.handed_off for report in reports),
-        outbox=sum(report.outbox for report in reports),
-    )
+    values: dict[str, Any] = {}
+    for field in fields(ShutdownReport):
+        parts = [getattr(report, field.name) for report in reports]
+        if field.name == "duration":
+            values[field.name] = max(parts, default=0.0)
+        elif field.name in ("unfinished", "unfinished_ids"):
+            values[field.name] = tuple(item for part in parts for item in part)
+        else:
+            values[field.name] = sum(parts)
+    return ShutdownReport(**values)
 
 
 def describe_exit(status: int) -> str:

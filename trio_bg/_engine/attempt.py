@@ -8,6 +8,7 @@ from collections.abc import Callable
 import trio
 
 from .events import Outcome
+from .status import encode_result
 from .tasks import Task
 
 
@@ -30,12 +31,17 @@ class Attempt:
             await trio.lowlevel.checkpoint_if_cancelled()
             started()
             if task.timeout is None:
-                await task.func(*task.args, **task.kwargs)
+                value = await task.func(*task.args, **task.kwargs)
                 self.outcome = "completed"
             else:
                 with trio.move_on_after(task.timeout) as timeout_scope:
-                    await task.func(*task.args, **task.kwargs)
-                self.outcome = "timed_out" if timeout_scope.cancelled_caught else "completed"
+                    value = await task.func(*task.args, **task.kwargs)
+                if timeout_scope.cancelled_caught:
+                    self.outcome = "timed_out"
+                    return
+                self.outcome = "completed"
+            if value is not None:
+                task.result = encode_result(value)
         except BaseException as exc:
             cancellation, error = _split_cancellation(exc)
             if error is None:

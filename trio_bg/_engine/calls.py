@@ -12,6 +12,7 @@ import contextlib
 import functools
 import inspect
 import math
+import string
 import sys
 import types
 import weakref
@@ -83,6 +84,8 @@ class TaskOptions:
     backoff: Backoff = _DEFAULT_BACKOFF
     durable: bool = False
     crash_limit: int = DEFAULT_CRASH_LIMIT
+    key: str | Callable[..., str] | None = None
+    key_ttl: float | None = None
 
     def __post_init__(self) -> None:
         if self.name is not None and not (isinstance(self.name, str) and self.name):
@@ -116,6 +119,19 @@ class TaskOptions:
                 f"backoff must be a trio_bg.Backoff, such as Backoff(initial=0.5), "
                 f"not {self.backoff!r}"
             )
+        if self.key is not None and not (isinstance(self.key, str) or callable(self.key)):
+            raise TypeError(
+                f"key must be a str.format template such as 'charge:{{order_id}}', or a "
+                f"function of the task's arguments returning a str, not {self.key!r}"
+            )
+        key_ttl = self.key_ttl
+        if key_ttl is not None:
+            if self.key is None:
+                raise TypeError("key_ttl keeps a deduplication key: it needs a key")
+            if isinstance(key_ttl, bool) or not isinstance(key_ttl, int | float):
+                raise TypeError(f"key_ttl must be a number of seconds, not {key_ttl!r}")
+            if not (key_ttl >= 0 and math.isfinite(key_ttl)):
+                raise ValueError(f"key_ttl must be finite and >= 0, not {key_ttl!r}")
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -133,6 +149,8 @@ def task(
     backoff: Backoff = _DEFAULT_BACKOFF,
     durable: bool = False,
     crash_limit: int = DEFAULT_CRASH_LIMIT,
+    key: str | Callable[..., str] | None = None,
+    key_ttl: float | None = None,
 ) -> Callable[[F], F]: ...
 def task(
     func: F | None = None,
@@ -144,6 +162,8 @@ def task(
     backoff: Backoff = _DEFAULT_BACKOFF,
     durable: bool = False,
     crash_limit: int = DEFAULT_CRASH_LIMIT,
+    key: str | Callable[..., str] | None = None,
+    key_ttl: float | None = None,
 ) -> F | Callable[[F], F]:
     """Give a task function a stable ``name``, a ``timeout`` (seconds), and ``retries``.
 
@@ -162,6 +182,15 @@ def task(
     attempt ``max(retries + 1, crash_limit)`` (``crash_limit`` is 3 by default), it
     becomes a dead letter instead of running again, so that a task that kills its
     process cannot crash-loop the server.
+
+    A deduplication ``key`` (a `str.format` template over the call's arguments by
+    parameter name, such as ``"charge:{order_id}"``, or a function of the task's
+    arguments returning a str) gives the task an id derived from its name and key:
+    while a task with that id is pending, running, retrying or deferred, adding
+    another returns its `TaskHandle` and adds nothing (counted ``deduplicated``).
+    ``key_ttl`` (seconds) keeps the key, and so the ended task's status, that much
+    longer, so that a retried request finds the first task instead of running a
+    second.
     """
     options = TaskOptions(
         name=name,
@@ -170,6 +199,8 @@ def task(
         backoff=backoff,
         durable=durable,
         crash_limit=crash_limit,
+        key=key,
+        key_ttl=key_ttl,
     )
 
     def attach(func: F) -> F:
@@ -184,6 +215,8 @@ def task(
                     f"holds cannot be kept as JSON"
                 )
             register(options.name, func)
+        if options.key is not None:
+            key_maker(func, options.key)  # a template naming no parameter: TypeError now
         setattr(func, _OPTIONS_ATTRIBUTE, options)
         _specs.pop(func, None)  # in case it ran as a task before it was decorated
         return func
@@ -201,6 +234,8 @@ class CallSpec:
         "crash_limit",
         "durable",
         "is_async",
+        "key",
+        "key_ttl",
         "name",
         "remote",
         "retries",
@@ -221,6 +256,8 @@ class CallSpec:
             self.backoff = _DEFAULT_BACKOFF
             self.durable = False
             self.crash_limit = DEFAULT_CRASH_LIMIT
+            self.key: KeyMaker | None = None
+            self.key_ttl: float | None = None
             self._probe = _make_probe(self.remote.fn, self.name)
             return
         self.is_async = is_async_callable(target)
@@ -231,6 +268,8 @@ class CallSpec:
         self.backoff = options.backoff if options else _DEFAULT_BACKOFF
         self.durable = options.durable if options else False
         self.crash_limit = options.crash_limit if options else DEFAULT_CRASH_LIMIT
+        self.key = None if options is None or options.key is None else key_maker(func, options.key)
+        self.key_ttl = options.key_ttl if options else None
         if self.durable and registered(self.name) is not func:
             raise TypeError(
                 f"add_task() takes durable task {self.name} itself, with its arguments "
@@ -327,6 +366,51 @@ def _streaq_task(func: object) -> Any:
             f"(@worker.task(timeout=..., max_tries=...)), not @trio_bg.task's"
         )
     return remote
+
+
+KeyMaker = Callable[[tuple[Any, ...], dict[str, Any]], str]
+"""A call's deduplication key, made of its ``(args, kwargs)``."""
+
+
+def key_maker(func: object, key: str | Callable[..., str]) -> KeyMaker:
+    """What makes a call's deduplication key of ``key`` (`TypeError` for a template
+    naming a parameter that ``func`` does not have)."""
+    if not isinstance(key, str):
+        return partial(_key_of_function, key)
+    try:
+        signature = inspect.signature(func)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise TypeError(f"a key template needs a function with a signature, not {func!r}") from None
+    for _, field, _, _ in string.Formatter().parse(key):
+        if field is None:
+            continue
+        parameter = field.split(".", 1)[0].split("[", 1)[0]
+        if parameter not in signature.parameters:
+            raise TypeError(
+                f"key {key!r} names {parameter!r}, which is not a parameter of "
+                f"{name_of(_unwrap_partial(func))}"
+            )
+    return partial(_key_of_template, key, signature)
+
+
+def _key_of_template(
+    template: str, signature: inspect.Signature, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> str:
+    bound = signature.bind(*args, **kwargs)  # (the call was checked already)
+    bound.apply_defaults()
+    try:
+        return template.format_map(bound.arguments)
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError) as error:
+        raise TypeError(f"add_task(): key {template!r} cannot be made: {error!r}") from None
+
+
+def _key_of_function(
+    key: Callable[..., object], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> str:
+    value = key(*args, **kwargs)
+    if not isinstance(value, str):
+        raise TypeError(f"add_task(): a task's key function must return a str, not {value!r}")
+    return value
 
 
 def _refuse_what_cannot_run(func: object) -> None:

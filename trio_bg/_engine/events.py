@@ -21,7 +21,8 @@ class TaskEvent:
     task's life here is ``"accepted"``, then ``"finished"`` with ``"handed_off"``
     once its worker's queue in Redis has it.
     ``attempt`` is the run the event is about: 1, then 2 once a retry is due. Times
-    are seconds of trio's clock. The task's arguments are never part of an event.
+    are seconds of trio's clock. ``id`` is the task's id (as its `TaskHandle` has
+    it). The task's arguments are never part of an event.
     """
 
     kind: EventKind
@@ -31,3 +32,4 @@ class TaskEvent:
     duration: float | None = None
     attempt: int = 1
     delay: float | None = None
+    id: str | None = None

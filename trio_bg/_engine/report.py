@@ -37,6 +37,10 @@ class TaskStats:
     worker may run them (never counted ``discarded``). If Redis loses its data before
     a worker took the tasks it acknowledged, ``resent`` counts those a journal handed
     off again and ``maybe_lost`` those no journal kept.
+
+    ``deduplicated`` counts the calls that added nothing because a task with their
+    id (their deduplication key) was live (see `task`), and ``cancelled_on_request``
+    the ``cancelled`` tasks that `cancel_task` cancelled.
     """
 
     accepted: int = 0
@@ -61,6 +65,8 @@ class TaskStats:
     unconfirmed: int = 0
     resent: int = 0
     maybe_lost: int = 0
+    deduplicated: int = 0
+    cancelled_on_request: int = 0
 
     @property
     def finished(self) -> int:
@@ -94,6 +100,10 @@ class ShutdownReport:
     `all_completed`. ``lease_lost`` counts the durable tasks whose rows went to another
     process while this one's lease had lapsed (it was paused, say): their runs here were
     cancelled (counted so), but for those in threads, which cannot be interrupted.
+    ``unfinished_ids`` are the ids of the ``unfinished`` tasks, in the same order;
+    ``deduplicated`` and ``cancelled_on_request`` are as in `TaskStats` (the tasks
+    `cancel_task` cancelled were not cut short: they are not ``unfinished``, and do
+    not keep a report from being `all_completed`).
     """
 
     accepted: int
@@ -113,12 +123,16 @@ class ShutdownReport:
     resent: int = 0
     maybe_lost: int = 0
     lease_lost: int = 0
+    unfinished_ids: tuple[str, ...] = ()
+    deduplicated: int = 0
+    cancelled_on_request: int = 0
 
     @property
     def all_completed(self) -> bool:
-        """True when every accepted task ran to completion, or was handed off (and
-        none of those Redis lost)."""
-        return self.completed + self.handed_off == self.accepted and not self.maybe_lost
+        """True when every accepted task ran to completion, was handed off (and none
+        of those Redis lost), or was cancelled by `cancel_task`."""
+        done = self.completed + self.handed_off + self.cancelled_on_request
+        return done == self.accepted and not self.maybe_lost
 
     def __str__(self) -> str:
         outcomes = [
@@ -151,6 +165,8 @@ _ALSO = (
     ("resent", ", {} handed off again after Redis lost them"),
     ("maybe_lost", ", {} perhaps lost by Redis"),
     ("lease_lost", ", {} lost to another process (the lease lapsed)"),
+    ("cancelled_on_request", ", {} of them cancelled on request"),
+    ("deduplicated", ", {} duplicates added nothing"),
 )
 """What a report says after its outcomes, of the counts that are not zero."""
 
@@ -163,7 +179,13 @@ def report_from_json(data: Mapping[str, Any]) -> ShutdownReport:
         field.name: data[field.name] if field.default is MISSING else data.get(field.name, 0)
         for field in fields(ShutdownReport)
     }
-    return ShutdownReport(**values | {"unfinished": tuple(values["unfinished"])})
+    return ShutdownReport(
+        **values
+        | {
+            "unfinished": tuple(values["unfinished"]),
+            "unfinished_ids": tuple(values["unfinished_ids"] or ()),
+        }
+    )
 
 
 def names_with_counts(names: Iterable[str]) -> str:

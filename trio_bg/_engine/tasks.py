@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextvars
 import json
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, final
 
@@ -13,6 +14,7 @@ import trio
 
 from .calls import spec_of
 from .durable import encode_arguments, encode_parts
+from .status import TaskState, keyed_id, new_id
 
 if TYPE_CHECKING:
     from .._keeping.redis_guard import Receipt
@@ -28,18 +30,30 @@ class Task:
         "args",
         "attempt",
         "backoff",
+        "cancel_requested",
         "context",
+        "created",
         "durable",
         "ends",
         "func",
+        "home",
+        "id",
         "is_async",
         "journal_id",
+        "key_ttl",
+        "keyed",
         "kwargs",
+        "message",
         "name",
         "payload",
+        "progress",
         "remote",
+        "result",
         "retries",
+        "scope",
+        "started",
         "started_at",
+        "state",
         "stops_chain",
         "then",
         "thread_started",
@@ -53,9 +67,12 @@ class Task:
         kwargs: dict[str, Any],
         *,
         payload: str | None = None,
+        id: str | None = None,
+        created: float | None = None,
     ):
-        """Check the call; ``payload``: the JSON arguments of a durable task replayed
-        from the journal (else a durable task's arguments are encoded here)."""
+        """Check the call; ``payload``, ``id`` and ``created``: those of a durable task
+        replayed from the journal (else a durable task's arguments are encoded here,
+        and the id is made: random, or derived from the call's deduplication key)."""
         spec = spec_of(func)
         spec.check(args, kwargs)
         self.func = func
@@ -81,6 +98,24 @@ class Task:
                 self.payload = f"[{arguments},{keywords}]"
             record = f'{{"f":{json.dumps(spec.name)},"a":{arguments},"k":{keywords}'
             self.remote = RemoteCall(spec.remote, record)
+        self.keyed = spec.key is not None
+        if id is None:
+            id = new_id() if spec.key is None else keyed_id(spec.name, spec.key(args, kwargs))
+        self.id = id
+        self.key_ttl = spec.key_ttl
+        # What a status shows: wall-clock times (time.time()), the state while it
+        # lives, its own progress, and its return value as JSON text.
+        self.created = time.time() if created is None else created
+        self.started: float | None = None
+        self.state: TaskState = "pending"
+        self.progress: float | None = None
+        self.message: str | None = None
+        self.result: str | None = None
+        # cancel_task's: the scope a running async attempt (or a backoff) runs in, and
+        # whether it was asked to cancel the task (then it never runs again).
+        self.scope: trio.CancelScope | None = None
+        self.cancel_requested = False
+        self.home: object = None  # the nursery's runner, once it accepted the task
         self.attempt = 1  # which run this is: 2 once a first retry is due
         # The caller's context, copied when the task is deferred (collected by a
         # request, or queued); None while it may still be spawned from the caller. A
@@ -100,7 +135,11 @@ class Task:
 
     def __repr__(self) -> str:
         # Never show the arguments: they may hold personal data.
-        return f"<trio_bg task {self.name}>"
+        return f"<trio_bg task {self.name} {self.id}>"
+
+
+running_task: contextvars.ContextVar[Task] = contextvars.ContextVar("trio_bg.running_task")
+"""The task whose attempt runs in this context (set in the attempt's own context)."""
 
 
 @final

@@ -145,6 +145,15 @@ class ThreadPool:
             return "abandoned"
         return "done"
 
+    def refuse(self, job: Job) -> bool:
+        """Take ``job`` back if no thread has started it (then it never runs)."""
+        with self._lock:
+            if job.state != "queued":
+                return False
+            job.state = "refused"
+        job.on_done = None
+        return True
+
     def settle(self, job: Job) -> None:
         """Call a done ``job``'s ``on_start`` and ``on_done`` now, not with the next news."""
         self._tell_start(job)

@@ -18,6 +18,8 @@ import trio
 from outcome import Error, Value
 
 from .events import Outcome
+from .status import encode_result
+from .tasks import running_task
 from .thread_pool import Job, ThreadPool
 
 if TYPE_CHECKING:
@@ -61,6 +63,7 @@ class ThreadTasks:
             context = contextvars.copy_context()
         elif task.retries:
             context = context.copy()
+        context.run(running_task.set, task)  # (set_progress finds it there)
         if self._tracer is not None:
             self._tracer.begin(task, context)
         self.awaiting += 1
@@ -96,6 +99,8 @@ class ThreadTasks:
                 f"{task.name} returned an awaitable from a worker thread, so nothing awaited "
                 f"it; define it with async def to run it as a trio task"
             )
+        elif value is not None:
+            task.result = encode_result(value)
         self._end(task, "completed" if error is None else "failed", error)
 
     def _end(self, task: Task, outcome: Outcome, error: BaseException | None = None) -> None:
@@ -130,6 +135,20 @@ class ThreadTasks:
             entry for entry in self._deadlines if self._jobs.get(entry[2]) is entry[3]
         ]
         heapq.heapify(self._deadlines)
+
+    def __contains__(self, task: Task) -> bool:
+        """Whether an attempt of ``task`` is in the threads' hands (started or not)."""
+        return task in self._jobs
+
+    def take_back(self, task: Task) -> bool:
+        """Cancel ``task``'s attempt if no thread has started it: it ends cancelled."""
+        job = self._jobs.get(task)
+        if job is None or not self.pool.refuse(job):
+            return False
+        del self._jobs[task]
+        self.awaiting -= 1
+        self._end(task, "cancelled")
+        return True
 
     def cancel_all(self) -> None:
         """The shutdown's end: what no thread has started never runs (cancelled); what

@@ -48,7 +48,7 @@ class TaskTracer:
         with self._tracer.start_as_current_span(
             _name(task),
             kind=trace.SpanKind.INTERNAL,
-            attributes={"trio_bg.task.name": task.name},
+            attributes={"trio_bg.task.name": task.name, "trio_bg.task.id": task.id},
             record_exception=False,  # the nursery records the task's own failure
             set_status_on_exception=False,
         ) as span:
@@ -66,7 +66,7 @@ class TaskTracer:
             self._tracer.start_span,
             _name(task),
             kind=trace.SpanKind.INTERNAL,
-            attributes={"trio_bg.task.name": task.name},
+            attributes={"trio_bg.task.name": task.name, "trio_bg.task.id": task.id},
         )
         # (The context is the attempt's own copy: nothing to detach afterwards.)
         context.run(otel_context.attach, trace.set_span_in_context(span))

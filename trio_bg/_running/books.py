@@ -15,7 +15,9 @@ class Books:
         "accepted",
         "admitted",
         "cancelled",
+        "cancelled_on_request",
         "completed",
+        "deduplicated",
         "discarded",
         "failed",
         "handed_off",
@@ -47,6 +49,9 @@ class Books:
         self.completed = self.failed = self.timed_out = 0
         self.cancelled = self.abandoned = self.discarded = self.rejected = 0
         self.retrying = self.retried = 0
+        # Calls that added nothing (a live task had their id), and the cancelled tasks
+        # that cancel_task cancelled.
+        self.deduplicated = self.cancelled_on_request = 0
         # Remote tasks Redis acknowledged (the workers' now), and those whose hand-off
         # got no answer (Redis may have them: never counted discarded).
         self.handed_off = self.unconfirmed = 0
@@ -89,4 +94,6 @@ class Books:
             "discarded": self.discarded,
             "handed_off": self.handed_off,
             "unconfirmed": self.unconfirmed,
+            "deduplicated": self.deduplicated,
+            "cancelled_on_request": self.cancelled_on_request,
         }

@@ -15,12 +15,14 @@ from typing import TYPE_CHECKING, Any, ParamSpec, Unpack
 import trio
 
 from .._engine.report import ShutdownReport, TaskStats, names_with_counts
+from .._engine.status import TaskHandle, TaskState, TaskStatus
 from .._engine.tasks import Task
 from .._errors import HandoffError, JournalError
 from .._keeping.handoff import Handoff
 from .._keeping.journal import Journal
 from .._keeping.journal_keeper import JournalKeeper
 from .._keeping.remote_keeper import RemoteKeeper
+from .by_id import TasksById
 from .options import NurseryOptions, Settings
 from .runner import TaskRunner
 
@@ -57,21 +59,30 @@ class BackgroundNursery:
 
     # -- taking work ---------------------------------------------------------------
 
-    def start_soon(self, func: Callable[P, Any], /, *args: P.args, **kwargs: P.kwargs) -> None:
-        """Run ``func(*args, **kwargs)`` in the background, now or once a slot frees.
+    def start_soon(
+        self, func: Callable[P, Any], /, *args: P.args, **kwargs: P.kwargs
+    ) -> TaskHandle:
+        """Run ``func(*args, **kwargs)`` in the background, now or once a slot frees,
+        and return its `TaskHandle`.
 
         Checks the call like `BackgroundTasks.add_task` (`TypeError` for a call that
         could never run), and raises `Overloaded` when the nursery is full
         (`NurseryClosed` once shutdown has begun). The task runs in a copy of the
-        caller's context. May be called from worker threads too.
+        caller's context. May be called from worker threads too. A task whose
+        deduplication key is held (see `task`) is not added: the handle is the
+        holder's.
         """
         task = Task(func, args, kwargs)
-        self._runner.admit(task)
+        duplicate = self._runner.admit(task)
+        if duplicate is not None:
+            return duplicate
         self._runner.accept((task,))
+        return TaskHandle(task.id, task.name)
 
-    def admit(self, task: Task) -> None:
-        """Reserve room for ``task`` or raise `Overloaded` (part of `TaskSink`)."""
-        self._runner.admit(task)
+    def admit(self, task: Task) -> TaskHandle | None:
+        """Reserve room for ``task`` or raise `Overloaded`; or return the handle of
+        the task that holds its id (part of `TaskSink`)."""
+        return self._runner.admit(task)
 
     def accept(self, tasks: Sequence[Task]) -> None:
         """Run or queue admitted ``tasks`` (part of `TaskSink`)."""
@@ -147,6 +158,33 @@ class BackgroundNursery:
         (or handed to Redis) to be accepted."""
         await self._runner.wait_idle()
 
+    # -- one task ------------------------------------------------------------------
+
+    async def task_status(self, id: str) -> TaskStatus | None:
+        """The `TaskStatus` of task ``id``, or None if this nursery does not know it
+        (an unknown id, or an ended task whose status is no longer kept)."""
+        return await self._runner.by_id.task_status(id)
+
+    async def wait_task(self, id: str, timeout: float | None = None) -> TaskStatus:
+        """Return task ``id``'s `TaskStatus` once it has ended: the built-in
+        `TimeoutError` after ``timeout`` seconds, `LookupError` for an unknown id."""
+        return await self._runner.by_id.wait_task(id, timeout)
+
+    async def cancel_task(self, id: str) -> bool:
+        """Cancel task ``id``: True if it was pending, retrying or running and is now
+        cancelled (a pending one never runs; counted ``cancelled`` and
+        ``cancelled_on_request``); False if it has ended or is unknown, or if it is a
+        plain function that a worker thread has started (threads cannot be
+        interrupted)."""
+        return await self._runner.by_id.cancel_task(id)
+
+    async def list_tasks(
+        self, *, state: TaskState | None = None, name: str | None = None, limit: int = 1000
+    ) -> list[TaskStatus]:
+        """The statuses this nursery keeps, live tasks first, then ended ones oldest
+        first, of those in ``state`` and named ``name`` (None: any); at most ``limit``."""
+        return await self._runner.by_id.list_tasks(state=state, name=name, limit=limit)
+
     # -- shutting down -------------------------------------------------------------
 
     async def shutdown(self) -> ShutdownReport:
@@ -189,6 +227,7 @@ class BackgroundNursery:
             started = self._shutdown_started
             self._report = ShutdownReport(
                 unfinished=tuple(runner.unfinished),
+                unfinished_ids=tuple(runner.unfinished_ids),
                 duration=0.0 if started is None else trio.current_time() - started,
                 **self._counts(
                     "deferred", "recovered", "outbox", "resent", "maybe_lost", "lease_lost"
@@ -335,3 +374,8 @@ def watch_failures(
 def remote_keeper(nursery: BackgroundNursery) -> RemoteKeeper | None:
     """The keeper of ``nursery``'s remote tasks (the Redis forwarder), if it has one."""
     return nursery._runner.remote
+
+
+def tasks_by_id(nursery: BackgroundNursery) -> TasksById:
+    """``nursery``'s tasks by id (what the module functions ask)."""
+    return nursery._runner.by_id

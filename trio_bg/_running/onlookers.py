@@ -66,6 +66,7 @@ class Onlookers:
             duration=duration,
             attempt=task.attempt,
             delay=delay,
+            id=task.id,
         )
         logger.debug("background task %s", event)
         if self.tracer is not None:
@@ -80,7 +81,9 @@ class Onlookers:
     def failed(self, task: Task, exc: BaseException) -> None:
         """``task`` failed for good: log it, and tell tracing, the watchers and the
         ``on_error`` hook."""
-        logger.error("background task %s failed%s", task.name, attempt_of(task), exc_info=exc)
+        logger.error(
+            "background task %s [%s] failed%s", task.name, task.id, attempt_of(task), exc_info=exc
+        )
         if self.tracer is not None:
             self.tracer.record_failure(task, exc)
         for watcher in self.watchers:
@@ -96,7 +99,13 @@ class Onlookers:
             self._hook_failed("on_error", task, error)
 
     def _hook_failed(self, hook: str, task: Task, error: BaseException) -> None:
-        logger.error("the %s hook failed for background task %s", hook, task.name, exc_info=error)
+        logger.error(
+            "the %s hook failed for background task %s [%s]",
+            hook,
+            task.name,
+            task.id,
+            exc_info=error,
+        )
         if _stops_the_process(error):
             self._stop_for(error, f"the {hook} hook")
 

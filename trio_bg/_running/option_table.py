@@ -15,6 +15,7 @@ from .._engine.calls import is_async_callable, name_of
 from .._engine.events import TaskEvent
 from .._keeping.journal import DEFAULT_LEASE
 from .._keeping.journal_schema import SYNCHRONOUS_LEVELS
+from .statuses import DEFAULT_STATUSES_KEPT, DEFAULT_STATUSES_KEPT_FOR
 from .values import non_negative_float, non_negative_int, positive_float, positive_int
 
 DEFAULT_GRACE_PERIOD = 10.0
@@ -188,6 +189,16 @@ OPTIONS: tuple[Option, ...] = (
         "max_pending", int, DEFAULT_MAX_PENDING,
         "tasks waiting for a slot before requests get 503", _count(0),
         Flag(_COUNT, non_negative_int),
+    ),
+    Option(
+        "statuses_kept", int, DEFAULT_STATUSES_KEPT,
+        "ended tasks whose statuses are kept in memory, at most", _count(0),
+        Flag(_COUNT, non_negative_int, drill=False),
+    ),
+    Option(
+        "statuses_kept_for", float, DEFAULT_STATUSES_KEPT_FOR,
+        "seconds an ended task's status is kept in memory, at most", _seconds(0),
+        Flag(_SECONDS, non_negative_float, drill=False),
     ),
     Option(
         "tracing", bool, False,

@@ -38,6 +38,8 @@ class NurseryOptions(TypedDict, total=False):
     thread_limit: int
     max_running: int
     max_pending: int
+    statuses_kept: int
+    statuses_kept_for: float
     on_error: ErrorHook | None
     on_event: EventHook | None
     tracing: bool
@@ -55,6 +57,8 @@ class Settings:
     thread_limit: int
     max_running: int
     max_pending: int
+    statuses_kept: int
+    statuses_kept_for: float
     on_error: ErrorHook | None
     on_event: EventHook | None
     tracing: bool

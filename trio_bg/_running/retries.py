@@ -50,8 +50,9 @@ class Retries:
         delay = task.backoff.delay(task.attempt, random.random())
         what = f"timed out after {task.timeout}s" if error is None else f"failed ({error!r})"
         logger.warning(
-            "background task %s: attempt %d of %d %s; retrying in %.3gs",
+            "background task %s [%s]: attempt %d of %d %s; retrying in %.3gs",
             task.name,
+            task.id,
             task.attempt,
             task.retries + 1,
             what,
@@ -67,6 +68,7 @@ class Retries:
         if observed:
             self._onlookers.emit("retrying", task, outcome=outcome, duration=duration, delay=delay)
         task.attempt += 1
+        task.state = "retrying"
         task.started_at = None
         task.thread_started = False
         # In the caller's context (a task with retries keeps it), not in this attempt's.
@@ -79,17 +81,25 @@ class Retries:
         be. Cancelled (the tasks are, at the end of the grace period), it ends
         cancelled without running again."""
         try:
-            await trio.sleep(delay)
+            with trio.CancelScope() as task.scope:  # cancel_task's
+                if task.cancel_requested:
+                    task.scope.cancel()
+                await trio.sleep(delay)
         except BaseException:
-            self._waited()
+            self._waited(task)
             self._cancelled(task)
             raise
-        self._waited()
+        self._waited(task)
+        if task.cancel_requested:
+            self._cancelled(task)
+            return
         observed = self._onlookers.observed()
         if observed:
             task.accepted_at = trio.current_time()  # its next ``waited`` starts now
         self._place(task, observed)
 
-    def _waited(self) -> None:
+    def _waited(self, task: Task) -> None:
+        task.scope = None
+        task.state = "pending"
         self._books.pending -= 1
         self._books.retrying -= 1

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from functools import partial
@@ -17,7 +18,8 @@ import trio
 from .._engine.attempt import Attempt
 from .._engine.events import Outcome
 from .._engine.report import names_with_counts
-from .._engine.tasks import Task, sent
+from .._engine.status import TaskHandle, TaskState
+from .._engine.tasks import Task, running_task, sent
 from .._engine.thread_pool import ThreadPool
 from .._engine.thread_tasks import ThreadTasks
 from .._errors import (
@@ -29,9 +31,11 @@ from .._errors import (
     needs_a_journal,
 )
 from .books import Books
+from .by_id import TasksById
 from .onlookers import Onlookers, attempt_of
 from .options import Settings
 from .retries import Retries
+from .statuses import TaskStatuses
 
 if TYPE_CHECKING:
     from .._keeping.journal_keeper import JournalKeeper
@@ -66,7 +70,12 @@ class TaskRunner:
         self.stopping = trio.Event()
         self._idle: trio.Event | None = None
         self.unfinished: list[str] = []
+        self.unfinished_ids: list[str] = []
+        self.statuses = TaskStatuses(
+            settings.statuses_kept, settings.statuses_kept_for, self._admission_lock
+        )
         self.onlookers = Onlookers(settings, self._stop)
+        self.by_id = TasksById(self)
         # Plain-function tasks: each attempt in a worker thread, no trio task waiting.
         self.threads = ThreadTasks(
             ThreadPool(settings.thread_limit, self._trio_token, self._clock),
@@ -78,8 +87,10 @@ class TaskRunner:
 
     # -- taking work (TaskSink) ----------------------------------------------------
 
-    def admit(self, task: Task) -> None:
-        """Reserve room for ``task`` or raise `Overloaded`."""
+    def admit(self, task: Task) -> TaskHandle | None:
+        """Reserve room for ``task`` or raise `Overloaded`; or, when a live task (or
+        an ended one whose key is still held) has its id, return that one's handle and
+        take nothing (``task`` is a duplicate)."""
         if task.durable and self.journal is None:
             raise needs_a_journal(task.name, "this background nursery has no journal")
         if task.remote is not None:
@@ -94,13 +105,19 @@ class TaskRunner:
                     f"the background nursery is shutting down and takes no new tasks "
                     f"(refused: {task.name})"
                 )
+            holder = self.statuses.claim(task)
+            if holder is not None:
+                self.books.deduplicated += 1
+                return TaskHandle(holder.id, holder.name)
             if self.books.in_hand >= self._capacity:
+                self.statuses.release(task)
                 self.books.rejected += 1
                 raise Overloaded(
                     f"the background nursery is full ({self.settings.max_running} running, "
                     f"{self.settings.max_pending} pending); refused: {task.name}"
                 )
             self.books.admitted += 1
+        return None
 
     def accept(self, tasks: Sequence[Task]) -> None:
         """Run or queue admitted ``tasks``.
@@ -116,13 +133,16 @@ class TaskRunner:
             raise NurseryClosed("the background nursery has shut down")
         observed = self.onlookers.observed()
         for task in tasks:
+            task.home = self.by_id
             if (task.durable or task.remote is not None) and _not_kept(task):
                 # Added outside a request, or after its response: kept first.
                 self.books.keeping += 1
                 self.nursery.start_soon(self._commit_then_accept, task, name=task.name)
                 continue
             self._count_accepted(task, observed)
-            if task.remote is None:
+            if task.cancel_requested:
+                self._end(task, "cancelled", observed)  # (by cancel_task, while collected)
+            elif task.remote is None:
                 self._place(task, observed)
             else:
                 assert self.remote is not None  # (admit refuses them without one)
@@ -217,12 +237,12 @@ class TaskRunner:
             )
             self.books.released += len(in_doubt)
             self.books.unconfirmed += len(in_doubt)
-            _tell_ended(in_doubt)
+            self._tell_ended(in_doubt, "handed_off", f"unconfirmed: {reason}")
             tasks = [task for task in tasks if task.remote is None or not task.remote.in_doubt]
         if tasks:
             self.books.released += len(tasks)
             self.books.discarded += len(tasks)
-            _tell_ended(tasks)
+            self._tell_ended(tasks, "cancelled", f"discarded: {reason}")
             if self.journal is not None:
                 self.journal.discarded(tasks)
             logger.warning(
@@ -244,6 +264,9 @@ class TaskRunner:
 
     def launch(self, task: Task) -> None:
         """Run ``task``, which holds a running slot, now (part of `NurseryPort`)."""
+        if task.cancel_requested:  # (by cancel_task, while its start was recorded)
+            self._attempt_over(task, "cancelled", self.onlookers.observed())
+            return
         if not task.is_async:
             self.threads.submit(task)  # no trio task for it
             return
@@ -267,9 +290,14 @@ class TaskRunner:
         # The clock is read only for those who look: it costs as much as a checkpoint.
         observed = self.onlookers.observed()
         attempt = Attempt()
+        running_task.set(task)  # (in this trio task's own context: set_progress finds it)
         try:
-            await attempt.run(task, partial(self._started, task, observed))
+            with trio.CancelScope() as task.scope:  # cancel_task's
+                if task.cancel_requested:
+                    task.scope.cancel()
+                await attempt.run(task, partial(self._started, task, observed))
         finally:
+            task.scope = None
             self._attempt_over(
                 task, attempt.outcome, observed, attempt.error, retriable=not attempt.cancelled
             )
@@ -288,6 +316,8 @@ class TaskRunner:
     def _started(self, task: Task, observed: bool, at: float | None = None) -> None:
         """The task's own run begins, now or ``at`` (a thread task: when its worker
         thread started it)."""
+        task.state = "running"
+        task.started = time.time()
         if observed:
             task.started_at = now = trio.current_time() if at is None else at
             waited = None if task.accepted_at is None else now - task.accepted_at
@@ -347,16 +377,21 @@ class TaskRunner:
         self.books.ended(outcome)
         if outcome == "timed_out":
             logger.warning(
-                "background task %s timed out after %ss%s",
+                "background task %s [%s] timed out after %ss%s",
                 task.name,
+                task.id,
                 task.timeout,
                 attempt_of(task),
             )
         elif outcome == "handed_off":
             assert self.remote is not None
             self.remote.handed_off(task)
+        elif task.cancel_requested and outcome == "cancelled":
+            self.books.cancelled_on_request += 1  # (not cut short: cancelled on purpose)
         elif outcome in ("cancelled", "abandoned"):
             self.unfinished.append(task.name)
+            self.unfinished_ids.append(task.id)
+        self.statuses.ended(task, outcome, error)
         if self.journal is not None:  # (room for one more from the journal, too)
             self.journal.ended(task, outcome, error)
         if observed:
@@ -379,6 +414,14 @@ class TaskRunner:
 
     def _cancel_retry(self, task: Task) -> None:
         self._end(task, "cancelled", self.onlookers.observed())
+
+    def _tell_ended(self, tasks: Iterable[Task], state: TaskState, why: str) -> None:
+        """Keep the statuses of ``tasks``, which never ran, and tell whoever waits
+        for them to end (see `TaskEnds`) that they did."""
+        for task in tasks:
+            self.statuses.ended(task, state, why)
+            if task.ends is not None:
+                task.ends.ended()
 
     def _set_idle_if_idle(self) -> None:
         if self._idle is not None and not self.books.busy:
@@ -505,10 +548,3 @@ def _not_kept(task: Task) -> bool:
     """Whether ``task`` must be stored in the journal (or handed to Redis) before it is
     accepted, and is not yet."""
     return (task.durable or task.remote is not None) and task.journal_id is None and not sent(task)
-
-
-def _tell_ended(tasks: Iterable[Task]) -> None:
-    """Tell whoever waits for ``tasks`` to end (see `TaskEnds`) that they did."""
-    for task in tasks:
-        if task.ends is not None:
-            task.ends.ended()

@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ParamSpec, Protocol
 
+from .._engine.status import TaskHandle
 from .._engine.tasks import Task, TaskEnds
 from .._errors import NurseryClosed, needs_a_handoff, needs_a_journal
 from .inline import InlineSink, run_inline
@@ -32,9 +33,10 @@ class TaskSink(Protocol):
     remote tasks to their streaq worker's queue in Redis (`commit` too).
     """
 
-    def admit(self, task: Task) -> None:
-        """Reserve room for ``task``, or raise `Overloaded` if there is none now.
-        May be called from a worker thread."""
+    def admit(self, task: Task) -> TaskHandle | None:
+        """Reserve room for ``task``, or raise `Overloaded` if there is none now; or
+        return the handle of the live task that has ``task``'s id (then ``task`` is a
+        duplicate, and nothing is taken). May be called from a worker thread."""
 
     def accept(self, tasks: Sequence[Task]) -> None:
         """Take ``tasks`` for running; from here on each is reported. Raise
@@ -81,16 +83,19 @@ class BackgroundTasks:
         for task in tasks or ():
             self.add_task(task.func, *task.args, **task.kwargs)
 
-    def add_task(self, func: Callable[P, Any], /, *args: P.args, **kwargs: P.kwargs) -> None:
-        """Run ``func(*args, **kwargs)`` in the background once the response is sent.
+    def add_task(self, func: Callable[P, Any], /, *args: P.args, **kwargs: P.kwargs) -> TaskHandle:
+        """Run ``func(*args, **kwargs)`` in the background once the response is sent,
+        and return its `TaskHandle`.
 
         ``func`` may be an ``async def`` function (run as a trio task) or a plain one
         (run in a worker thread). A call that could never run -- a coroutine object,
         a non-callable, arguments that do not fit ``func`` -- raises `TypeError` here;
         a nursery that cannot take more work raises `Overloaded` (`NurseryClosed`
-        once it is shutting down).
+        once it is shutting down). A task whose deduplication key is held (see
+        `task`) is not added: the handle is the holder's.
         """
-        self._collection.take(Task(func, args, kwargs))
+        task = Task(func, args, kwargs)
+        return self._collection.take(task) or TaskHandle(task.id, task.name)
 
     @property
     def ordered(self) -> bool:
@@ -196,6 +201,11 @@ class RequestTasks:
         return len(self._tasks)
 
     @property
+    def sink(self) -> TaskSink | None:
+        """Where the tasks go: the nursery (None: they run inline when awaited)."""
+        return self._sink
+
+    @property
     def handed_off(self) -> bool:
         """Whether the collected tasks were handed off (the response completed)."""
         return self._handed_off
@@ -205,8 +215,9 @@ class RequestTasks:
         """Whether the collected tasks were handed off or discarded already."""
         return self._handed_off or self._discarded_because is not None
 
-    def take(self, task: Task) -> None:
-        """Collect ``task``, or pass it on if the response completed already."""
+    def take(self, task: Task) -> TaskHandle | None:
+        """Collect ``task``, or pass it on if the response completed already; or, a
+        duplicate, take nothing and return the holder's handle."""
         sink = self._sink
         if sink is None:  # no middleware: run inline when awaited
             if task.durable:
@@ -215,20 +226,23 @@ class RequestTasks:
                 raise needs_a_handoff(task.name, "no BackgroundTaskMiddleware serves this request")
             with self._lock:
                 self._tasks.append(task)
-            return
-        sink.admit(task)
+            return None
+        duplicate = sink.admit(task)
+        if duplicate is not None:
+            return duplicate
         task.context = contextvars.copy_context()
         with self._lock:
             discarded_because = self._discarded_because
             if not self._handed_off and discarded_because is None:
                 self._tasks.append(task)
                 self.uncommitted += task.durable or task.remote is not None
-                return
+                return None
         # Too late to collect it (the sink hops to trio's thread if need be).
         if discarded_because is None:
             self._pass_on([task])
         else:  # the request failed already
             sink.discard((task,), discarded_because)
+        return None
 
     def add_counted(
         self,
@@ -241,10 +255,12 @@ class RequestTasks:
         task = Task(func, args, kwargs)
         ends.add(task)  # first: a task may end as it is taken (past the grace period)
         try:
-            self.take(task)
+            duplicate = self.take(task)
         except BaseException:
             ends.forget(task)
             raise
+        if duplicate is not None:
+            ends.forget(task)  # (nothing was added: nothing to wait for)
 
     async def until_ended(self, ends: TaskEnds) -> None:
         """Return once the tasks counted by ``ends`` have ended; without a nursery (the

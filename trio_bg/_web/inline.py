@@ -41,7 +41,7 @@ class InlineSink:
     def __init__(self) -> None:
         self._accepted: list[Task] = []
 
-    def admit(self, task: Task) -> None:
+    def admit(self, task: Task) -> None:  # (never a duplicate: no ids are kept)
         """No limits: the tasks run in the request's own call; but no journal either."""
         if task.durable:
             raise needs_a_journal(task.name, "no lifespan started, so no journal keeps it")

@@ -1,8 +1,10 @@
-"""A nursery's books: how many of its tasks are in each state, and how many ended each
-way. Only trio's thread writes them, except `admitted`, written under the admission
-lock."""
+"""A nursery's books: how many of its tasks are in each state, how many ended each way,
+and waiting for the live ones to fall to zero. Only trio's thread writes them, except
+`admitted`, written under the admission lock."""
 
 from __future__ import annotations
+
+import trio
 
 from .._engine.events import Outcome
 
@@ -11,6 +13,7 @@ class Books:
     """The counts `TaskStats` and `ShutdownReport` are made of."""
 
     __slots__ = (
+        "_idle",
         "abandoned",
         "accepted",
         "admitted",
@@ -55,6 +58,7 @@ class Books:
         # Remote tasks Redis acknowledged (the workers' now), and those whose hand-off
         # got no answer (Redis may have them: never counted discarded).
         self.handed_off = self.unconfirmed = 0
+        self._idle: trio.Event | None = None  # set when busy turns False, if awaited
 
     @property
     def in_hand(self) -> int:
@@ -97,3 +101,26 @@ class Books:
             "deduplicated": self.deduplicated,
             "cancelled_on_request": self.cancelled_on_request,
         }
+
+    def tell_idle(self) -> None:
+        """Wake `wait_idle` and `wait_drained` if they may return now."""
+        if self._idle is not None and not self.busy:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Return once no task is pending or running, nor being kept to be accepted."""
+        while self.busy:
+            await self._next_idle()
+        await trio.lowlevel.checkpoint()
+
+    async def wait_drained(self) -> None:
+        """Return once nothing is in hand: no task pending or running, nor admitted by a
+        request still in flight (whose tasks are not handed off yet)."""
+        while self.in_hand:
+            await self._next_idle()
+        await trio.lowlevel.checkpoint()
+
+    async def _next_idle(self) -> None:
+        if self._idle is None or self._idle.is_set():
+            self._idle = trio.Event()
+        await self._idle.wait()

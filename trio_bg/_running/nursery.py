@@ -23,6 +23,7 @@ from .._keeping.journal import Journal
 from .._keeping.journal_keeper import JournalKeeper
 from .._keeping.remote_keeper import RemoteKeeper
 from .by_id import TasksById
+from .keeper_port import KeeperPort
 from .options import NurseryOptions, Settings
 from .runner import TaskRunner
 
@@ -156,7 +157,7 @@ class BackgroundNursery:
     async def wait_idle(self) -> None:
         """Return once no task is pending or running, nor being stored in the journal
         (or handed to Redis) to be accepted."""
-        await self._runner.wait_idle()
+        await self._runner.books.wait_idle()
 
     # -- one task ------------------------------------------------------------------
 
@@ -202,7 +203,7 @@ class BackgroundNursery:
             )
             try:
                 with trio.move_on_after(runner.settings.grace_period):
-                    await runner.wait_idle()
+                    await runner.books.wait_idle()
             finally:
                 self.cancel()
         await runner.all_ended.wait()
@@ -279,6 +280,7 @@ async def open_nursery(
     `fatal` for the owner (the middleware) to raise when it sees fit."""
     nursery = BackgroundNursery(settings)
     runner = nursery._runner
+    port = KeeperPort(runner)
     journal = None
     if settings.journal is not None:
         journal = JournalKeeper(
@@ -287,7 +289,7 @@ async def open_nursery(
                 lease=settings.journal_lease,
                 synchronous=settings.journal_synchronous,
             ),
-            runner,
+            port,
             max_running=settings.max_running,
             max_pending=settings.max_pending,
         )
@@ -298,7 +300,7 @@ async def open_nursery(
             remote = None
             if settings.streaq is not None:
                 run = partial(Handoff(settings.streaq).run, patient=journal is not None)
-                remote = runner.remote = RemoteKeeper(await host_nursery.start(run), runner)
+                remote = runner.remote = RemoteKeeper(await host_nursery.start(run), port)
             await host_nursery.start(runner.host)
             if remote is not None:
                 runner.nursery.start_soon(remote.watch)
@@ -360,7 +362,7 @@ async def stopping(nursery: BackgroundNursery) -> None:
 async def wait_drained(nursery: BackgroundNursery) -> None:
     """Return once no task is pending or running, nor admitted by a request still in
     flight (whose tasks are not handed off yet)."""
-    await nursery._runner.wait_drained()
+    await nursery._runner.books.wait_drained()
 
 
 def watch_failures(

@@ -68,7 +68,6 @@ class TaskRunner:
         # Set when every task has ended, or a task or hook raised KeyboardInterrupt or
         # SystemExit (then onlookers.fatal holds it).
         self.stopping = trio.Event()
-        self._idle: trio.Event | None = None
         self.unfinished: list[str] = []
         self.unfinished_ids: list[str] = []
         self.statuses = TaskStatuses(
@@ -251,7 +250,7 @@ class TaskRunner:
                 reason,
                 ", ".join(task.name for task in tasks),
             )
-        self._set_idle_if_idle()
+        self.books.tell_idle()
 
     # -- running -------------------------------------------------------------------
 
@@ -410,7 +409,7 @@ class TaskRunner:
                 self.accept((task.then,))
         if task.ends is not None:
             task.ends.ended()
-        self._set_idle_if_idle()
+        self.books.tell_idle()
 
     def _cancel_retry(self, task: Task) -> None:
         self._end(task, "cancelled", self.onlookers.observed())
@@ -423,10 +422,6 @@ class TaskRunner:
             if task.ends is not None:
                 task.ends.ended()
 
-    def _set_idle_if_idle(self) -> None:
-        if self._idle is not None and not self.books.busy:
-            self._idle.set()
-
     # -- looking on ----------------------------------------------------------------
 
     def oldest_pending_age(self) -> float:
@@ -434,24 +429,6 @@ class TaskRunner:
         if not self._queue:
             return 0.0
         return self._clock.current_time() - (self._queue[0].accepted_at or 0.0)
-
-    async def wait_idle(self) -> None:
-        """Return once no task is pending or running, nor being kept to be accepted."""
-        while self.books.busy:
-            await self._next_idle()
-        await trio.lowlevel.checkpoint()
-
-    async def wait_drained(self) -> None:
-        """Return once no task is pending or running, nor admitted by a request still
-        in flight (whose tasks are not handed off yet)."""
-        while self.books.in_hand:
-            await self._next_idle()
-        await trio.lowlevel.checkpoint()
-
-    async def _next_idle(self) -> None:
-        if self._idle is None or self._idle.is_set():
-            self._idle = trio.Event()
-        await self._idle.wait()
 
     # -- stopping ------------------------------------------------------------------
 
@@ -496,16 +473,7 @@ class TaskRunner:
             self.all_ended.set()
             self.stopping.set()
 
-    # -- as the keepers see it (NurseryPort) -----------------------------------------
-
-    @property
-    def cancelled(self) -> bool:
-        """Whether the grace period is over and the tasks are being cancelled."""
-        return self.nursery.cancel_scope.cancel_called
-
-    def room(self, limit: int) -> int:
-        """How many more tasks may be admitted before ``limit`` are in hand."""
-        return limit - self.books.in_hand
+    # -- for the keepers (through KeeperPort) and cancel_task -----------------------
 
     def take(self, task: Task) -> None:
         """Admit (room was counted by the feeder) and accept ``task``."""
@@ -516,15 +484,6 @@ class TaskRunner:
     def attempt_over(self, task: Task, outcome: Outcome) -> None:
         """``task`` holds a running slot but its attempt never started: it ends so."""
         self._attempt_over(task, outcome, self.onlookers.observed())
-
-    def hold(self, task: Task) -> None:
-        """``task`` waits (pending) for its keeper, holding no running slot."""
-        self.books.pending += 1
-
-    def release(self, task: Task, outcome: Outcome) -> None:
-        """A task that `hold` kept waiting ends with ``outcome``."""
-        self.books.pending -= 1
-        self.end(task, outcome)
 
     def end(self, task: Task, outcome: Outcome) -> None:
         """An accepted task that holds nothing ends with ``outcome``."""

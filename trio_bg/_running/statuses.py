@@ -58,32 +58,34 @@ class Ended:
 
     def status(self) -> TaskStatus:
         """The `TaskStatus` this record keeps."""
-        return TaskStatus(
-            id=self.id,
-            name=self.name,
-            state=self.state,
-            attempt=self.attempt,
-            progress=self.progress,
-            message=self.message,
-            result=None if self.result is None else json.loads(self.result),
-            error=self.error,
-            created_at=utc(self.created),
-            started_at=utc(self.started),
-            ended_at=utc(self.ended),
-        )
+        return status_of(self, self.state, self.result, self.error, self.ended)
 
 
 def live_status(task: Task) -> TaskStatus:
     """The `TaskStatus` of a task that has not ended."""
+    return status_of(task, task.state, None, None, None)
+
+
+def status_of(
+    source: Task | Ended,
+    state: TaskState,
+    result: str | None,
+    error: str | None,
+    ended: float | None,
+) -> TaskStatus:
+    """A `TaskStatus` of what a live task or an ended one's record says."""
     return TaskStatus(
-        id=task.id,
-        name=task.name,
-        state=task.state,
-        attempt=task.attempt,
-        progress=task.progress,
-        message=task.message,
-        created_at=utc(task.created),
-        started_at=utc(task.started),
+        id=source.id,
+        name=source.name,
+        state=state,
+        attempt=source.attempt,
+        progress=source.progress,
+        message=source.message,
+        result=None if result is None else json.loads(result),
+        error=error,
+        created_at=utc(source.created),
+        started_at=utc(source.started),
+        ended_at=utc(ended),
     )
 
 

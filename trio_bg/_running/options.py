@@ -1,4 +1,4 @@
-"""The options a background nursery takes, checked once, up front (see `_option_table`)."""
+"""The options a background nursery takes, checked once, up front (see `option_table`)."""
 
 from __future__ import annotations
 

@@ -5,8 +5,9 @@ trio worker::
 
     hypercorn --worker-class trio examples.fastapi_app:app
 
-then ``curl -X POST 'http://127.0.0.1:8000/signup?email=ada@example.com'`` and stop the
-server with Ctrl+C: the log shows the background tasks run after each response, and
+then ``curl -X POST 'http://127.0.0.1:8000/signup?email=ada@example.com'`` (or
+``curl -i -X POST http://127.0.0.1:8000/exports``: ``202 Accepted``, and a ``Location``
+where the export's status is) and stop the server with Ctrl+C: the log shows the background tasks run after each response, and
 drained (up to the grace period) before the app's own lifespan shuts down.
 """
 
@@ -18,10 +19,11 @@ from contextlib import asynccontextmanager
 from typing import Annotated
 
 import trio
-from fastapi import BackgroundTasks, Depends, FastAPI
+from fastapi import BackgroundTasks, Depends, FastAPI, Response
 
 import trio_bg
 import trio_bg.fastapi
+import trio_bg.status
 from examples._logging import show_logs
 
 logger = logging.getLogger("examples.fastapi_app")
@@ -68,6 +70,29 @@ async def signup(
     complete, not inline in this request, and shutdown drains them."""
     background_tasks.add_task(send_welcome_email, email)
     return {"status": "welcome", "email": email}
+
+
+@trio_bg.task(name="exports.build")
+async def build_export(rows: int) -> dict[str, int]:
+    """A task a client waits for: its progress and result show in its status."""
+    for done in range(0, rows, 100):
+        trio_bg.set_progress(done / rows, f"{done} of {rows} rows")
+        await trio.sleep(0.1)  # stands in for the work
+    return {"rows": rows}
+
+
+@app.post("/exports", status_code=202)
+async def start_export(tasks: trio_bg.fastapi.Tasks, response: Response) -> dict[str, str]:
+    """The 202 pattern: answer at once, with where to look (trio_bg's own
+    BackgroundTasks, ``tasks``, returns a handle; FastAPI's returns None)."""
+    handle = tasks.add_task(build_export, 500)
+    response.headers["location"] = f"/tasks/{handle.id}"
+    return {"id": handle.id}
+
+
+# GET /tasks/{id}: a task's status as JSON. public=True for the example only: a status
+# shows results and errors, so guard it with authorize=check(scope).
+app.mount("/tasks", trio_bg.status.app(public=True))
 
 
 @app.get("/stats")

@@ -7,7 +7,9 @@ Hypercorn's trio worker::
 
 then ``curl -X POST 'http://127.0.0.1:8000/signup?name=ada'`` (an ``async def``
 endpoint) or ``curl 'http://127.0.0.1:8000/report'`` (a plain ``def`` endpoint, which
-Starlette runs in a worker thread). Stop the server with Ctrl+C (or SIGTERM to
+Starlette runs in a worker thread). ``curl -i -X POST 'http://127.0.0.1:8000/exports'``
+answers ``202 Accepted`` with a ``Location`` to follow: ``/tasks/{id}``, the status of
+the export as JSON (`trio_bg.status.app`, mounted). Stop the server with Ctrl+C (or SIGTERM to
 Hypercorn) and watch the order in the log: the background tasks are drained first,
 then the app's own lifespan shuts down.
 """
@@ -23,10 +25,11 @@ import trio
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse
-from starlette.routing import Route
+from starlette.responses import JSONResponse, PlainTextResponse
+from starlette.routing import Mount, Route
 
 import trio_bg
+import trio_bg.status
 from examples._logging import show_logs
 
 logger = logging.getLogger("examples.starlette_app")
@@ -63,6 +66,22 @@ def report(request: Request) -> PlainTextResponse:
     return PlainTextResponse("Your report is being rendered.\n")
 
 
+@trio_bg.task(name="exports.build")
+async def build_export(rows: int) -> dict[str, int]:
+    """A task a client waits for: its progress and result show in its status."""
+    for done in range(0, rows, 100):
+        trio_bg.set_progress(done / rows, f"{done} of {rows} rows")
+        await trio.sleep(0.1)  # stands in for the work
+    return {"rows": rows}
+
+
+async def start_export(request: Request) -> JSONResponse:
+    """The 202 pattern: answer at once, with where to look."""
+    handle = trio_bg.current_tasks().add_task(build_export, 500)
+    location = f"/tasks/{handle.id}"
+    return JSONResponse({"id": handle.id}, status_code=202, headers={"location": location})
+
+
 @asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
     """The app's own startup and shutdown (say, a database pool). trio_bg shuts the
@@ -77,6 +96,10 @@ app = Starlette(
     routes=[
         Route("/signup", signup, methods=["POST"]),
         Route("/report", report),
+        Route("/exports", start_export, methods=["POST"]),
+        # GET /tasks/{id}: a task's status as JSON. public=True for the example only: a
+        # status shows results and errors, so guard it with authorize=check(scope).
+        Mount("/tasks", app=trio_bg.status.app(public=True)),
     ],
     lifespan=lifespan,
     # Why a Starlette middleware rather than BackgroundTaskMiddleware(Starlette(...)):

@@ -40,6 +40,7 @@ PUBLIC = {
         "wait_task",
     ],
     "trio_bg.testing": ["TaskFailures", "TestClient", "open_test_client"],
+    "trio_bg.status": ["app"],
     "trio_bg.streaq": ["DEFAULT_GRACE_PERIOD", "DEFAULT_IDLE_TIMEOUT", "check_worker", "worker"],
     "trio_bg.starlette": ["TestClient", "install", "middleware_of", "overloaded_handler"],
     "trio_bg.fastapi": [

@@ -75,15 +75,25 @@ def test_ls_lists_every_task_and_counts_them(
     assert err == ""
     assert out.splitlines()[-1] == "2 queued (1 claimed by a process), 1 dead"
     rows = table(out)
-    assert rows["ID"] == ["ID", "STATE", "NAME", "ATTEMPT", "OWNER", "CREATED", "ERROR"]
+    assert rows["ID"] == ["ID", "STATE", "NAME", "ATTEMPT", "OWNER", "CREATED", "ERROR", "TASK_ID"]
     row = stored(path)[claimed]
     created = datetime.fromtimestamp(row.created).isoformat(timespec="seconds")
     owner = str(row.owner)
-    assert rows[str(claimed)] == [str(claimed), "queued", "send_mail", "1", owner, created, "-"]
-    assert rows[str(queued)] == [str(queued), "queued", "send_mail", "1", "-", created, "-"]
+    no_id = "-"  # (rows written without a task id)
+    assert rows[str(claimed)] == [
+        str(claimed),
+        "queued",
+        "send_mail",
+        "1",
+        owner,
+        created,
+        "-",
+        no_id,
+    ]
+    assert rows[str(queued)] == [str(queued), "queued", "send_mail", "1", "-", created, "-", no_id]
     assert rows[str(dead)][:5] == [str(dead), "dead", "charge", "3", "-"]
     # The error's last line only, cut short.
-    error = " ".join(rows[str(dead)][6:])
+    error = " ".join(rows[str(dead)][6:-1])
     assert error.startswith("ValueError: the card was declined")
     assert error.endswith("...")
     assert len(error) == _journal_command.ERROR_WIDTH
@@ -142,6 +152,7 @@ def test_ls_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
             "owner": rows[claimed].owner,
             "created": rows[claimed].created,
             "error": None,
+            "task_id": None,
         },
         {
             "id": dead,
@@ -151,6 +162,7 @@ def test_ls_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
             "owner": None,
             "created": rows[dead].created,
             "error": ERROR,
+            "task_id": None,
         },
     ]
     assert rows[claimed].owner is not None

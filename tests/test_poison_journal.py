@@ -258,7 +258,7 @@ async def test_a_version_1_journal_is_upgraded_in_place(tmp_path: Path) -> None:
     [row] = journal_rows(path)
     assert (row.state, row.error, row.started, row.sent) == ("dead", "attempt 1: boom", False, None)
     with sqlite3.connect(path) as connection:
-        assert connection.execute("PRAGMA user_version").fetchone() == (2,)
+        assert connection.execute("PRAGMA user_version").fetchone() == (3,)
 
 
 # -- runs cut short by the death of their process ------------------------------------

@@ -39,14 +39,15 @@ from quart.typing import TestClientProtocol
 from quart_trio import QuartTrio
 from quart_trio.testing import TrioTestApp
 
-from ._engine.calls import spec_of, task
+from ._engine.calls import options_of, spec_of, task
+from ._engine.status import TaskHandle
 from ._errors import Overloaded
 from ._running.nursery import wait_drained
 from ._running.options import NurseryOptions
 from ._testkit.failures import FailureWatch, WatchesTasks
 from ._web.asgi import ASGIApp, Message
 from ._web.collection import BackgroundTasks, collection_of, current_collection
-from ._web.middleware import BackgroundTaskMiddleware
+from ._web.middleware import BackgroundTaskMiddleware, nursery_if_open
 from ._web.unavailable import UNAVAILABLE_TEXT, retry_after_headers
 
 __all__ = ["EXTENSION_KEY", "TestApp", "add_background_task", "init_app", "middleware_of"]
@@ -104,7 +105,7 @@ def init_app(
 
     got_request_exception.connect(request_failed, sender=app, weak=False)
     if replace_add_background_task:
-        app.add_background_task = _method_for(app)  # type: ignore[method-assign]
+        app.add_background_task = _method_for(app)  # type: ignore[method-assign,assignment]
     if app.test_app_class is TrioTestApp:
         # QuartTrio narrows the attribute's type to its class; Quart's is a protocol.
         app.test_app_class = TestApp  # type: ignore[assignment]
@@ -124,7 +125,7 @@ def middleware_of(app: QuartTrio) -> BackgroundTaskMiddleware:
     return middleware
 
 
-def add_background_task(func: Callable[P, Any], /, *args: P.args, **kwargs: P.kwargs) -> None:
+def add_background_task(func: Callable[P, Any], /, *args: P.args, **kwargs: P.kwargs) -> TaskHandle:
     """Run ``func(*args, **kwargs)`` in trio_bg's nursery: Quart-Trio's
     ``app.add_background_task``, with a grace period that waits, admission and a report.
 
@@ -136,21 +137,21 @@ def add_background_task(func: Callable[P, Any], /, *args: P.args, **kwargs: P.kw
     task's exception is logged by trio_bg and passed to its ``on_error`` hook (not to
     Quart's ``got_background_exception``). Raises `trio_bg.Overloaded` when the
     nursery is full. The app is ``quart.current_app``; `init_app` also installs this
-    as ``app.add_background_task``.
+    as ``app.add_background_task``. Returns the task's `trio_bg.TaskHandle`.
     """
     from quart import current_app
 
     app = current_app._get_current_object()  # type: ignore[attr-defined]
     if not isinstance(app, QuartTrio):
         raise TypeError(f"trio_bg.quart_trio needs a QuartTrio app, not {app!r}")
-    _add(app, func, args, kwargs)
+    return _add(app, func, args, kwargs)
 
 
-def _method_for(app: QuartTrio) -> Callable[..., None]:
+def _method_for(app: QuartTrio) -> Callable[..., TaskHandle]:
     """`add_background_task` bound to ``app`` (to replace the app's own method)."""
 
-    def bound(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> None:
-        _add(app, func, args, kwargs)
+    def bound(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskHandle:
+        return _add(app, func, args, kwargs)
 
     bound.__name__ = bound.__qualname__ = "add_background_task"
     bound.__doc__ = add_background_task.__doc__
@@ -159,7 +160,7 @@ def _method_for(app: QuartTrio) -> Callable[..., None]:
 
 def _add(
     app: QuartTrio, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> None:
+) -> TaskHandle:
     target = _in_app_context(app, func)
     middleware = middleware_of(app)
     tasks = current_collection.get(None)
@@ -167,11 +168,10 @@ def _add(
         (has_request_context() and not has_websocket_context())
         # No lifespan (Quart's test client without test_app()): no nursery to start
         # it in; the middleware runs the session's tasks inline once it ends.
-        or middleware._nursery is None
+        or nursery_if_open(middleware) is None
     ):
-        tasks.add_task(target, *args, **kwargs)
-    else:
-        middleware.nursery.start_soon(target, *args, **kwargs)
+        return tasks.add_task(target, *args, **kwargs)
+    return middleware.nursery.start_soon(target, *args, **kwargs)
 
 
 def _in_app_context(app: QuartTrio, func: Callable[P, Any]) -> Callable[P, Any]:
@@ -189,14 +189,20 @@ def _in_app_context(app: QuartTrio, func: Callable[P, Any]) -> Callable[P, Any]:
         # a restart (or run by a worker) it would have no app context either.
         return func
 
-    async def in_app_context(*args: P.args, **kwargs: P.kwargs) -> None:
+    async def in_app_context(*args: P.args, **kwargs: P.kwargs) -> Any:
         async with app.app_context():
-            await func(*args, **kwargs)
+            return await func(*args, **kwargs)  # (its result: the task's status shows it)
 
     in_app_context.__wrapped__ = func  # type: ignore[attr-defined]
-    return task(name=spec.name, timeout=spec.timeout, retries=spec.retries, backoff=spec.backoff)(
-        in_app_context
-    )
+    options = options_of(func)
+    return task(
+        name=spec.name,
+        timeout=spec.timeout,
+        retries=spec.retries,
+        backoff=spec.backoff,
+        key=None if options is None else options.key,
+        key_ttl=None if options is None else options.key_ttl,
+    )(in_app_context)
 
 
 def _discard_collected(why: str) -> None:

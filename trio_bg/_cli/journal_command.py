@@ -41,7 +41,7 @@ exit status:
      journal, a newer one, corrupt, locked)
 """
 
-_Change = Callable[[sqlite3.Connection, Sequence[int] | None], int]
+_Change = Callable[[sqlite3.Connection, Sequence[int | str] | None], int]
 
 
 def add_journal_parser(commands: Any) -> None:
@@ -89,13 +89,26 @@ def add_journal_parser(commands: Any) -> None:
         )
         _add_journal_option(change_parser)
         change_parser.add_argument(
-            "ids", nargs="*", type=int, metavar="ID", help=f"the dead letters to {verb}"
+            "ids",
+            nargs="*",
+            type=_row_or_task_id,
+            metavar="ID",
+            help=f"the dead letters to {verb}: row ids (ID) or task ids (TASK ID)",
         )
         change_parser.add_argument("--all", action="store_true", help=f"{verb} every dead letter")
         change_parser.set_defaults(
             journal_run=partial(_change, change=change, verb=verb),
             journal_parser=change_parser,
         )
+
+
+def _row_or_task_id(text: str) -> int | str:
+    """A row id (a number) or a task id (32 hex digits, as `TaskHandle.id` has it)."""
+    if text.isdigit():
+        return int(text)
+    if len(text) == 32 and all(c in "0123456789abcdef" for c in text.lower()):
+        return text.lower()
+    raise argparse.ArgumentTypeError(f"not a row id or a task id: {text!r}")
 
 
 def _add_journal_option(parser: argparse.ArgumentParser) -> None:
@@ -145,7 +158,7 @@ def _ls(connection: sqlite3.Connection, args: argparse.Namespace) -> int:
 
 
 def _table(rows: Sequence[journal_file.Row], show_arguments: bool) -> str:
-    header = ["ID", "STATE", "NAME", "ATTEMPT", "OWNER", "CREATED", "ERROR"]
+    header = ["ID", "STATE", "NAME", "ATTEMPT", "OWNER", "CREATED", "ERROR", "TASK_ID"]
     lines = [header + ["ARGUMENTS"] * show_arguments]
     for row in rows:
         cells = [
@@ -156,6 +169,7 @@ def _table(rows: Sequence[journal_file.Row], show_arguments: bool) -> str:
             "-" if row.owner is None else str(row.owner),
             datetime.fromtimestamp(row.created).isoformat(timespec="seconds"),
             _error_line(row.error),
+            row.task_id or "-",
         ]
         lines.append(cells + [row.arguments] * show_arguments)
     widths = [max(len(line[column]) for line in lines) for column in range(len(lines[0]))]
@@ -189,6 +203,7 @@ def _summary(rows: Sequence[journal_file.Row]) -> str:
 def _as_json(row: journal_file.Row, show_arguments: bool) -> dict[str, object]:
     data: dict[str, object] = {
         "id": row.id,
+        "task_id": row.task_id,
         "state": row.state,
         "name": row.name,
         "attempt": row.attempt,
@@ -219,8 +234,12 @@ def _change(
     if args.all:
         print(f"{_past(verb)} {_dead_letters(change(connection, None))}")
         return EXIT_OK
-    ids: list[int] = list(dict.fromkeys(args.ids))
-    found = {row.id: row.state for row in journal_file.rows(connection, ids=ids)}
+    ids: list[int | str] = list(dict.fromkeys(args.ids))
+    found: dict[int | str, str] = {}
+    for row in journal_file.rows(connection, ids=ids):
+        found[row.id] = row.state
+        if row.task_id is not None:
+            found[row.task_id] = row.state
     dead = [id for id in ids if found.get(id) == "dead"]
     # Only with ids: no ids would mean every dead letter.
     changed = change(connection, dead) if dead else 0

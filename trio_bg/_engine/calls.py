@@ -261,7 +261,7 @@ class CallSpec:
             self._probe = _make_probe(self.remote.fn, self.name)
             return
         self.is_async = is_async_callable(target)
-        options = _options_of(func)
+        options = options_of(func)
         self.name = options.name if options and options.name else name_of(target)
         self.timeout = options.timeout if options else None
         self.retries = options.retries if options else 0
@@ -360,7 +360,7 @@ def _streaq_task(func: object) -> Any:
         raise TypeError(
             f"{remote.fn_name} is a streaq cron job: it runs on its schedule, not by add_task"
         )
-    if _options_of(remote) is not None:
+    if options_of(remote) is not None:
         raise TypeError(
             f"{remote.fn_name} is a streaq task: its timeout and retries are streaq's "
             f"(@worker.task(timeout=..., max_tries=...)), not @trio_bg.task's"
@@ -464,7 +464,7 @@ def _make_probe(func: object, name: str) -> Callable[..., None] | None:
     return probe
 
 
-def _options_of(func: object) -> TaskOptions | None:
+def options_of(func: object) -> TaskOptions | None:
     """The `task` options of ``func``, or of the function a partial wraps."""
     while True:
         options: TaskOptions | None = getattr(func, _OPTIONS_ATTRIBUTE, None)

@@ -33,6 +33,7 @@ class Task:
         "cancel_requested",
         "context",
         "created",
+        "duplicate",
         "durable",
         "ends",
         "func",
@@ -90,6 +91,7 @@ class Task:
         if spec.durable and payload is None:
             self.payload = encode_arguments(spec.name, args, kwargs)
         self.journal_id: int | None = None
+        self.duplicate = False  # the journal has a queued row with its id: not stored
         # A streaq task (run by a worker, elsewhere): its arguments checked as JSON now.
         self.remote: RemoteCall | None = None
         if spec.remote is not None:

@@ -281,7 +281,7 @@ class Handoff:
         try:
             async with worker.redis.pipeline(transaction=False) as pipe:
                 for task in tasks:
-                    identifier = uuid.uuid4().hex
+                    identifier = task.id  # (streaq's task id: the same as here)
                     remote = task.remote
                     assert remote is not None
                     record = remote.record

@@ -221,6 +221,21 @@ class Journal:
         )
         return rows
 
+    async def find(self, task_id: str) -> journal_file.Row | None:
+        """The row of task ``task_id``, if the journal has it."""
+        row: journal_file.Row | None = await self._call(
+            partial(journal_file.find, task_id=task_id), "look up a task"
+        )
+        return row
+
+    async def withdraw(self, task_id: str) -> bool:
+        """Delete task ``task_id``'s row if it is queued and nobody's (no process has
+        claimed it): True if it was."""
+        withdrawn: bool = await self._call(
+            partial(journal_file.withdraw, task_id=task_id), "cancel a task"
+        )
+        return withdrawn
+
     async def unknown(self, names: Sequence[str]) -> dict[str, int]:
         """Queued tasks whose name is none of ``names``, counted by name."""
         counts: dict[str, int] = await self._call(
@@ -364,10 +379,14 @@ class Journal:
 
     def _store(self, batch: _Batch, connection: sqlite3.Connection) -> None:
         tasks: list[Task] = batch.items
-        rows = [(row_name(task), task.payload or "[[],{}]", task.attempt) for task in tasks]
+        rows = [
+            (row_name(task), task.payload or "[[],{}]", task.attempt, task.id) for task in tasks
+        ]
         ids = journal_file.append(connection, self._owner, rows)
         for task, journal_id in zip(tasks, ids, strict=True):
-            task.journal_id = journal_id  # read in trio's thread once the batch is settled
+            task.journal_id = journal_id  # (read in trio's thread once the batch is settled)
+            # Not stored: a queued row has its id (its deduplication key) already.
+            task.duplicate = task.journal_id is None
 
     def _remove(self, batch: _Batch, connection: sqlite3.Connection) -> None:
         journal_file.remove(connection, self._owner, batch.items)

@@ -39,6 +39,8 @@ class Row:
     """Whether its attempt had started (and not ended) when it was read."""
     sent: str | None = None
     """A remote task's stream entry id, once Redis has it."""
+    task_id: str | None = None
+    """The id of its `TaskHandle` (None in a row written by hand)."""
 
 
 # -- what a process does -------------------------------------------------------------
@@ -77,26 +79,36 @@ def renew(connection: sqlite3.Connection, owner: int, lease: float) -> bool:
 
 
 def append(
-    connection: sqlite3.Connection, owner: int, rows: Sequence[tuple[str, str, int]]
-) -> list[int]:
-    """Insert tasks (name, JSON arguments, attempt) claimed by ``owner``; their ids.
+    connection: sqlite3.Connection,
+    owner: int,
+    rows: Sequence[tuple[str, str, int] | tuple[str, str, int, str]],
+) -> list[int | None]:
+    """Insert tasks (name, JSON arguments, attempt, and task id) claimed by ``owner``;
+    the row id of each, in order. A task id that a queued row has already is not
+    stored (a duplicate: None); one that a dead letter has queues that row again, as
+    this task. (A row without a task id, written by tests, is always stored.)
 
     One statement for all the rows: Python's sqlite3 lets go of the GIL at every
-    statement step, and taking it back from a busy event loop can take a while. In
-    one transaction holding the write lock, ``AUTOINCREMENT`` gives consecutive ids,
-    one more than the largest ever used: so the ids are those up to the last.
+    statement step, and taking it back from a busy event loop can take a while.
     """
     if not rows:
         return []
-    cursor = connection.execute(
-        "INSERT INTO tasks (name, arguments, attempt, owner, created) "
+    stored = connection.execute(
+        "INSERT INTO tasks (name, arguments, attempt, owner, created, task_id) "
         "SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), "
-        "json_extract(value, '$[2]'), ?, ? FROM json_each(?) ORDER BY key",
-        (owner, time.time(), _json_list(rows)),
-    )
-    last = cursor.lastrowid
-    assert last is not None
-    return list(range(last - len(rows) + 1, last + 1))
+        "json_extract(value, '$[2]'), :owner, :now, json_extract(value, '$[3]') "
+        "FROM json_each(:rows) WHERE true ORDER BY key "
+        "ON CONFLICT (task_id) DO UPDATE SET name = excluded.name, "
+        "arguments = excluded.arguments, attempt = excluded.attempt, state = 'queued', "
+        "owner = excluded.owner, created = excluded.created, error = NULL, started = 0, "
+        "sent = NULL WHERE state = 'dead' "
+        "RETURNING task_id, id",
+        {"owner": owner, "now": time.time(), "rows": _json_list(rows)},
+    ).fetchall()
+    by_task_id = {task_id: id for task_id, id in stored if task_id is not None}
+    # Rows without a task id are new rows: AUTOINCREMENT numbers them in order.
+    unnamed = iter(sorted(id for task_id, id in stored if task_id is None))
+    return [by_task_id.get(row[3]) if len(row) > 3 else next(unnamed) for row in rows]
 
 
 def remove(connection: sqlite3.Connection, owner: int, ids: Sequence[int]) -> None:
@@ -177,12 +189,12 @@ def claim(
             AND name IN (SELECT value FROM json_each(:names))
             ORDER BY id LIMIT :limit
         )
-        RETURNING id, name, CAST(arguments AS BLOB), attempt, started, sent
+        RETURNING id, name, CAST(arguments AS BLOB), attempt, started, sent, task_id
         """,
         {"owner": owner, "names": _json_list(names), "limit": limit},
     ).fetchall()
     rows = []
-    for id, name, data, attempt, started, sent in sorted(claimed):
+    for id, name, data, attempt, started, sent, task_id in sorted(claimed):
         error = None
         try:
             # As a str with lone surrogates, which JSON allows, was stored by trio_bg
@@ -194,9 +206,11 @@ def claim(
             error = "cannot run from the journal: its attempt is not a number"
         if error is not None:
             bury(connection, owner, id, error)
-            rows.append(Row(id, name, arguments, 1, "dead", error=error))
+            rows.append(Row(id, name, arguments, 1, "dead", error=error, task_id=task_id))
         else:
-            rows.append(Row(id, name, arguments, attempt, started=bool(started), sent=sent))
+            rows.append(
+                Row(id, name, arguments, attempt, started=bool(started), sent=sent, task_id=task_id)
+            )
     return rows
 
 
@@ -253,13 +267,17 @@ def plant_unreadable(connection: sqlite3.Connection, name: str) -> int:
 
 
 def rows(
-    connection: sqlite3.Connection, *, state: str | None = None, ids: Sequence[int] | None = None
+    connection: sqlite3.Connection,
+    *,
+    state: str | None = None,
+    ids: Sequence[int | str] | None = None,
 ) -> list[Row]:
-    """The journal's tasks, oldest first: all, those in ``state``, or those of ``ids``.
-    Text that is not UTF-8 (a damaged row) comes with replacement characters."""
+    """The journal's tasks, oldest first: all, those in ``state``, or those of ``ids``
+    (row ids, or task ids). Text that is not UTF-8 (a damaged row) comes with
+    replacement characters."""
     query = (
         "SELECT id, CAST(name AS BLOB), CAST(arguments AS BLOB), attempt, state, owner, "
-        "created, CAST(error AS BLOB), started, sent FROM tasks"
+        "created, CAST(error AS BLOB), started, sent, task_id FROM tasks"
     )
     clauses, parameters = _where(state, ids)
     return [
@@ -274,11 +292,28 @@ def rows(
             None if error is None else _text(error),
             bool(started),
             sent,
+            task_id,
         )
-        for id, name, arguments, attempt, state, owner, created, error, started, sent in (
+        for id, name, arguments, attempt, state, owner, created, error, started, sent, task_id in (
             connection.execute(f"{query}{clauses} ORDER BY id", parameters)
         )
     ]
+
+
+def withdraw(connection: sqlite3.Connection, task_id: str) -> bool:
+    """Delete the row of task ``task_id`` if it is queued and unclaimed (in the
+    transaction of the journal's thread)."""
+    deleted = connection.execute(
+        "DELETE FROM tasks WHERE task_id = ? AND state = 'queued' AND owner IS NULL",
+        (task_id,),
+    ).rowcount
+    return deleted == 1
+
+
+def find(connection: sqlite3.Connection, task_id: str) -> Row | None:
+    """The row of the task whose id is ``task_id``, if the journal has it."""
+    found = rows(connection, ids=[task_id])
+    return found[0] if found else None
 
 
 def queued(connection: sqlite3.Connection) -> int:
@@ -289,7 +324,7 @@ def queued(connection: sqlite3.Connection) -> int:
     return count
 
 
-def requeue(connection: sqlite3.Connection, ids: Sequence[int] | None) -> int:
+def requeue(connection: sqlite3.Connection, ids: Sequence[int | str] | None) -> int:
     """Queue dead letters (those of ``ids``, or all for None) again, from their first
     attempt."""
     clauses, parameters = _where("dead", ids)
@@ -301,22 +336,26 @@ def requeue(connection: sqlite3.Connection, ids: Sequence[int] | None) -> int:
         ).rowcount
 
 
-def purge(connection: sqlite3.Connection, ids: Sequence[int] | None) -> int:
+def purge(connection: sqlite3.Connection, ids: Sequence[int | str] | None) -> int:
     """Delete dead letters (those of ``ids``, or all for None)."""
     clauses, parameters = _where("dead", ids)
     with journal_schema.transaction(connection):
         return connection.execute(f"DELETE FROM tasks{clauses}", parameters).rowcount
 
 
-def _where(state: str | None, ids: Sequence[int] | None) -> tuple[str, list[object]]:
+def _where(state: str | None, ids: Sequence[int | str] | None) -> tuple[str, list[object]]:
     clauses: list[str] = []
     parameters: list[object] = []
     if state is not None:
         clauses.append("state = ?")
         parameters.append(state)
     if ids is not None:
-        clauses.append("id IN (SELECT value FROM json_each(?))")
-        parameters.append(_json_list(ids))
+        clauses.append(
+            "(id IN (SELECT value FROM json_each(?))"
+            " OR task_id IN (SELECT value FROM json_each(?)))"
+        )
+        parameters.append(_json_list(id for id in ids if isinstance(id, int)))
+        parameters.append(_json_list(id for id in ids if isinstance(id, str)))
     return (" WHERE " + " AND ".join(clauses) if clauses else ""), parameters
 
 

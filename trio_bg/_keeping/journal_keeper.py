@@ -105,8 +105,9 @@ class JournalKeeper:
 
     def ended(self, task: Task, outcome: Outcome, error: BaseException | None) -> None:
         """A task ended: room for a row of the backlog; a durable one's row is done
-        (it goes), dead (a dead letter), handed to Redis (its receipt, see
-        `RemoteKeeper`), or cut short by the shutdown (it stays, for the next start)."""
+        (it goes, as does one cancelled by `cancel_task`), dead (a dead letter),
+        handed to Redis (its receipt, see `RemoteKeeper`), or cut short by the shutdown
+        (it stays, for the next start)."""
         if self._backlog:
             self.wake.set()
         if (journal_id := task.journal_id) is None:
@@ -117,8 +118,8 @@ class JournalKeeper:
         journal = self.journal
         if outcome == "handed_off" and task.remote is not None and task.remote.receipt:
             journal.mark_sent(journal_id, task.remote.receipt.encode())
-        elif outcome in ("completed", "handed_off"):
-            journal.remove((journal_id,))
+        elif outcome in ("completed", "handed_off") or task.cancel_requested:
+            journal.remove((journal_id,))  # (cancelled by cancel_task: it goes too)
         elif outcome == "failed":
             journal.bury(journal_id, f"attempt {task.attempt}: {error!r}")
         elif outcome == "timed_out":
@@ -197,7 +198,9 @@ class JournalKeeper:
         try:
             assert func is not None  # (only known names are claimed)
             args, kwargs = decode_arguments(row.arguments)
-            task = Task(func, args, kwargs, payload=row.arguments)
+            task = Task(
+                func, args, kwargs, payload=row.arguments, id=row.task_id, created=row.created
+            )
         except (TypeError, ValueError) as error:  # the function changed since
             logger.error(
                 "journal %s: task %d (%s) cannot run: %s", journal.path, row.id, row.name, error

@@ -6,8 +6,10 @@ write goes through `transaction`. Plain, blocking code, as are the statements ru
 open journal (`journal_file`).
 
 Two tables. ``tasks`` holds one row per durable task not yet done: its registered
-name, its JSON arguments, its attempt, whether that attempt has ``started``, and which
-process (``owner``) has claimed it; dead letters (tasks that failed their last
+name, its JSON arguments, its attempt, whether that attempt has ``started``, which
+process (``owner``) has claimed it, and its ``task_id`` (the id of its `TaskHandle`: one
+row per id, so that a second process adding a task with the same deduplication key adds
+nothing); dead letters (tasks that failed their last
 attempt) stay with ``state = 'dead'``. ``owners`` holds one row per live process, with
 the wall-clock time its lease expires. Ids are ``AUTOINCREMENT``: a reused id could
 make one task look like another.
@@ -26,7 +28,7 @@ from pathlib import Path
 from .._errors import JournalError
 
 APPLICATION_ID = 0x74726267  # "trbg", in the SQLite header: this file is a trio_bg journal
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 MEMORY = ":memory:"
 """The path of a journal that lives in memory, for tests: durable only in name."""
@@ -42,9 +44,11 @@ CREATE TABLE tasks (
     created   REAL    NOT NULL,
     error     TEXT,
     started   INTEGER NOT NULL DEFAULT 0,
-    sent      TEXT
+    sent      TEXT,
+    task_id   TEXT
 );
 CREATE INDEX tasks_by_state ON tasks (state, owner, id);
+CREATE UNIQUE INDEX tasks_by_task_id ON tasks (task_id);
 CREATE TABLE owners (
     id      INTEGER PRIMARY KEY AUTOINCREMENT,
     pid     INTEGER NOT NULL,
@@ -193,9 +197,14 @@ def _upgrade(connection: sqlite3.Connection) -> None:
     """Bring an older journal to this schema, in place, keeping its rows: under the
     write lock, so that of processes opening it at once only the first does it."""
     with transaction(connection):
-        if _header(connection)[1] < 2:
+        version = _header(connection)[1]
+        if version < 2:
             connection.execute("ALTER TABLE tasks ADD COLUMN started INTEGER NOT NULL DEFAULT 0")
             connection.execute("ALTER TABLE tasks ADD COLUMN sent TEXT")
+        if version < 3:  # each row gets a random id, as new tasks do
+            connection.execute("ALTER TABLE tasks ADD COLUMN task_id TEXT")
+            connection.execute("UPDATE tasks SET task_id = lower(hex(randomblob(16)))")
+            connection.execute("CREATE UNIQUE INDEX tasks_by_task_id ON tasks (task_id)")
         connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 

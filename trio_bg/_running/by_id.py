@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from .._engine.status import STATES, TaskState, TaskStatus
+from .._engine.status import STATES, TaskState, TaskStatus, utc
 from .._engine.tasks import sent
+from .._keeping.journal_file import Row
 
 if TYPE_CHECKING:
     from .runner import TaskRunner
@@ -25,9 +26,15 @@ class TasksById:
         self._runner = runner
 
     async def task_status(self, id: str) -> TaskStatus | None:
-        """See `BackgroundNursery.task_status`."""
-        await trio.lowlevel.checkpoint()
-        return self._runner.statuses.status(id)
+        """See `BackgroundNursery.task_status`: this process's statuses first, then the
+        journal's rows (the durable tasks of every process that shares it)."""
+        status = self._runner.statuses.status(id)
+        keeper = self._runner.journal
+        if status is not None or keeper is None or not _could_be_an_id(id):
+            await trio.lowlevel.checkpoint()
+            return status
+        row = await keeper.journal.find(id)
+        return None if row is None else row_status(row)
 
     async def wait_task(self, id: str, timeout: float | None = None) -> TaskStatus:
         """See `BackgroundNursery.wait_task`."""
@@ -38,6 +45,9 @@ class TasksById:
         await trio.lowlevel.checkpoint()
         runner = self._runner
         task = runner.statuses.live.get(id)
+        if task is None and runner.journal is not None and _could_be_an_id(id):
+            # Another process's durable task: only one nobody has claimed can be reached.
+            return await runner.journal.journal.withdraw(id)
         if task is None or sent(task):
             return False
         if not task.is_async and task in runner.threads:
@@ -63,3 +73,29 @@ class TasksById:
             raise ValueError(f"state must be one of {', '.join(STATES)}, not {state!r}")
         await trio.lowlevel.checkpoint()
         return list(itertools.islice(self._runner.statuses.select(state, name), limit))
+
+
+def row_status(row: Row) -> TaskStatus:
+    """The status a journal row tells of its task: ``dead`` (a dead letter),
+    ``running`` (its attempt started), ``pending`` (claimed by a live process) or
+    ``deferred`` (nobody's: the next process to start takes it)."""
+    state: TaskState
+    if row.state == "dead":
+        state = "dead"
+    elif row.started:
+        state = "running"
+    else:
+        state = "deferred" if row.owner is None else "pending"
+    return TaskStatus(
+        id=row.task_id or "",
+        name=row.name,
+        state=state,
+        attempt=row.attempt,
+        error=row.error,
+        created_at=utc(row.created),
+    )
+
+
+def _could_be_an_id(text: str) -> bool:
+    """Whether ``text`` has an id's shape (32 hex digits): no journal read otherwise."""
+    return len(text) == 32 and all(c in "0123456789abcdef" for c in text)

@@ -9,7 +9,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -17,8 +17,7 @@ import trio
 
 from .._engine.attempt import Attempt
 from .._engine.events import Outcome
-from .._engine.report import names_with_counts
-from .._engine.status import TaskHandle, TaskState
+from .._engine.status import TaskHandle
 from .._engine.tasks import Task, running_task, sent
 from .._engine.thread_pool import ThreadPool
 from .._engine.thread_tasks import ThreadTasks
@@ -32,6 +31,7 @@ from .._errors import (
 )
 from .books import Books
 from .by_id import TasksById
+from .discards import discard_unrun, drop_duplicate
 from .onlookers import Onlookers, attempt_of
 from .options import Settings
 from .retries import Retries
@@ -133,12 +133,15 @@ class TaskRunner:
         observed = self.onlookers.observed()
         for task in tasks:
             task.home = self.by_id
+            if task.duplicate:
+                drop_duplicate(self, task)
+                continue
             if (task.durable or task.remote is not None) and _not_kept(task):
                 # Added outside a request, or after its response: kept first.
                 self.books.keeping += 1
                 self.nursery.start_soon(self._commit_then_accept, task, name=task.name)
                 continue
-            self._count_accepted(task, observed)
+            self.count_accepted(task, observed)
             if task.cancel_requested:
                 self._end(task, "cancelled", observed)  # (by cancel_task, while collected)
             elif task.remote is None:
@@ -147,7 +150,7 @@ class TaskRunner:
                 assert self.remote is not None  # (admit refuses them without one)
                 self.remote.accept(task)
 
-    def _count_accepted(self, task: Task, observed: bool) -> None:
+    def count_accepted(self, task: Task, observed: bool) -> None:
         if observed:  # before the counts change: a hook reading stats sees them balance
             task.accepted_at = trio.current_time()
             self.onlookers.emit("accepted", task)
@@ -203,7 +206,7 @@ class TaskRunner:
             if then is None:
                 return
             task = then
-            self._count_accepted(task, observed)
+            self.count_accepted(task, observed)
 
     def discard(self, tasks: Sequence[Task], reason: str) -> None:
         """Release admitted tasks that will never run; count and log them. From another
@@ -211,46 +214,7 @@ class TaskRunner:
         if threading.get_ident() != self._trio_thread:
             trio.from_thread.run_sync(self.discard, tasks, reason, trio_token=self._trio_token)
             return
-        handed = [task for task in tasks if sent(task)]
-        if handed:
-            # Redis had them before the response failed: they are the workers' now.
-            logger.warning(
-                "%d remote task(s) had been handed off already (%s): %s",
-                len(handed),
-                reason,
-                ", ".join(task.name for task in handed),
-            )
-            observed = self.onlookers.observed()
-            for task in handed:
-                self._count_accepted(task, observed)
-                self._end(task, "handed_off", observed)
-            tasks = [task for task in tasks if not sent(task)]
-        in_doubt = [task for task in tasks if task.remote is not None and task.remote.in_doubt]
-        if in_doubt:
-            logger.warning(
-                "%d remote task(s) got no answer from Redis (%s); Redis may have them and "
-                "a worker may run them, so they count as unconfirmed: %s",
-                len(in_doubt),
-                reason,
-                names_with_counts(task.name for task in in_doubt),
-            )
-            self.books.released += len(in_doubt)
-            self.books.unconfirmed += len(in_doubt)
-            self._tell_ended(in_doubt, "handed_off", f"unconfirmed: {reason}")
-            tasks = [task for task in tasks if task.remote is None or not task.remote.in_doubt]
-        if tasks:
-            self.books.released += len(tasks)
-            self.books.discarded += len(tasks)
-            self._tell_ended(tasks, "cancelled", f"discarded: {reason}")
-            if self.journal is not None:
-                self.journal.discarded(tasks)
-            logger.warning(
-                "discarded %d background task(s) (%s): %s",
-                len(tasks),
-                reason,
-                ", ".join(task.name for task in tasks),
-            )
-        self.books.tell_idle()
+        discard_unrun(self, tasks, reason)
 
     # -- running -------------------------------------------------------------------
 
@@ -291,10 +255,7 @@ class TaskRunner:
         attempt = Attempt()
         running_task.set(task)  # (in this trio task's own context: set_progress finds it)
         try:
-            with trio.CancelScope() as task.scope:  # cancel_task's
-                if task.cancel_requested:
-                    task.scope.cancel()
-                await attempt.run(task, partial(self._started, task, observed))
+            await attempt.run(task, partial(self._started, task, observed))
         finally:
             task.scope = None
             self._attempt_over(
@@ -403,7 +364,7 @@ class TaskRunner:
                     outcome.replace("_", " "),
                 )
                 then, task.then = task.then, None
-                self._count_accepted(then, observed)
+                self.count_accepted(then, observed)
                 self._cancel_unstarted(then, observed)
             else:
                 self.accept((task.then,))
@@ -413,14 +374,6 @@ class TaskRunner:
 
     def _cancel_retry(self, task: Task) -> None:
         self._end(task, "cancelled", self.onlookers.observed())
-
-    def _tell_ended(self, tasks: Iterable[Task], state: TaskState, why: str) -> None:
-        """Keep the statuses of ``tasks``, which never ran, and tell whoever waits
-        for them to end (see `TaskEnds`) that they did."""
-        for task in tasks:
-            self.statuses.ended(task, state, why)
-            if task.ends is not None:
-                task.ends.ended()
 
     # -- looking on ----------------------------------------------------------------
 
@@ -479,6 +432,7 @@ class TaskRunner:
         """Admit (room was counted by the feeder) and accept ``task``."""
         with self._admission_lock:
             self.books.admitted += 1
+            self.statuses.claim(task)
         self.accept((task,))
 
     def attempt_over(self, task: Task, outcome: Outcome) -> None:
@@ -506,4 +460,9 @@ class TaskRunner:
 def _not_kept(task: Task) -> bool:
     """Whether ``task`` must be stored in the journal (or handed to Redis) before it is
     accepted, and is not yet."""
-    return (task.durable or task.remote is not None) and task.journal_id is None and not sent(task)
+    return (
+        (task.durable or task.remote is not None)
+        and task.journal_id is None
+        and not task.duplicate
+        and not sent(task)
+    )

@@ -416,3 +416,8 @@ def stop_server_with(middleware: BackgroundTaskMiddleware, stop: Callable[[], ob
     """Have ``middleware`` call ``stop`` (stop serving gracefully) should a task raise
     KeyboardInterrupt or SystemExit, rather than raise it from the lifespan."""
     middleware._stop_server = stop
+
+
+def nursery_if_open(middleware: BackgroundTaskMiddleware) -> BackgroundNursery | None:
+    """The middleware's nursery, or None before its lifespan started one."""
+    return middleware._nursery

@@ -1,0 +1,165 @@
+"""Task handles and the journal: the id is the row's, a keyed durable task is stored once
+by every nursery that shares the journal, its status and cancel reach the journal, and
+``journal ls|retry|purge`` take the id."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import trio
+import trio.testing
+
+import trio_bg
+from trio_bg._keeping import journal_file
+
+gate = trio.Event()
+started = trio.Event()
+ran: list[int] = []
+
+
+@trio_bg.task(name="tests.handles.charge", durable=True, key="charge:{order_id}")
+async def charge(order_id: int) -> None:
+    started.set()  # (its start is in the journal by now)
+    await gate.wait()
+    ran.append(order_id)
+
+
+def reset() -> None:
+    global gate, started
+    gate, started = trio.Event(), trio.Event()
+    ran.clear()
+
+
+@trio_bg.task(name="tests.handles.broken", durable=True, key="broken:{n}")
+async def broken(n: int) -> None:
+    ran.append(n)
+    raise ValueError("no")
+
+
+def rows(path: Path) -> list[journal_file.Row]:
+    with sqlite3.connect(path) as connection:
+        return journal_file.rows(connection)
+
+
+def journal_command(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "trio_bg", "journal", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+async def test_a_durable_tasks_id_is_its_rows_task_id(tmp_path: Path) -> None:
+    reset()
+    path = tmp_path / "tasks.db"
+    async with trio_bg.open_background_nursery(journal=path, grace_period=0) as bg:
+        handle = bg.start_soon(charge, 1)
+        await started.wait()
+        [row] = rows(path)
+        assert row.task_id == handle.id
+        status = await bg.task_status(handle.id)
+        assert status is not None and status.state == "running"
+    listed = json.loads(journal_command("ls", "--journal", str(path), "--json").stdout)
+    assert [entry["task_id"] for entry in listed] == [handle.id]  # deferred by the shutdown
+
+
+async def test_two_nurseries_sharing_a_journal_store_a_keyed_task_once(tmp_path: Path) -> None:
+    reset()
+    path = tmp_path / "tasks.db"
+    async with (
+        trio_bg.open_background_nursery(journal=path) as first,
+        trio_bg.open_background_nursery(journal=path) as second,
+    ):
+        one = first.start_soon(charge, 7)
+        await started.wait()
+        two = second.start_soon(charge, 7)  # the same order: the same id, stored once
+        await second.wait_idle()
+        assert two == one
+        assert second.stats.deduplicated == 1 and second.stats.accepted == 0
+        # The second nursery reads the first one's task in the journal.
+        status = await second.task_status(one.id)
+        assert status is not None and (status.id, status.state) == (one.id, "running")
+        gate.set()
+        await first.wait_idle()
+    assert ran == [7]
+    assert rows(path) == []
+
+
+async def test_cancel_task_removes_a_durable_task_from_the_journal(tmp_path: Path) -> None:
+    reset()
+    path = tmp_path / "tasks.db"
+    async with trio_bg.open_background_nursery(journal=path) as bg:
+        handle = bg.start_soon(charge, 3)
+        await started.wait()
+        assert await bg.cancel_task(handle.id) is True
+        status = await bg.wait_task(handle.id)
+        await bg.wait_idle()
+    assert status.state == "cancelled"
+    assert bg.report.deferred == 0 and bg.report.all_completed
+    assert ran == []
+    assert rows(path) == []
+
+
+async def test_an_unclaimed_row_of_another_process_is_seen_and_can_be_cancelled(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "tasks.db"
+    async with trio_bg.open_background_nursery(journal=path):
+        pass  # (a journal of this schema)
+    task_id = "ab" * 16
+    with sqlite3.connect(path) as connection:  # a task no durable function here has
+        connection.execute(
+            "INSERT INTO tasks (name, arguments, created, task_id) "
+            "VALUES ('tests.handles.elsewhere', '[[],{}]', 0, ?)",
+            (task_id,),
+        )
+    async with trio_bg.open_background_nursery(journal=path) as bg:
+        status = await bg.task_status(task_id)
+        assert status is not None
+        assert (status.name, status.state) == ("tests.handles.elsewhere", "deferred")
+        assert await bg.cancel_task(task_id) is True
+        assert await bg.task_status(task_id) is None
+        assert await bg.cancel_task(task_id) is False
+    assert rows(path) == []
+
+
+async def test_a_dead_letter_is_retried_and_purged_by_its_task_id(tmp_path: Path) -> None:
+    ran.clear()
+    path = tmp_path / "tasks.db"
+    async with trio_bg.open_background_nursery(journal=path) as bg:
+        handle = bg.start_soon(broken, 5)
+        status = await bg.wait_task(handle.id)
+    assert status.state == "failed"
+    [row] = rows(path)
+    assert (row.state, row.task_id) == ("dead", handle.id)
+    retried = journal_command("retry", "--journal", str(path), handle.id)
+    assert retried.returncode == 0, retried.stderr
+    assert rows(path)[0].state == "queued"
+    async with trio_bg.open_background_nursery(journal=path) as bg:
+        await bg.wait_idle()
+    assert ran == [5, 5]
+    purged = journal_command("purge", "--journal", str(path), handle.id)
+    assert purged.returncode == 0, purged.stderr
+    assert rows(path) == []
+    wrong = journal_command("purge", "--journal", str(path), "not-an-id")
+    assert wrong.returncode == 2 and "not a row id or a task id" in wrong.stderr
+
+
+async def test_adding_a_keyed_task_again_requeues_its_dead_letter(tmp_path: Path) -> None:
+    ran.clear()
+    path = tmp_path / "tasks.db"
+    async with trio_bg.open_background_nursery(journal=path) as bg:
+        first = bg.start_soon(broken, 6)
+        await bg.wait_task(first.id)
+        again = bg.start_soon(broken, 6)  # ended (dead): the key is free again
+        await bg.wait_task(again.id)
+    assert again.id == first.id
+    assert ran == [6, 6]
+    [row] = rows(path)
+    assert (row.state, row.attempt) == ("dead", 1)

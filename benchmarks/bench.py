@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import (
+    bench_handles,
     bench_http,
     bench_journal,
     bench_memory,
@@ -41,6 +42,7 @@ BENCHMARKS = (
     "journal",
     "threads",
     "streaq",
+    "handles",
 )
 
 
@@ -111,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         "anchors": lambda: bench_http.anchors(http(1), quart=bench_http.quart_problem()),
         "spawn": lambda: bench_spawn.run(reps=reps, tasks=in_process),
         "memory": lambda: bench_memory.run(reps=1, tasks=in_process),
+        "handles": lambda: bench_handles.run(reps=reps, tasks=20_000 if quick else in_process),
         "shutdown": lambda: bench_shutdown.run(reps=reps, tasks=10_000),
         "journal": lambda: bench_journal.run(
             http(2),
@@ -144,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sections: dict[str, list[Section]] = {}
     for name in only:
-        if name in ("spawn", "memory", "shutdown") and load_cpu is not None:
+        if name in ("spawn", "memory", "shutdown", "handles") and load_cpu is not None:
             os.sched_setaffinity(0, {load_cpu})  # in-process: keep to one core too
         result = runs[name]()
         sections[name] = result if isinstance(result, list) else [result]

@@ -499,3 +499,95 @@ async def test_the_remote_example_hands_off_and_a_worker_sends(
     with trio.fail_after(10):
         await example.worker.run_async()
     assert example.sent == {42}
+
+
+# -- task handles: the id is streaq's; statuses, waits and aborts through Redis ---------
+
+
+async def test_a_remote_tasks_status_comes_from_redis(queue: Queue) -> None:
+    handles: list[trio_bg.TaskHandle] = []
+    app = trio_bg.BackgroundTaskMiddleware(
+        endpoint(lambda tasks: handles.append(tasks.add_task(queue.welcome, "s@example.com"))),
+        streaq=queue.worker,
+    )
+    async with run_lifespan(app), asgi_client(app) as client:
+        await client.get("/")
+        [handle] = handles
+        assert await queue.look.status_by_id(handle.id) == "queued"  # streaq's own id
+        status = await app.nursery.task_status(handle.id)
+        assert status is not None
+        assert (status.name, status.state) == ("tests.welcome", "handed_off")
+        await run_worker_until_empty(queue)
+        done = await app.nursery.wait_task(handle.id, timeout=10)
+        assert (done.state, done.error) == ("completed", None)
+        assert done.ended_at is not None
+        again = await app.nursery.task_status(handle.id)
+        assert again is not None and again.state == "completed"
+
+
+async def test_a_running_remote_task_is_aborted_on_its_worker(redis_server: RedisServer) -> None:
+    started = trio.Event()
+    cleaned = trio.Event()
+    async with looking_into(redis_server.url) as queue:
+
+        @queue.worker.task(name="tests.slow")
+        async def slow() -> None:
+            started.set()
+            try:
+                await trio.sleep_forever()
+            finally:
+                cleaned.set()
+
+        handles: list[trio_bg.TaskHandle] = []
+        app = trio_bg.BackgroundTaskMiddleware(
+            endpoint(lambda tasks: handles.append(tasks.add_task(slow))), streaq=queue.worker
+        )
+        async with run_lifespan(app), asgi_client(app) as client, trio.open_nursery() as workers:
+            await client.get("/")
+            [handle] = handles
+            workers.start_soon(queue.worker.run_async)
+            await started.wait()
+            status = await app.nursery.task_status(handle.id)
+            assert status is not None and status.state == "running"
+            with trio.fail_after(10):
+                assert await app.nursery.cancel_task(handle.id) is True
+            assert cleaned.is_set()
+            ended = await app.nursery.wait_task(handle.id, timeout=10)
+            assert ended.state == "cancelled"
+            workers.cancel_scope.cancel()
+
+
+async def test_a_keyed_remote_task_is_handed_off_once_by_every_web_process(
+    redis_server: RedisServer,
+) -> None:
+    async with looking_into(redis_server.url) as queue:
+
+        @trio_bg.task(key="receipt:{order}")
+        @queue.worker.task(name="tests.receipt")
+        async def receipt(order: int) -> None:
+            queue.done.append(f"receipt {order}")
+
+        handles: list[trio_bg.TaskHandle] = []
+        apps = [
+            trio_bg.BackgroundTaskMiddleware(
+                endpoint(lambda tasks: handles.append(tasks.add_task(receipt, 9))),
+                streaq=queue.worker,
+            )
+            for _ in range(2)
+        ]
+        async with run_lifespan(apps[0]), run_lifespan(apps[1]):
+            for app in apps:  # two web processes, one Redis
+                async with asgi_client(app) as client:
+                    await client.get("/")
+            first, second = handles
+            assert first == second  # the id made of the key: the same everywhere
+            assert (apps[0].nursery.stats.handed_off, apps[1].nursery.stats.deduplicated) == (1, 1)
+            assert len(await queue.stored()) == 1
+            await run_worker_until_empty(queue)
+    assert queue.done == ["receipt 9"]
+
+
+async def test_a_streaq_task_takes_only_a_key_from_trio_bg_task(queue: Queue) -> None:
+    with pytest.raises(TypeError, match="only a deduplication key"):
+        trio_bg.task(timeout=5)(queue.welcome)
+        trio_bg.BackgroundTasks().add_task(queue.welcome, "x@example.com")

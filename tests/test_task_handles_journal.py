@@ -163,3 +163,33 @@ async def test_adding_a_keyed_task_again_requeues_its_dead_letter(tmp_path: Path
     assert ran == [6, 6]
     [row] = rows(path)
     assert (row.state, row.attempt) == ("dead", 1)
+
+
+@trio_bg.task(name="tests.handles.report", durable=True)
+async def build_report(month: str) -> None:
+    trio_bg.set_progress(0.25, f"{month}: week 1 of 4")
+    started.set()
+    await gate.wait()
+
+
+async def test_a_durable_tasks_progress_is_kept_in_its_row(tmp_path: Path) -> None:
+    reset()
+    path = tmp_path / "tasks.db"
+    async with (
+        trio_bg.open_background_nursery(journal=path) as first,
+        trio_bg.open_background_nursery(journal=path) as second,
+    ):
+        global started
+        handle = first.start_soon(build_report, "2026-11")
+        await started.wait()
+        # Not awaited by the task, it rides along with the journal's next commit: the
+        # store of a task added after it, say (committed once that task runs).
+        started = trio.Event()
+        first.start_soon(charge, 99)
+        await started.wait()
+        row = next(row for row in rows(path) if row.task_id == handle.id)
+        assert (row.progress, row.message) == (0.25, "2026-11: week 1 of 4")
+        seen = await second.task_status(handle.id)  # another process's view
+        assert seen is not None
+        assert (seen.state, seen.progress, seen.message) == ("running", 0.25, row.message)
+        gate.set()

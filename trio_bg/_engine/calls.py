@@ -12,7 +12,6 @@ import contextlib
 import functools
 import inspect
 import math
-import string
 import sys
 import types
 import weakref
@@ -22,6 +21,7 @@ from functools import partial
 from typing import Any, TypeVar, final, overload
 
 from .durable import register, registered
+from .keys import KeyMaker, key_maker
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,10 +215,14 @@ def task(
                     f"holds cannot be kept as JSON"
                 )
             register(options.name, func)
-        if options.key is not None:
-            key_maker(func, options.key)  # a template naming no parameter: TypeError now
+        if options.key is not None:  # a template naming no parameter: TypeError now
+            key_maker(getattr(func, "fn", func) if _is_streaq_task(func) else func, options.key)
         setattr(func, _OPTIONS_ATTRIBUTE, options)
-        _specs.pop(func, None)  # in case it ran as a task before it was decorated
+        # In case it ran as a task before it was decorated:
+        try:
+            _specs.pop(func, None)
+        except TypeError:  # not hashable (a streaq task): analysed by identity
+            _unhashable_specs.pop(id(func), None)
         return func
 
     return attach if func is None else attach(func)
@@ -256,8 +260,13 @@ class CallSpec:
             self.backoff = _DEFAULT_BACKOFF
             self.durable = False
             self.crash_limit = DEFAULT_CRASH_LIMIT
+            # A deduplication key (@trio_bg.task(key=...) on the streaq task): the id is
+            # made of it, and Redis keeps one task of each id (see Handoff).
+            options = options_of(func)
             self.key: KeyMaker | None = None
-            self.key_ttl: float | None = None
+            if options is not None and options.key is not None:
+                self.key = key_maker(self.remote.fn, options.key)
+            self.key_ttl: float | None = None if options is None else options.key_ttl
             self._probe = _make_probe(self.remote.fn, self.name)
             return
         self.is_async = is_async_callable(target)
@@ -360,57 +369,24 @@ def _streaq_task(func: object) -> Any:
         raise TypeError(
             f"{remote.fn_name} is a streaq cron job: it runs on its schedule, not by add_task"
         )
-    if options_of(remote) is not None:
+    options = options_of(remote)
+    if options is not None and _beyond_a_key(options):
         raise TypeError(
             f"{remote.fn_name} is a streaq task: its timeout and retries are streaq's "
-            f"(@worker.task(timeout=..., max_tries=...)), not @trio_bg.task's"
+            f"(@worker.task(timeout=..., max_tries=...)); @trio_bg.task gives it only a "
+            f"deduplication key (key=..., key_ttl=...)"
         )
     return remote
 
 
-KeyMaker = Callable[[tuple[Any, ...], dict[str, Any]], str]
-"""A call's deduplication key, made of its ``(args, kwargs)``."""
+def _beyond_a_key(options: TaskOptions) -> bool:
+    """Whether ``options`` set more than a deduplication key (all a remote task takes)."""
+    return options != TaskOptions(name=options.name, key=options.key, key_ttl=options.key_ttl)
 
 
-def key_maker(func: object, key: str | Callable[..., str]) -> KeyMaker:
-    """What makes a call's deduplication key of ``key`` (`TypeError` for a template
-    naming a parameter that ``func`` does not have)."""
-    if not isinstance(key, str):
-        return partial(_key_of_function, key)
-    try:
-        signature = inspect.signature(func)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise TypeError(f"a key template needs a function with a signature, not {func!r}") from None
-    for _, field, _, _ in string.Formatter().parse(key):
-        if field is None:
-            continue
-        parameter = field.split(".", 1)[0].split("[", 1)[0]
-        if parameter not in signature.parameters:
-            raise TypeError(
-                f"key {key!r} names {parameter!r}, which is not a parameter of "
-                f"{name_of(_unwrap_partial(func))}"
-            )
-    return partial(_key_of_template, key, signature)
-
-
-def _key_of_template(
-    template: str, signature: inspect.Signature, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> str:
-    bound = signature.bind(*args, **kwargs)  # (the call was checked already)
-    bound.apply_defaults()
-    try:
-        return template.format_map(bound.arguments)
-    except (AttributeError, IndexError, KeyError, TypeError, ValueError) as error:
-        raise TypeError(f"add_task(): key {template!r} cannot be made: {error!r}") from None
-
-
-def _key_of_function(
-    key: Callable[..., object], args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> str:
-    value = key(*args, **kwargs)
-    if not isinstance(value, str):
-        raise TypeError(f"add_task(): a task's key function must return a str, not {value!r}")
-    return value
+def _is_streaq_task(func: object) -> bool:
+    streaq_task = sys.modules.get("streaq.task")
+    return streaq_task is not None and isinstance(func, streaq_task.RegisteredTask)
 
 
 def _refuse_what_cannot_run(func: object) -> None:

@@ -311,6 +311,10 @@ class Handoff:
             assert task.remote is not None
             if isinstance(entry, str):
                 task.remote.receipt = Receipt(marker, entry)
+            elif entry == 0 and task.keyed:
+                # streaq stores a task only if Redis has none with its id: a keyed task
+                # another web process handed off first is a duplicate, not sent again.
+                task.duplicate = True
 
     async def _load_library(self) -> None:
         import streaq

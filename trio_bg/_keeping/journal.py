@@ -75,7 +75,7 @@ def lease_held() -> bool:
 
 
 _Run = Callable[[sqlite3.Connection], Any]
-_Kind = Literal["store", "remove", "sent"]
+_Kind = Literal["store", "remove", "sent", "progress"]
 
 
 @final
@@ -172,6 +172,10 @@ class Journal:
                     batch.op = _Op(partial(self._store, batch), "store durable tasks", awaited=True)
                 elif kind == "remove":
                     batch.op = _Op(partial(self._remove, batch), "remove done tasks", awaited=False)
+                elif kind == "progress":
+                    batch.op = _Op(
+                        partial(self._set_progress, batch), "record progress", awaited=False
+                    )
                 else:
                     batch.op = _Op(
                         partial(self._mark_sent, batch), "record hand-offs", awaited=False
@@ -191,6 +195,11 @@ class Journal:
         """Queue remote tasks again that Redis lost (not awaited): any process may
         claim them and hand them off anew."""
         self._post(partial(journal_file.unsend, owner=self._owner, ids=ids), "resend tasks")
+
+    def set_progress(self, journal_id: int, fraction: float | None, message: str | None) -> None:
+        """Record how far a task got (not awaited: it rides along with the next commit;
+        of several for one task, the last is written). From any thread."""
+        self._add_to_batch("progress", ((journal_id, fraction, message),))
 
     def set_attempt(self, journal_id: int, attempt: int) -> None:
         """Record that a task's retry is due (not awaited)."""
@@ -387,6 +396,10 @@ class Journal:
             task.journal_id = journal_id  # (read in trio's thread once the batch is settled)
             # Not stored: a queued row has its id (its deduplication key) already.
             task.duplicate = task.journal_id is None
+
+    def _set_progress(self, batch: _Batch, connection: sqlite3.Connection) -> None:
+        latest = {journal_id: (journal_id, *said) for journal_id, *said in batch.items}
+        journal_file.set_progress(connection, self._owner, list(latest.values()))
 
     def _remove(self, batch: _Batch, connection: sqlite3.Connection) -> None:
         journal_file.remove(connection, self._owner, batch.items)

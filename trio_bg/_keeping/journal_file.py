@@ -41,6 +41,9 @@ class Row:
     """A remote task's stream entry id, once Redis has it."""
     task_id: str | None = None
     """The id of its `TaskHandle` (None in a row written by hand)."""
+    progress: float | None = None
+    message: str | None = None
+    """What its task last said of how far it got (`trio_bg.set_progress`)."""
 
 
 # -- what a process does -------------------------------------------------------------
@@ -147,6 +150,18 @@ def set_attempt(connection: sqlite3.Connection, owner: int, id: int, attempt: in
     due, or its last run died with its process)."""
     connection.execute(
         "UPDATE tasks SET attempt = ?, started = 0 WHERE id = ? AND owner = ?", (attempt, id, owner)
+    )
+
+
+def set_progress(
+    connection: sqlite3.Connection,
+    owner: int,
+    progress: Sequence[tuple[int, float | None, str | None]],
+) -> None:
+    """Record what tasks (row id, fraction, message) said of how far they got."""
+    connection.executemany(
+        "UPDATE tasks SET progress = ?, message = ? WHERE id = ? AND owner = ?",
+        [(fraction, message, id, owner) for id, fraction, message in progress],
     )
 
 
@@ -277,7 +292,7 @@ def rows(
     replacement characters."""
     query = (
         "SELECT id, CAST(name AS BLOB), CAST(arguments AS BLOB), attempt, state, owner, "
-        "created, CAST(error AS BLOB), started, sent, task_id FROM tasks"
+        "created, CAST(error AS BLOB), started, sent, task_id, progress, message FROM tasks"
     )
     clauses, parameters = _where(state, ids)
     return [
@@ -293,10 +308,24 @@ def rows(
             bool(started),
             sent,
             task_id,
+            progress,
+            message,
         )
-        for id, name, arguments, attempt, state, owner, created, error, started, sent, task_id in (
-            connection.execute(f"{query}{clauses} ORDER BY id", parameters)
-        )
+        for (
+            id,
+            name,
+            arguments,
+            attempt,
+            state,
+            owner,
+            created,
+            error,
+            started,
+            sent,
+            task_id,
+            progress,
+            message,
+        ) in connection.execute(f"{query}{clauses} ORDER BY id", parameters)
     ]
 
 

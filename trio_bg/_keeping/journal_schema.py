@@ -7,12 +7,12 @@ open journal (`journal_file`).
 
 Two tables. ``tasks`` holds one row per durable task not yet done: its registered
 name, its JSON arguments, its attempt, whether that attempt has ``started``, which
-process (``owner``) has claimed it, and its ``task_id`` (the id of its `TaskHandle`: one
-row per id, so that a second process adding a task with the same deduplication key adds
-nothing); dead letters (tasks that failed their last
-attempt) stay with ``state = 'dead'``. ``owners`` holds one row per live process, with
-the wall-clock time its lease expires. Ids are ``AUTOINCREMENT``: a reused id could
-make one task look like another.
+process (``owner``) has claimed it, its ``task_id`` (the id of its `TaskHandle`: one row
+per id, so that a second process adding a task with the same deduplication key adds
+nothing), and the ``progress`` and ``message`` its task last set; dead letters (tasks
+that failed their last attempt) stay with ``state = 'dead'``. ``owners`` holds one row
+per live process, with the wall-clock time its lease expires. Ids are ``AUTOINCREMENT``:
+a reused id could make one task look like another.
 """
 
 from __future__ import annotations
@@ -45,7 +45,9 @@ CREATE TABLE tasks (
     error     TEXT,
     started   INTEGER NOT NULL DEFAULT 0,
     sent      TEXT,
-    task_id   TEXT
+    task_id   TEXT,
+    progress  REAL,
+    message   TEXT
 );
 CREATE INDEX tasks_by_state ON tasks (state, owner, id);
 CREATE UNIQUE INDEX tasks_by_task_id ON tasks (task_id);
@@ -205,6 +207,8 @@ def _upgrade(connection: sqlite3.Connection) -> None:
             connection.execute("ALTER TABLE tasks ADD COLUMN task_id TEXT")
             connection.execute("UPDATE tasks SET task_id = lower(hex(randomblob(16)))")
             connection.execute("CREATE UNIQUE INDEX tasks_by_task_id ON tasks (task_id)")
+            connection.execute("ALTER TABLE tasks ADD COLUMN progress REAL")
+            connection.execute("ALTER TABLE tasks ADD COLUMN message TEXT")
         connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 

@@ -4,16 +4,23 @@ by state and name."""
 from __future__ import annotations
 
 import itertools
-from typing import TYPE_CHECKING
+import logging
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, TypeVar
 
 import trio
 
 from .._engine.status import STATES, TaskState, TaskStatus, utc
-from .._engine.tasks import sent
+from .._engine.tasks import Task, sent
 from .._keeping.journal_file import Row
+from .._keeping.remote_status import abort_remote, remote_status, wait_remote
 
 if TYPE_CHECKING:
     from .runner import TaskRunner
+
+T = TypeVar("T")
+
+logger = logging.getLogger("trio_bg")
 
 
 class TasksById:
@@ -25,20 +32,43 @@ class TasksById:
     def __init__(self, runner: TaskRunner) -> None:
         self._runner = runner
 
+    def progressed(self, task: Task) -> None:
+        """``task`` said how far it got: a durable one's row keeps it too, for every
+        process that shares the journal. From any thread."""
+        keeper = self._runner.journal
+        if task.journal_id is not None and keeper is not None:
+            keeper.journal.set_progress(task.journal_id, task.progress, task.message)
+
     async def task_status(self, id: str) -> TaskStatus | None:
         """See `BackgroundNursery.task_status`: this process's statuses first, then the
         journal's rows (the durable tasks of every process that shares it)."""
-        status = self._runner.statuses.status(id)
-        keeper = self._runner.journal
-        if status is not None or keeper is None or not _could_be_an_id(id):
+        runner = self._runner
+        status = runner.statuses.status(id)
+        if not _could_be_an_id(id) or (status is not None and status.state != "handed_off"):
             await trio.lowlevel.checkpoint()
             return status
-        row = await keeper.journal.find(id)
-        return None if row is None else row_status(row)
+        if runner.remote is not None:  # handed off (here or by another web process)
+            told = await _asked_redis(remote_status(runner.remote.handoff.worker, id))
+            if told is not None:
+                return told
+        if status is None and runner.journal is not None:
+            row = await runner.journal.journal.find(id)
+            return None if row is None else row_status(row)
+        await trio.lowlevel.checkpoint()
+        return status
 
     async def wait_task(self, id: str, timeout: float | None = None) -> TaskStatus:
-        """See `BackgroundNursery.wait_task`."""
-        return await self._runner.statuses.wait(id, timeout)
+        """See `BackgroundNursery.wait_task` (a remote task: until its worker stored
+        its result)."""
+        runner = self._runner
+        remote = runner.remote
+        if remote is not None and _could_be_an_id(id):
+            status = runner.statuses.status(id)
+            if status is None or status.state == "handed_off":
+                if status is None and await self.task_status(id) is None:
+                    raise LookupError(f"no background task has the id {id!r}")
+                return await wait_remote(remote.handoff.worker, id, timeout)
+        return await runner.statuses.wait(id, timeout)
 
     async def cancel_task(self, id: str) -> bool:
         """See `BackgroundNursery.cancel_task`."""
@@ -48,6 +78,10 @@ class TasksById:
         if task is None and runner.journal is not None and _could_be_an_id(id):
             # Another process's durable task: only one nobody has claimed can be reached.
             return await runner.journal.journal.withdraw(id)
+        if runner.remote is not None and (task is None or sent(task)) and _could_be_an_id(id):
+            status = runner.statuses.status(id)
+            if status is None or status.state == "handed_off":  # the workers' now
+                return bool(await _asked_redis(abort_remote(runner.remote.handoff.worker, id)))
         if task is None or sent(task):
             return False
         if not task.is_async and task in runner.threads:
@@ -91,6 +125,8 @@ def row_status(row: Row) -> TaskStatus:
         name=row.name,
         state=state,
         attempt=row.attempt,
+        progress=row.progress,
+        message=row.message,
         error=row.error,
         created_at=utc(row.created),
     )
@@ -99,3 +135,13 @@ def row_status(row: Row) -> TaskStatus:
 def _could_be_an_id(text: str) -> bool:
     """Whether ``text`` has an id's shape (32 hex digits): no journal read otherwise."""
     return len(text) == 32 and all(c in "0123456789abcdef" for c in text)
+
+
+async def _asked_redis(question: Awaitable[T]) -> T | None:
+    """The answer to ``question`` for Redis, or None if Redis could not answer (it is
+    logged: a status lookup never fails for want of Redis)."""
+    try:
+        return await question
+    except Exception as error:
+        logger.warning("could not ask Redis about a remote task: %r", error)
+        return None

@@ -25,6 +25,9 @@ DEFAULT_STATUSES_KEPT_FOR = 600.0
 """Seconds a nursery keeps an ended task's status in memory, at most."""
 
 
+_new_record = tuple.__new__
+
+
 class Ended(NamedTuple):
     """What is kept of an ended task: its status, without its arguments. (A tuple of
     strings and numbers: small, quick to make, and never traversed by the cyclic GC.)"""
@@ -45,19 +48,22 @@ class Ended(NamedTuple):
     @classmethod
     def of(cls, task: Task, state: TaskState, error: str | None, ended: float) -> Ended:
         """The record of ``task``, which ended in ``state`` at ``ended``."""
-        return cls(
-            task.id,
-            task.name,
-            state,
-            task.attempt,
-            task.progress,
-            task.message,
-            task.result,
-            error,
-            task.created,
-            task.started,
-            ended,
-            ended + task.key_ttl if task.key_ttl else 0.0,
+        return _new_record(  # (tuple.__new__: the named tuple's own __new__ is slower)
+            cls,
+            (
+                task.id,
+                task.name,
+                state,
+                task.attempt,
+                task.progress,
+                task.message,
+                task.result,
+                error,
+                task.created,
+                task.started,
+                ended,
+                ended + task.key_ttl if task.key_ttl else 0.0,
+            ),
         )
 
     def status(self) -> TaskStatus:

@@ -43,6 +43,8 @@ def set_progress(fraction: float | None = None, message: str | None = None) -> N
         )
     task.progress = fraction
     task.message = message
+    if isinstance(task.home, TasksById):
+        task.home.progressed(task)
 
 
 def _serving(verb: str) -> TasksById:

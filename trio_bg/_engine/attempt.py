@@ -29,15 +29,16 @@ class Attempt:
         raised; trio's cancellation always goes on up (the error stays here).
 
         The function runs in one cancel scope, ``task.scope`` while it runs: its
-        deadline is the task's timeout, and `cancel_task` cancels it (one scope for
-        both: a scope costs about as much as the rest of a task's bookkeeping)."""
+        deadline is the task's timeout, and `cancel_task` cancels it, as does the loss
+        of a durable task's journal row (one scope for all three: a scope costs about
+        as much as the rest of a task's bookkeeping)."""
         try:
             # A task the shutdown cancelled before it was scheduled never starts.
             await trio.lowlevel.checkpoint_if_cancelled()
             started()
             deadline = math.inf if task.timeout is None else trio.current_time() + task.timeout
             with trio.CancelScope(deadline=deadline) as task.scope:
-                if task.cancel_requested:
+                if task.cancel_requested or task.revoked:
                     task.scope.cancel()
                 value = await task.func(*task.args, **task.kwargs)
                 self.outcome = "completed"
@@ -45,7 +46,8 @@ class Attempt:
                     task.result = encode_result(value)
                 return
             # (Here only when the scope caught its own cancellation.)
-            self.outcome = "cancelled" if task.cancel_requested else "timed_out"
+            asked = task.cancel_requested or task.revoked  # (else the deadline passed)
+            self.outcome = "cancelled" if asked else "timed_out"
         except BaseException as exc:
             cancellation, error = _split_cancellation(exc)
             if error is None:

@@ -51,6 +51,7 @@ class Task:
         "remote",
         "result",
         "retries",
+        "revoked",
         "scope",
         "started",
         "started_at",
@@ -117,6 +118,8 @@ class Task:
         # whether it was asked to cancel the task (then it never runs again).
         self.scope: trio.CancelScope | None = None
         self.cancel_requested = False
+        # Its journal row went to another process (its lease lapsed): never run it again.
+        self.revoked = False
         self.home: object = None  # the nursery's runner, once it accepted the task
         self.attempt = 1  # which run this is: 2 once a first retry is due
         # The caller's context, copied when the task is deferred (collected by a

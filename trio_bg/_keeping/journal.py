@@ -51,12 +51,11 @@ def row_name(task: Task) -> str:
 class Claim:
     """This process's hold on a durable task's row, while the task is in its hands."""
 
-    __slots__ = ("journal", "lost", "scope")
+    __slots__ = ("journal", "lost")
 
     def __init__(self, journal: Journal) -> None:
         self.journal = journal
         self.lost = False  # its lease lapsed and the row went to another process
-        self.scope: trio.CancelScope | None = None  # its async run's, while it runs
 
 
 current_claim: contextvars.ContextVar[Claim | None] = contextvars.ContextVar(

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
-from collections.abc import Awaitable, Callable, Iterable
-from functools import partial
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import trio
@@ -31,7 +30,6 @@ logger = logging.getLogger("trio_bg")
 CLAIM_BATCH = 1_000
 """Journal rows claimed in one transaction, at most."""
 
-Run = Callable[[Task], Awaitable[None]]
 
 
 class JournalKeeper:
@@ -91,12 +89,6 @@ class JournalKeeper:
             task.context = contextvars.copy_context()  # (the caller's, as it runs later)
         self._starting.append(task)
         self._starts_wake.set()
-
-    def claimed(self, task: Task, run: Run) -> Run:
-        """``run`` for durable ``task``'s trio task: in a cancel scope of its own,
-        cancelled if its row goes to another process (see `_rows_lost`)."""
-        claim = self._claims.get(task)
-        return run if claim is None else partial(_run_claimed, claim, run)
 
     def retrying(self, task: Task) -> None:
         """Durable ``task`` waits for its retry: its row says which attempt is next."""
@@ -284,10 +276,10 @@ class JournalKeeper:
             return
         in_threads = 0
         for task in lost:
-            claim = self._claims[task]
-            claim.lost = True
-            if claim.scope is not None:
-                claim.scope.cancel()
+            self._claims[task].lost = True
+            task.revoked = True  # (an attempt not started yet starts cancelled)
+            if task.state == "running" and task.scope is not None:
+                task.scope.cancel()  # the attempt's own scope (see Attempt)
             if not task.is_async and task.thread_started:
                 in_threads += 1
         self._nursery.drop_queued(lost)
@@ -302,13 +294,3 @@ class JournalKeeper:
             else "",
             names_with_counts(task.name for task in lost),
         )
-
-
-async def _run_claimed(claim: Claim, run: Run, task: Task) -> None:
-    with trio.CancelScope() as claim.scope:
-        if claim.lost:
-            claim.scope.cancel()
-        try:
-            await run(task)
-        finally:
-            claim.scope = None

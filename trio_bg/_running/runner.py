@@ -243,8 +243,6 @@ class TaskRunner:
     def _start_soon(self, task: Task) -> None:
         run: Callable[[Task], Awaitable[None]]
         run = self._run if self.onlookers.tracer is None else self._run_traced
-        if task.journal_id is not None and self.journal is not None:
-            run = self.journal.claimed(task, run)
         self.nursery.start_soon(run, task, name=task.name)
 
     async def _run(self, task: Task) -> None:

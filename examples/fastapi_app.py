@@ -7,8 +7,9 @@ trio worker::
 
 then ``curl -X POST 'http://127.0.0.1:8000/signup?email=ada@example.com'`` (or
 ``curl -i -X POST http://127.0.0.1:8000/exports``: ``202 Accepted``, and a ``Location``
-where the export's status is) and stop the server with Ctrl+C: the log shows the background tasks run after each response, and
-drained (up to the grace period) before the app's own lifespan shuts down.
+where the export's status is) and stop the server with Ctrl+C: the log shows the
+background tasks run after each response, and drained (up to the grace period) before
+the app's own lifespan shuts down.
 """
 
 from __future__ import annotations

@@ -5,10 +5,11 @@ Run it from the repository root with Hypercorn's trio worker::
     hypercorn --worker-class trio examples.quart_trio_app:app
 
 then ``curl -X POST 'http://127.0.0.1:8000/signup?email=ada@example.com'`` and stop the
-server with Ctrl+C. ``curl -i -X POST http://127.0.0.1:8000/exports`` answers ``202
-Accepted`` with a ``Location``: ``/tasks/{id}``, the export's status as JSON. With Quart-Trio's own ``add_background_task`` the 3-second task
-would be cancelled the moment the server shuts down; through trio_bg it is given the
-grace period (10 s) to finish, then ``after_serving`` runs.
+server with Ctrl+C. With Quart-Trio's own ``add_background_task`` the 3-second task would
+be cancelled the moment the server shuts down; through trio_bg it is given the grace
+period (10 s) to finish, then ``after_serving`` runs. ``curl -i -X POST
+http://127.0.0.1:8000/exports`` answers ``202 Accepted`` with a ``Location``:
+``/tasks/{id}``, the export's status as JSON.
 
 Quart's own test tooling works unchanged (``tests/test_quart_test_app.py`` does this)::
 

@@ -31,7 +31,6 @@ CLAIM_BATCH = 1_000
 """Journal rows claimed in one transaction, at most."""
 
 
-
 class JournalKeeper:
     """The journal's part in a nursery's durable tasks (see the module)."""
 

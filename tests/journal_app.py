@@ -5,6 +5,8 @@
 ``$TRIO_BG_TEST_TASK_SECONDS`` (default 0). With ``&hold=1`` the holder is this
 process: in it the task never ends (a shutdown cuts it short, a SIGKILL kills it), in
 any other process it runs at once. The response's body is the serving process's pid.
+``GET /keyed?key=K`` adds the same, keyed (``key="keyed:{key}"``): its body is the
+task's id.
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ async def record(key: str, holder: int) -> None:
     note_in_ledger(f"{key} {os.getpid()}")
 
 
+@trio_bg.task(name="tests.journal_app.keyed", durable=True, key="keyed:{key}")
+async def keyed(key: str, holder: int) -> None:
+    await record(key, holder)
+
+
 def note_in_ledger(line: str, *, variable: str = "TRIO_BG_TEST_LEDGER") -> None:
     """Append ``line`` to the ledger file named by ``$variable``: one write with
     O_APPEND, so lines stay whole across processes."""
@@ -45,6 +52,8 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
                 return
     query = {key: values[0] for key, values in parse_qs(scope["query_string"].decode()).items()}
     holder = os.getpid() if query.get("hold") else 0
-    trio_bg.current_tasks().add_task(record, query["key"], holder)
+    task = keyed if scope["path"] == "/keyed" else record
+    handle = trio_bg.current_tasks().add_task(task, query["key"], holder)
+    body = handle.id if task is keyed else str(os.getpid())
     await send({"type": "http.response.start", "status": 200, "headers": []})
-    await send({"type": "http.response.body", "body": str(os.getpid()).encode()})
+    await send({"type": "http.response.body", "body": body.encode()})

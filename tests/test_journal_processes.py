@@ -12,10 +12,11 @@ import os
 import resource
 import shutil
 import signal
+import sqlite3
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -316,3 +317,24 @@ def test_processes_starting_at_once_on_a_new_journal_all_open_it(tmp_path: Path)
         for process in processes:
             process.join(BOUND)
         assert outcomes == ["ok"] * 3
+
+
+async def test_two_processes_sharing_a_journal_store_a_keyed_task_once(tmp_path: Path) -> None:
+    journal = tmp_path / "tasks.db"
+    async with (
+        journal_server(tmp_path, journal, "--grace-period=0", name="first") as first,
+        journal_server(tmp_path, journal, "--grace-period=0", name="second") as second,
+    ):
+        async with client(first.url) as http:
+            one = (await http.get("/keyed", params={"key": "7", "hold": "1"})).text
+        async with client(second.url) as http:
+            two = (await http.get("/keyed", params={"key": "7"})).text
+        assert two == one  # the id made of the key: the same in both processes
+        assert await second.stop() == 0
+        second_report = second.report()
+        assert (second_report["accepted"], second_report["deduplicated"]) == (0, 1)
+        assert await first.stop() == 1  # its task never ends: cut short, deferred
+    with closing(sqlite3.connect(journal)) as connection:
+        rows = connection.execute("SELECT task_id FROM tasks").fetchall()
+    assert rows == [(one,)]
+    assert "7" not in ledger(tmp_path)

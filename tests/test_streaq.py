@@ -591,3 +591,45 @@ async def test_a_streaq_task_takes_only_a_key_from_trio_bg_task(queue: Queue) ->
     with pytest.raises(TypeError, match="only a deduplication key"):
         trio_bg.task(timeout=5)(queue.welcome)
         trio_bg.BackgroundTasks().add_task(queue.welcome, "x@example.com")
+
+
+async def test_a_remote_tasks_progress_reaches_the_web_process(redis_server: RedisServer) -> None:
+    said = trio.Event()
+    gate = trio.Event()
+    async with looking_into(redis_server.url) as queue:
+
+        @queue.worker.task(name="tests.export")
+        async def export() -> None:
+            trio_bg.set_progress(0.5, "half of the rows")
+            said.set()
+            await gate.wait()
+
+        handles: list[trio_bg.TaskHandle] = []
+        app = trio_bg.BackgroundTaskMiddleware(
+            endpoint(lambda tasks: handles.append(tasks.add_task(export))), streaq=queue.worker
+        )
+        async with run_lifespan(app), asgi_client(app) as client, trio.open_nursery() as workers:
+            await client.get("/")
+            [handle] = handles
+            workers.start_soon(queue.worker.run_async)
+            await said.wait()
+            with trio.fail_after(10):
+                # Written by a trio task of the worker's run: Redis is the only witness.
+                while not await has_progress(app.nursery, handle.id):  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+            status = await app.nursery.task_status(handle.id)
+            assert status is not None
+            assert (status.state, status.progress, status.message) == (
+                "running",
+                0.5,
+                "half of the rows",
+            )
+            gate.set()
+            done = await app.nursery.wait_task(handle.id, timeout=10)
+            assert (done.state, done.progress) == ("completed", 0.5)
+            workers.cancel_scope.cancel()
+
+
+async def has_progress(nursery: trio_bg.BackgroundNursery, task_id: str) -> bool:
+    status = await nursery.task_status(task_id)
+    return status is not None and status.progress is not None

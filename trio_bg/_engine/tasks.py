@@ -146,6 +146,11 @@ class Task:
 running_task: contextvars.ContextVar[Task] = contextvars.ContextVar("trio_bg.running_task")
 """The task whose attempt runs in this context (set in the attempt's own context)."""
 
+remote_progress: contextvars.ContextVar[Callable[[float | None, str | None], object]] = (
+    contextvars.ContextVar("trio_bg.remote_progress")
+)
+"""In a remote task run by a streaq worker for trio_bg: where its progress goes."""
+
 
 @final
 class TaskEnds:

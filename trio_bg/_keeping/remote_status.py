@@ -8,6 +8,7 @@ status at all (None)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import trio
 
 from .._engine.status import TaskState, TaskStatus, encode_result, utc
+from .remote_progress import read_progress
 
 _ENDED_AS: dict[str, TaskState] = {
     "StreaqCancelled": "cancelled",
@@ -27,15 +29,22 @@ async def remote_status(worker: Any, task_id: str) -> TaskStatus | None:
     status = str(await worker.status_by_id(task_id))
     if status == "done":
         raw = await worker.redis.get(worker.results_key + task_id)
-        return None if raw is None else _ended(task_id, await worker.deserialize(raw))
+        if raw is None:
+            return None
+        ended = _ended(task_id, await worker.deserialize(raw))
+        progress, message = await read_progress(worker, task_id)
+        return dataclasses.replace(ended, progress=progress, message=message)
     if status not in ("queued", "scheduled", "running"):
         return None
     info = await worker.info_by_id(task_id)
+    progress, message = await read_progress(worker, task_id)
     return TaskStatus(
         id=task_id,
         name=info.fn_name if info is not None else "",
         state="running" if status == "running" else "handed_off",
         attempt=max(1, info.tries) if info is not None else 1,
+        progress=progress,
+        message=message,
         created_at=None if info is None else utc(info.created_time / 1000),
     )
 
@@ -45,11 +54,14 @@ async def wait_remote(worker: Any, task_id: str, timeout: float | None) -> TaskS
     `TimeoutError` after ``timeout`` seconds."""
     with trio.move_on_after(math.inf if timeout is None else timeout):
         result = await worker.result_by_id(task_id)
+        progress, message = await read_progress(worker, task_id)
         return TaskStatus(
             id=task_id,
             name=result.fn_name,
             state="completed" if result.success else _failure(result._result),
             attempt=result.tries,
+            progress=progress,
+            message=message,
             result=_json(result._result) if result.success else None,
             error=None if result.success else _error(result._result),
             created_at=utc(result.created_time / 1000),

@@ -19,6 +19,9 @@ from streaq import task as streaq_task
 from streaq.constants import REDIS_GROUP
 from streaq.types import Entries, StreamMessage, StreaqError
 
+from .._engine.tasks import remote_progress
+from .remote_progress import ProgressWriter
+
 logger = logging.getLogger("trio_bg")
 
 DEFAULT_IDLE_TIMEOUT = 10
@@ -70,6 +73,7 @@ def worker(
         **options,
     )
     made.middleware(_traced)
+    made.middleware(_reporting_progress(made))
     return made
 
 
@@ -172,6 +176,25 @@ def _traced(
             return await run(*args, **kwargs)
 
     return traced
+
+
+def _reporting_progress(
+    made: Worker[Any],
+) -> Callable[[Callable[..., Coroutine[Any, Any, Any]]], Callable[..., Coroutine[Any, Any, Any]]]:
+    """streaq middleware: `trio_bg.set_progress` in a task writes to Redis, where the
+    web processes read it with the task's status."""
+
+    def middleware(
+        run: Callable[..., Coroutine[Any, Any, Any]],
+    ) -> Callable[..., Coroutine[Any, Any, Any]]:
+        async def reporting(*args: Any, **kwargs: Any) -> Any:
+            task_id = streaq_task._task_context.get().task_id
+            remote_progress.set(ProgressWriter(made, task_id))
+            return await run(*args, **kwargs)
+
+        return reporting
+
+    return middleware
 
 
 # The task whose record its run reads (None: none, or read already).

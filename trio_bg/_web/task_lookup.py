@@ -5,7 +5,7 @@ find the nursery that serves the request or task they are called in; and
 from __future__ import annotations
 
 from .._engine.status import TaskStatus, checked_progress
-from .._engine.tasks import running_task
+from .._engine.tasks import remote_progress, running_task
 from .._running.by_id import TasksById
 from .._running.nursery import BackgroundNursery, tasks_by_id
 from .collection import collection_of, current_collection
@@ -36,6 +36,9 @@ def set_progress(fraction: float | None = None, message: str | None = None) -> N
     both."""
     fraction, message = checked_progress(fraction, message)
     task = running_task.get(None)
+    if task is None and (write := remote_progress.get(None)) is not None:
+        write(fraction, message)  # a remote task, on its streaq worker: to Redis
+        return
     if task is None:
         raise RuntimeError(
             "trio_bg.set_progress() was called outside a background task: call it in a "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, closing
 from pathlib import Path
@@ -633,3 +634,34 @@ async def test_a_remote_tasks_progress_reaches_the_web_process(redis_server: Red
 async def has_progress(nursery: trio_bg.BackgroundNursery, task_id: str) -> bool:
     status = await nursery.task_status(task_id)
     return status is not None and status.progress is not None
+
+
+async def test_a_plain_remote_tasks_progress_reaches_the_web_process_too(
+    redis_server: RedisServer,
+) -> None:
+    gate = threading.Event()
+    async with looking_into(redis_server.url) as queue:
+
+        @queue.worker.task(name="tests.plain_export")
+        def plain_export() -> None:  # streaq runs it in a worker thread
+            trio_bg.set_progress(0.25, "a quarter")
+            gate.wait(10)
+
+        handles: list[trio_bg.TaskHandle] = []
+        app = trio_bg.BackgroundTaskMiddleware(
+            endpoint(lambda tasks: handles.append(tasks.add_task(plain_export))),
+            streaq=queue.worker,
+        )
+        async with run_lifespan(app), asgi_client(app) as client, trio.open_nursery() as workers:
+            await client.get("/")
+            [handle] = handles
+            workers.start_soon(queue.worker.run_async)
+            with trio.fail_after(10):
+                while not await has_progress(app.nursery, handle.id):  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+            status = await app.nursery.task_status(handle.id)
+            assert status is not None and (status.progress, status.message) == (0.25, "a quarter")
+            gate.set()
+            done = await app.nursery.wait_task(handle.id, timeout=10)
+            assert done.state == "completed"
+            workers.cancel_scope.cancel()

@@ -420,3 +420,31 @@ async def test_a_discarded_tasks_status_says_why(autojump_clock: trio.testing.Mo
         status = await middleware.nursery.task_status(handles[0].id)
     assert status is not None and status.state == "cancelled"
     assert status.error is not None and status.error.startswith("discarded")
+
+
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("its own __str__ broke")
+
+
+class Unencodable(list[int]):
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        raise RuntimeError("its own __iter__ broke")
+
+
+async def test_an_error_or_result_whose_own_code_breaks_never_breaks_the_nursery() -> None:
+    async def raises() -> None:
+        raise Unprintable
+
+    async def returns_it() -> object:
+        return Unencodable([1])
+
+    async with trio_bg.open_background_nursery() as nursery:
+        failed = nursery.start_soon(raises)
+        odd = nursery.start_soon(returns_it)
+        failed_status = await nursery.wait_task(failed.id)
+        odd_status = await nursery.wait_task(odd.id)
+        after = nursery.start_soon(returns, "still here")
+        assert (await nursery.wait_task(after.id)).result == "still here"
+    assert (failed_status.state, failed_status.error) == ("failed", "Unprintable")
+    assert (odd_status.state, odd_status.result) == ("completed", None)

@@ -8,13 +8,16 @@ import json
 import sqlite3
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
+import pytest
 import trio
 import trio.testing
 
 import trio_bg
 from trio_bg._keeping import journal_file
+from trio_bg._web.collection import RequestTasks, face_of
 
 gate = trio.Event()
 started = trio.Event()
@@ -193,3 +196,71 @@ async def test_a_durable_tasks_progress_is_kept_in_its_row(tmp_path: Path) -> No
         assert seen is not None
         assert (seen.state, seen.progress, seen.message) == ("running", 0.25, row.message)
         gate.set()
+
+
+async def test_a_keyed_duplicate_in_an_ordered_request_passes_the_turn_on(tmp_path: Path) -> None:
+    reset()
+    path = tmp_path / "tasks.db"
+    after: list[str] = []
+
+    async def next_in_line() -> None:
+        after.append("ran")
+
+    async with (
+        trio_bg.open_background_nursery(journal=path) as first,
+        trio_bg.open_background_nursery(journal=path) as second,
+    ):
+        one = first.start_soon(charge, 11)
+        await started.wait()
+        request = RequestTasks(second, ordered=True)
+        tasks = face_of(request)
+        two = tasks.add_task(charge, 11)  # the other process's: a duplicate here
+        tasks.add_task(next_in_line)
+        await request.commit()
+        request.hand_off()
+        with pytest.raises(LookupError, match="another process's"):
+            await second.wait_task(two.id)  # (never waits forever for a duplicate)
+        await second.wait_idle()
+        assert after == ["ran"]
+        assert (second.stats.deduplicated, second.stats.reserved) == (1, 0)
+        gate.set()
+    assert two == one
+
+
+release = threading.Event()
+
+
+@trio_bg.task(name="tests.handles.plain", durable=True)
+def plain(n: int) -> None:
+    release.wait(10)
+    ran.append(n)
+
+
+async def test_cancelling_a_durable_plain_task_no_thread_took_removes_its_row(
+    tmp_path: Path,
+) -> None:
+    reset()
+    release.clear()
+    path = tmp_path / "tasks.db"
+    async with trio_bg.open_background_nursery(journal=path, thread_limit=1) as bg:
+        handles = {1: bg.start_soon(plain, 1), 2: bg.start_soon(plain, 2)}
+        # Either may get the one thread first (each is stored by a trio task of its own).
+        with trio.fail_after(10):
+            while not (running := await running_of(bg, handles)):  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        [waiting] = set(handles) - {running}
+        assert await bg.cancel_task(handles[waiting].id) is True
+        release.set()
+        await bg.wait_idle()
+    assert ran == [running]
+    assert bg.report.deferred == 0 and bg.report.cancelled_on_request == 1
+    assert rows(path) == []
+
+
+async def running_of(bg: trio_bg.BackgroundNursery, handles: dict[int, trio_bg.TaskHandle]) -> int:
+    """Which of ``handles`` runs now (0: none yet)."""
+    for n, handle in handles.items():
+        status = await bg.task_status(handle.id)
+        if status is not None and status.state == "running":
+            return n
+    return 0

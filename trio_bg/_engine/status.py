@@ -136,7 +136,7 @@ def encode_result(value: object) -> str | None:
         return None
     try:
         text = json.dumps(value, allow_nan=False, ensure_ascii=False)
-    except (TypeError, ValueError, RecursionError):
+    except Exception:  # not JSON; or an object whose own code raised: never the task's end
         return None
     return text if len(text) <= RESULT_LIMIT else None
 
@@ -144,8 +144,11 @@ def encode_result(value: object) -> str | None:
 def describe_error(error: BaseException) -> str:
     """``error`` as a status shows it: its type and message (no traceback, no
     arguments)."""
-    text = str(error)
     kind = type(error).__qualname__
+    try:
+        text = str(error)
+    except Exception:  # its own __str__ broke: the type says enough
+        return kind
     return f"{kind}: {text}" if text else kind
 
 

@@ -104,7 +104,7 @@ def append(
         "ON CONFLICT (task_id) DO UPDATE SET name = excluded.name, "
         "arguments = excluded.arguments, attempt = excluded.attempt, state = 'queued', "
         "owner = excluded.owner, created = excluded.created, error = NULL, started = 0, "
-        "sent = NULL WHERE state = 'dead' "
+        "sent = NULL, progress = NULL, message = NULL WHERE state = 'dead' "
         "RETURNING task_id, id",
         {"owner": owner, "now": time.time(), "rows": _json_list(rows)},
     ).fetchall()
@@ -333,7 +333,8 @@ def withdraw(connection: sqlite3.Connection, task_id: str) -> bool:
     """Delete the row of task ``task_id`` if it is queued and unclaimed (in the
     transaction of the journal's thread)."""
     deleted = connection.execute(
-        "DELETE FROM tasks WHERE task_id = ? AND state = 'queued' AND owner IS NULL",
+        "DELETE FROM tasks WHERE task_id = ? AND state = 'queued' AND owner IS NULL "
+        "AND sent IS NULL",
         (task_id,),
     ).rowcount
     return deleted == 1

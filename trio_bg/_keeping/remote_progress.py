@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from typing import Any
 
 import trio
@@ -20,19 +21,28 @@ KEPT_FOR = 3600
 
 
 class ProgressWriter:
-    """Writes one running remote task's progress to Redis, from the worker's trio
-    thread: `set_progress` only records it; a trio task of the run's writes the latest."""
+    """Writes one running remote task's progress to Redis: `set_progress` only records
+    it (in trio's thread, or the worker thread of a plain function); a trio task of the
+    run's writes the latest. Made in trio's thread, as the task starts."""
 
-    __slots__ = ("_key", "_latest", "_redis", "_writing")
+    __slots__ = ("_key", "_latest", "_redis", "_thread", "_token", "_writing")
 
     def __init__(self, worker: Any, task_id: str) -> None:
         self._redis = worker.redis
         self._key = worker.prefix + KEY + task_id
         self._latest: tuple[float | None, str | None] | None = None
         self._writing = False
+        self._token = trio.lowlevel.current_trio_token()
+        self._thread = threading.get_ident()
 
     def __call__(self, fraction: float | None, message: str | None) -> None:
         self._latest = (fraction, message)
+        if threading.get_ident() == self._thread:
+            self._start_writing()
+        else:
+            self._token.run_sync_soon(self._start_writing)
+
+    def _start_writing(self) -> None:
         if not self._writing:
             self._writing = True
             trio.lowlevel.spawn_system_task(self._write, name="trio_bg progress")

@@ -75,6 +75,8 @@ async def abort_remote(worker: Any, task_id: str) -> bool:
     """Ask the workers to abort ``task_id``: True if it was taken out of the delayed
     queue, or a worker stored it as cancelled within 5 s. (streaq's own wait for that
     looks for an exception object, which a JSON worker stores as a record.)"""
+    if str(await worker.status_by_id(task_id)) in ("missing", "done"):
+        return False  # (nothing to abort: no id left in streaq's abort set for nothing)
     if await worker.abort_by_id(task_id, timeout=0):
         return True
     try:

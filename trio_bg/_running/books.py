@@ -1,6 +1,7 @@
 """A nursery's books: how many of its tasks are in each state, how many ended each way,
 and waiting for the live ones to fall to zero. Only trio's thread writes them, except
-`admitted`, written under the admission lock."""
+`admitted`, `rejected` and `deduplicated`, written under the admission lock (admissions
+happen in worker threads too)."""
 
 from __future__ import annotations
 

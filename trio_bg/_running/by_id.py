@@ -61,13 +61,31 @@ class TasksById:
         """See `BackgroundNursery.wait_task` (a remote task: until its worker stored
         its result)."""
         runner = self._runner
+        status = runner.statuses.status(id)
         remote = runner.remote
-        if remote is not None and _could_be_an_id(id):
-            status = runner.statuses.status(id)
-            if status is None or status.state == "handed_off":
-                if status is None and await self.task_status(id) is None:
-                    raise LookupError(f"no background task has the id {id!r}")
+        if (
+            remote is not None
+            and _could_be_an_id(id)
+            and (status is None or status.state == "handed_off")
+        ):
+            told = await _asked_redis(remote_status(remote.handoff.worker, id))
+            if told is not None:
+                if told.ended:
+                    return told
                 return await wait_remote(remote.handoff.worker, id, timeout)
+            if status is not None:
+                return status  # handed off, and Redis cannot say more now
+        journal = runner.journal
+        if (
+            status is None
+            and journal is not None
+            and _could_be_an_id(id)
+            and await journal.journal.find(id) is not None
+        ):
+            raise LookupError(
+                f"background task {id} is another process's (its row is in the journal: "
+                f"task_status reads it)"
+            )
         return await runner.statuses.wait(id, timeout)
 
     async def cancel_task(self, id: str) -> bool:
@@ -75,17 +93,22 @@ class TasksById:
         await trio.lowlevel.checkpoint()
         runner = self._runner
         task = runner.statuses.live.get(id)
-        if task is None and runner.journal is not None and _could_be_an_id(id):
-            # Another process's durable task: only one nobody has claimed can be reached.
-            return await runner.journal.journal.withdraw(id)
-        if runner.remote is not None and (task is None or sent(task)) and _could_be_an_id(id):
-            status = runner.statuses.status(id)
-            if status is None or status.state == "handed_off":  # the workers' now
-                return bool(await _asked_redis(abort_remote(runner.remote.handoff.worker, id)))
         if task is None or sent(task):
+            if not _could_be_an_id(id):
+                return False
+            status = runner.statuses.status(id)
+            if runner.remote is not None and (status is None or status.state == "handed_off"):
+                # The workers' now (or another web process's): abort it there.
+                worker = runner.remote.handoff.worker
+                if await _asked_redis(abort_remote(worker, id)):
+                    return True
+            if task is None and runner.journal is not None:
+                # Another process's durable task: only one nobody has claimed is reachable.
+                return await runner.journal.journal.withdraw(id)
             return False
         if not task.is_async and task in runner.threads:
             # Taken back if no thread has started it; a running thread goes on.
+            task.cancel_requested = True  # (first: taking it back ends it, cancelled)
             task.cancel_requested = runner.threads.take_back(task)
             return task.cancel_requested
         if task.state == "running" and not task.is_async:
@@ -116,10 +139,10 @@ def row_status(row: Row) -> TaskStatus:
     state: TaskState
     if row.state == "dead":
         state = "dead"
-    elif row.started:
-        state = "running"
+    elif row.owner is None:
+        state = "deferred"  # (even if its run had started: that process died)
     else:
-        state = "deferred" if row.owner is None else "pending"
+        state = "running" if row.started else "pending"
     return TaskStatus(
         id=row.task_id or "",
         name=row.name,

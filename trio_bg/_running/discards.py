@@ -24,7 +24,7 @@ def discard_unrun(runner: TaskRunner, tasks: Sequence[Task], reason: str) -> Non
     and log them (in trio's thread)."""
     for task in tasks:
         if task.duplicate:
-            drop_duplicate(runner, task)
+            drop_duplicate(runner, task, pass_on=False)  # (those after it are here too)
     tasks = [task for task in tasks if not task.duplicate]
     if handed := [task for task in tasks if sent(task)]:
         # Redis had them before the response failed: they are the workers' now.
@@ -67,14 +67,19 @@ def discard_unrun(runner: TaskRunner, tasks: Sequence[Task], reason: str) -> Non
     books.tell_idle()
 
 
-def drop_duplicate(runner: TaskRunner, task: Task) -> None:
-    """The journal had a queued row with ``task``'s id (another process added the same
-    keyed task first): it does not run here, and is counted deduplicated."""
+def drop_duplicate(runner: TaskRunner, task: Task, *, pass_on: bool) -> None:
+    """The journal (or Redis) had ``task``'s id already (another process added the same
+    keyed task first): it does not run here, and is counted deduplicated. With
+    ``pass_on``, an ordered request's next task takes its turn now."""
+    with runner.admission_lock:  # (admissions count duplicates too, in worker threads)
+        runner.books.deduplicated += 1
     runner.books.released += 1
-    runner.books.deduplicated += 1
     runner.statuses.release(task)
     if task.ends is not None:
         task.ends.ended()
+    then, task.then = task.then, None
+    if pass_on and then is not None:
+        runner.accept((then,))
     runner.books.tell_idle()
 
 

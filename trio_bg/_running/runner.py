@@ -60,7 +60,7 @@ class TaskRunner:
         self._trio_thread = threading.get_ident()
         self._clock = trio.lowlevel.current_clock()  # readable from any thread
         self._capacity = settings.max_running + settings.max_pending
-        self._admission_lock = threading.Lock()
+        self.admission_lock = threading.Lock()  # (the books' and statuses' too)
         self._queue: deque[Task] = deque()
         self.books = Books()
         self.closed = False
@@ -71,7 +71,7 @@ class TaskRunner:
         self.unfinished: list[str] = []
         self.unfinished_ids: list[str] = []
         self.statuses = TaskStatuses(
-            settings.statuses_kept, settings.statuses_kept_for, self._admission_lock
+            settings.statuses_kept, settings.statuses_kept_for, self.admission_lock
         )
         self.onlookers = Onlookers(settings, self._stop)
         self.by_id = TasksById(self)
@@ -98,7 +98,7 @@ class TaskRunner:
                     task.name, "this background nursery hands off to no streaq worker"
                 )
             self.remote.check(task, self.onlookers.tracer)
-        with self._admission_lock:
+        with self.admission_lock:
             if self.closed:
                 raise NurseryClosed(
                     f"the background nursery is shutting down and takes no new tasks "
@@ -134,7 +134,7 @@ class TaskRunner:
         for task in tasks:
             task.home = self.by_id
             if task.duplicate:
-                drop_duplicate(self, task)
+                drop_duplicate(self, task, pass_on=True)
                 continue
             if (task.durable or task.remote is not None) and _not_kept(task):
                 # Added outside a request, or after its response: kept first.
@@ -385,7 +385,7 @@ class TaskRunner:
 
     def close(self) -> None:
         """Admit nothing more."""
-        with self._admission_lock:
+        with self.admission_lock:
             self.closed = True
 
     def cancel_rest(self) -> None:
@@ -428,9 +428,9 @@ class TaskRunner:
 
     def take(self, task: Task) -> None:
         """Admit (room was counted by the feeder) and accept ``task``."""
-        with self._admission_lock:
+        with self.admission_lock:
             self.books.admitted += 1
-            self.statuses.claim(task)
+            self.statuses.adopt(task)
         self.accept((task,))
 
     def attempt_over(self, task: Task, outcome: Outcome) -> None:
@@ -462,5 +462,6 @@ def _not_kept(task: Task) -> bool:
         (task.durable or task.remote is not None)
         and task.journal_id is None
         and not task.duplicate
+        and not task.cancel_requested  # (cancelled before it was kept: nothing to keep)
         and not sent(task)
     )

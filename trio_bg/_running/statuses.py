@@ -143,9 +143,18 @@ class TaskStatuses:
         return holder
 
     def release(self, task: Task) -> None:
-        """``task`` was claimed but never admitted (the nursery was full)."""
+        """``task`` was claimed but will not run here: never admitted (the nursery was
+        full), or a duplicate of a task another process stored first. Whoever waits
+        for it here is told it is not this nursery's (`wait` raises `LookupError`)."""
         if self.live.get(task.id) is task:
             del self.live[task.id]
+        if self._waiters and (waiter := self._waiters.pop(task.id, None)) is not None:
+            waiter.event.set()  # (with no record)
+
+    def adopt(self, task: Task) -> None:
+        """``task`` (taken from the journal) is live here, whatever this nursery kept
+        of its id before (an ended record whose key it held: the row is the truth)."""
+        self.live[task.id] = task
 
     def ended(self, task: Task, state: TaskState, error: BaseException | str | None) -> None:
         """``task`` ended in ``state``: keep its record, wake whoever waits for it."""
@@ -174,10 +183,13 @@ class TaskStatuses:
         while order and (len(order) > self._limit or order[0].ended < oldest):
             record = order.popleft()
             if self._ended.get(record.id) is record:
-                del self._ended[record.id]
-                if record.key_until > now:
-                    self._held[record.id] = record
+                if record.key_until > now:  # (a claim sees it in one or the other)
+                    with self._lock:
+                        self._held[record.id] = record
+                        del self._ended[record.id]
                     heapq.heappush(self._held_order, (record.key_until, record.id))
+                else:
+                    del self._ended[record.id]
         held = self._held_order
         while held and held[0][0] <= now:
             _, id = heapq.heappop(held)
@@ -208,9 +220,14 @@ class TaskStatuses:
             waiter = self._waiters.get(id) or self._waiters.setdefault(id, _Waiter())
             with trio.move_on_after(math.inf if timeout is None else timeout):
                 await waiter.event.wait()
-            if waiter.record is None:
-                raise TimeoutError(f"background task {id} has not ended after {timeout}s")
-            return waiter.record.status()
+            if waiter.record is not None:
+                return waiter.record.status()
+            if waiter.event.is_set():
+                raise LookupError(
+                    f"background task {id} is not this nursery's: another process added "
+                    f"it first (ask task_status, which reads the journal and Redis)"
+                )
+            raise TimeoutError(f"background task {id} has not ended after {timeout}s")
         await trio.lowlevel.checkpoint()
         return found.status()
 

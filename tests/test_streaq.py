@@ -359,6 +359,35 @@ async def test_with_a_journal_redis_down_loses_nothing(
     assert len(await queue.stored()) == 4
 
 
+async def test_a_remote_task_cancelled_in_the_outbox_is_never_handed_off(
+    durable_queue: Queue, durable_redis_server: RedisServer, tmp_path: Path
+) -> None:
+    queue = durable_queue
+    path = tmp_path / "tasks.db"
+    handed_off = HandedOff()
+    handles: list[trio_bg.TaskHandle] = []
+    app = trio_bg.BackgroundTaskMiddleware(
+        endpoint(lambda tasks: handles.append(tasks.add_task(queue.welcome, "o@example.com"))),
+        streaq=queue.worker,
+        journal=path,
+        on_event=handed_off,
+    )
+    async with run_lifespan(app), asgi_client(app) as client:
+        assert (await client.get("/")).status_code == 200
+        await handed_off.wait_for(1)
+        durable_redis_server.stop()
+        for _ in range(2):  # Redis is down: they wait in the journal's outbox
+            assert (await client.get("/")).status_code == 200
+        assert await app.nursery.cancel_task(handles[1].id) is True
+        durable_redis_server.start()
+        await handed_off.wait_for(2)  # the other one: then the outbox is empty
+        status = await app.nursery.task_status(handles[1].id)
+        assert status is not None and status.state == "cancelled"
+    assert app.report.handed_off == 2 and app.report.cancelled_on_request == 1
+    assert journal_rows(path) == []
+    assert len(await queue.stored()) == 2
+
+
 async def test_with_a_journal_the_backlog_is_bounded(
     queue: Queue, redis_server: RedisServer, tmp_path: Path
 ) -> None:

@@ -138,6 +138,11 @@ class RemoteKeeper:
                 await self._outbox_wake.wait()
             await handoff.wait_connected()
             batch = [self._outbox.popleft() for _ in range(min(len(self._outbox), SEND_BATCH))]
+            if cancelled := [task for task in batch if task.cancel_requested]:
+                self._forwarded(cancelled, "cancelled")  # (by cancel_task: its row goes)
+                batch = [task for task in batch if not task.cancel_requested]
+                if not batch:
+                    continue
             try:
                 await handoff.send(batch)
             except HandoffError as error:

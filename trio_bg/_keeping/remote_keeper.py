@@ -161,6 +161,11 @@ class RemoteKeeper:
             if delay:
                 logger.warning("Redis takes remote tasks again: the journal's are on their way")
                 delay = 0.0
+            if cancelled := [task for task in batch if task.cancel_requested]:
+                # Cancelled while their batch was on its way: the workers abort them.
+                await _abort_all(handoff, cancelled)
+                self._forwarded(cancelled, "cancelled")
+                batch = [task for task in batch if not task.cancel_requested]
             self._forwarded(batch, "handed_off")
 
     def _forwarded(self, batch: list[Task], outcome: Literal["handed_off", "cancelled"]) -> None:
@@ -215,3 +220,12 @@ class RemoteKeeper:
                 why,
                 missing,
             )
+
+
+async def _abort_all(handoff: Handoff, tasks: list[Task]) -> None:
+    """Add ``tasks`` to streaq's abort set: a worker that takes one aborts it."""
+    for task in tasks:
+        try:
+            await handoff.worker.abort_by_id(task.id, timeout=0)
+        except Exception as error:  # (Redis went away again: it may run)
+            logger.warning("could not abort remote task %s [%s]: %r", task.name, task.id, error)

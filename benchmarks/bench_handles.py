@@ -15,6 +15,7 @@ import trio.testing
 
 import trio_bg
 
+from .bench_memory import traced
 from .section import Section, Table, median, verdict
 
 MEMORY_TARGET = 300
@@ -47,15 +48,6 @@ async def _ended_status_bytes(tasks: int) -> float:
     if kept != tasks:
         raise RuntimeError(f"{kept:,} statuses kept, expected {tasks:,}")
     return (after - before) / tasks
-
-
-def memory_per_status(tasks: int) -> float:
-    gc.collect()
-    tracemalloc.start()
-    try:
-        return trio.run(_ended_status_bytes, tasks)
-    finally:
-        tracemalloc.stop()
 
 
 async def _lookups_in_memory(lookups: int, kept: int) -> tuple[float, float]:
@@ -121,7 +113,7 @@ async def _lookups_in_journal(lookups: int, rows: int, directory: Path) -> float
 
 def run(*, reps: int, tasks: int) -> Section:
     title = f"9. Task handles: a kept status's memory ({tasks:,} tasks), task_status lookups"
-    memory = [memory_per_status(tasks) for _ in range(max(1, min(reps, 3)))]
+    memory = [traced(_ended_status_bytes, tasks) for _ in range(max(1, min(reps, 3)))]
     lookups = 20_000
     idle, busy, journal = [], [], []
     for _ in range(reps):

@@ -65,7 +65,8 @@ async def parked_in_raw_trio(tasks: int) -> float:
     return (after - before) / tasks
 
 
-def _measure(measure: Callable[[int], Awaitable[float]], tasks: int) -> float:
+def traced(measure: Callable[[int], Awaitable[float]], tasks: int) -> float:
+    """``measure(tasks)`` in a fresh trio run, with tracemalloc on."""
     gc.collect()
     tracemalloc.start()
     try:
@@ -77,12 +78,12 @@ def _measure(measure: Callable[[int], Awaitable[float]], tasks: int) -> float:
 def run(*, reps: int, tasks: int) -> Section:
     title = f"4. Memory per pending task, {tasks:,} pending (tracemalloc)"
     try:
-        pending = [_measure(pending_in_background_nursery, tasks) for _ in range(reps)]
+        pending = [traced(pending_in_background_nursery, tasks) for _ in range(reps)]
     except TypeError as error:
         if "unknown option" not in str(error):
             raise
         return Section(title=title, notes=["skipped: max_running not available"])
-    parked = [_measure(parked_in_raw_trio, tasks) for _ in range(reps)]
+    parked = [traced(parked_in_raw_trio, tasks) for _ in range(reps)]
 
     # What the call itself needs however it is stored: its positional arguments'
     # tuple and its keyword arguments' dict (the function and the int are shared).

@@ -576,14 +576,7 @@ async def test_a_running_remote_task_is_aborted_on_its_worker(redis_server: Redi
             finally:
                 cleaned.set()
 
-        handles: list[trio_bg.TaskHandle] = []
-        app = trio_bg.BackgroundTaskMiddleware(
-            endpoint(lambda tasks: handles.append(tasks.add_task(slow))), streaq=queue.worker
-        )
-        async with run_lifespan(app), asgi_client(app) as client, trio.open_nursery() as workers:
-            await client.get("/")
-            [handle] = handles
-            workers.start_soon(queue.worker.run_async)
+        async with one_remote_task_running(queue, slow) as (app, handle):
             await started.wait()
             status = await app.nursery.task_status(handle.id)
             assert status is not None and status.state == "running"
@@ -592,7 +585,6 @@ async def test_a_running_remote_task_is_aborted_on_its_worker(redis_server: Redi
             assert cleaned.is_set()
             ended = await app.nursery.wait_task(handle.id, timeout=10)
             assert ended.state == "cancelled"
-            workers.cancel_scope.cancel()
 
 
 async def test_a_keyed_remote_task_is_handed_off_once_by_every_web_process(
@@ -642,21 +634,9 @@ async def test_a_remote_tasks_progress_reaches_the_web_process(redis_server: Red
             said.set()
             await gate.wait()
 
-        handles: list[trio_bg.TaskHandle] = []
-        app = trio_bg.BackgroundTaskMiddleware(
-            endpoint(lambda tasks: handles.append(tasks.add_task(export))), streaq=queue.worker
-        )
-        async with run_lifespan(app), asgi_client(app) as client, trio.open_nursery() as workers:
-            await client.get("/")
-            [handle] = handles
-            workers.start_soon(queue.worker.run_async)
+        async with one_remote_task_running(queue, export) as (app, handle):
             await said.wait()
-            with trio.fail_after(10):
-                # Written by a trio task of the worker's run: Redis is the only witness.
-                while not await has_progress(app.nursery, handle.id):  # noqa: ASYNC110
-                    await trio.sleep(0.01)
-            status = await app.nursery.task_status(handle.id)
-            assert status is not None
+            status = await progress_of(app.nursery, handle.id)
             assert (status.state, status.progress, status.message) == (
                 "running",
                 0.5,
@@ -665,12 +645,34 @@ async def test_a_remote_tasks_progress_reaches_the_web_process(redis_server: Red
             gate.set()
             done = await app.nursery.wait_task(handle.id, timeout=10)
             assert (done.state, done.progress) == ("completed", 0.5)
-            workers.cancel_scope.cancel()
 
 
-async def has_progress(nursery: trio_bg.BackgroundNursery, task_id: str) -> bool:
-    status = await nursery.task_status(task_id)
-    return status is not None and status.progress is not None
+async def progress_of(nursery: trio_bg.BackgroundNursery, task_id: str) -> trio_bg.TaskStatus:
+    """The status of remote task ``task_id`` once its progress has reached Redis."""
+    with trio.fail_after(10):
+        # Written by a trio task of the worker's run: Redis is the only witness.
+        while True:
+            status = await nursery.task_status(task_id)
+            if status is not None and status.progress is not None:
+                return status
+            await trio.sleep(0.01)
+
+
+@asynccontextmanager
+async def one_remote_task_running(
+    queue: Queue, func: Any
+) -> AsyncIterator[tuple[trio_bg.BackgroundTaskMiddleware, trio_bg.TaskHandle]]:
+    """An app that added one ``func`` task (handed to Redis), and ``queue``'s worker
+    running in this process, for the block."""
+    handles: list[trio_bg.TaskHandle] = []
+    app = trio_bg.BackgroundTaskMiddleware(
+        endpoint(lambda tasks: handles.append(tasks.add_task(func))), streaq=queue.worker
+    )
+    async with run_lifespan(app), asgi_client(app) as client, trio.open_nursery() as workers:
+        await client.get("/")
+        workers.start_soon(queue.worker.run_async)
+        yield app, handles[0]
+        workers.cancel_scope.cancel()
 
 
 async def test_a_plain_remote_tasks_progress_reaches_the_web_process_too(
@@ -684,21 +686,9 @@ async def test_a_plain_remote_tasks_progress_reaches_the_web_process_too(
             trio_bg.set_progress(0.25, "a quarter")
             gate.wait(10)
 
-        handles: list[trio_bg.TaskHandle] = []
-        app = trio_bg.BackgroundTaskMiddleware(
-            endpoint(lambda tasks: handles.append(tasks.add_task(plain_export))),
-            streaq=queue.worker,
-        )
-        async with run_lifespan(app), asgi_client(app) as client, trio.open_nursery() as workers:
-            await client.get("/")
-            [handle] = handles
-            workers.start_soon(queue.worker.run_async)
-            with trio.fail_after(10):
-                while not await has_progress(app.nursery, handle.id):  # noqa: ASYNC110
-                    await trio.sleep(0.01)
-            status = await app.nursery.task_status(handle.id)
-            assert status is not None and (status.progress, status.message) == (0.25, "a quarter")
+        async with one_remote_task_running(queue, plain_export) as (app, handle):
+            status = await progress_of(app.nursery, handle.id)
+            assert (status.progress, status.message) == (0.25, "a quarter")
             gate.set()
             done = await app.nursery.wait_task(handle.id, timeout=10)
             assert done.state == "completed"
-            workers.cancel_scope.cancel()

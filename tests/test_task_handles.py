@@ -448,3 +448,13 @@ async def test_an_error_or_result_whose_own_code_breaks_never_breaks_the_nursery
         assert (await nursery.wait_task(after.id)).result == "still here"
     assert (failed_status.state, failed_status.error) == ("failed", "Unprintable")
     assert (odd_status.state, odd_status.result) == ("completed", None)
+
+
+async def test_bad_ids_and_limits_are_refused_at_once() -> None:
+    async with trio_bg.open_background_nursery() as nursery:
+        for ask in (nursery.task_status, nursery.wait_task, nursery.cancel_task):
+            with pytest.raises(TypeError, match="a task id is a str"):
+                await ask(42)  # type: ignore[arg-type]
+        for limit in (-1, 1.5, True):
+            with pytest.raises(ValueError, match="limit must be an int"):
+                await nursery.list_tasks(limit=limit)  # type: ignore[arg-type]

@@ -14,6 +14,7 @@ from datetime import datetime
 from functools import partial
 from typing import Any
 
+from .._engine.status import looks_like_id
 from .._errors import JournalError
 from .._keeping import journal_file, journal_schema
 
@@ -106,7 +107,7 @@ def _row_or_task_id(text: str) -> int | str:
     """A row id (a number) or a task id (32 hex digits, as `TaskHandle.id` has it)."""
     if text.isdigit():
         return int(text)
-    if len(text) == 32 and all(c in "0123456789abcdef" for c in text.lower()):
+    if looks_like_id(text.lower()):
         return text.lower()
     raise argparse.ArgumentTypeError(f"not a row id or a task id: {text!r}")
 

@@ -216,7 +216,8 @@ def task(
                 )
             register(options.name, func)
         if options.key is not None:  # a template naming no parameter: TypeError now
-            key_maker(getattr(func, "fn", func) if _is_streaq_task(func) else func, options.key)
+            target = getattr(func, "fn", func) if _is_streaq_task(func) else func
+            key_maker(target, options.key, options.name or name_of(_unwrap_partial(target)))
         setattr(func, _OPTIONS_ATTRIBUTE, options)
         # In case it ran as a task before it was decorated:
         try:
@@ -265,7 +266,7 @@ class CallSpec:
             options = options_of(func)
             self.key: KeyMaker | None = None
             if options is not None and options.key is not None:
-                self.key = key_maker(self.remote.fn, options.key)
+                self.key = key_maker(self.remote.fn, options.key, self.name)
             self.key_ttl: float | None = None if options is None else options.key_ttl
             self._probe = _make_probe(self.remote.fn, self.name)
             return
@@ -277,7 +278,11 @@ class CallSpec:
         self.backoff = options.backoff if options else _DEFAULT_BACKOFF
         self.durable = options.durable if options else False
         self.crash_limit = options.crash_limit if options else DEFAULT_CRASH_LIMIT
-        self.key = None if options is None or options.key is None else key_maker(func, options.key)
+        self.key = (
+            None
+            if options is None or options.key is None
+            else key_maker(func, options.key, self.name)
+        )
         self.key_ttl = options.key_ttl if options else None
         if self.durable and registered(self.name) is not func:
             raise TypeError(

@@ -3,7 +3,6 @@ template over the call's arguments by parameter name, or a function of them)."""
 
 from __future__ import annotations
 
-import functools
 import inspect
 import string
 from collections.abc import Callable
@@ -14,9 +13,9 @@ KeyMaker = Callable[[tuple[Any, ...], dict[str, Any]], str]
 """A call's deduplication key, made of its ``(args, kwargs)``."""
 
 
-def key_maker(func: object, key: str | Callable[..., str]) -> KeyMaker:
+def key_maker(func: object, key: str | Callable[..., str], name: str) -> KeyMaker:
     """What makes a call's deduplication key of ``key`` (`TypeError` for a template
-    naming a parameter that ``func`` does not have)."""
+    naming a parameter that ``func``, the task ``name``, does not have)."""
     if not isinstance(key, str):
         return partial(_key_of_function, key)
     try:
@@ -28,9 +27,7 @@ def key_maker(func: object, key: str | Callable[..., str]) -> KeyMaker:
             continue
         parameter = field.split(".", 1)[0].split("[", 1)[0]
         if parameter not in signature.parameters:
-            raise TypeError(
-                f"key {key!r} names {parameter!r}, which is not a parameter of {_name(func)}"
-            )
+            raise TypeError(f"key {key!r} names {parameter!r}, which is not a parameter of {name}")
     return partial(_key_of_template, key, signature)
 
 
@@ -52,10 +49,3 @@ def _key_of_function(
     if not isinstance(value, str):
         raise TypeError(f"add_task(): a task's key function must return a str, not {value!r}")
     return value
-
-
-def _name(func: object) -> str:
-    while isinstance(func, functools.partial):
-        func = func.func
-    name = getattr(func, "__qualname__", None)
-    return name if isinstance(name, str) else type(func).__qualname__

@@ -123,6 +123,11 @@ _ids: list[str] = []  # list.pop and extend are atomic: safe from worker threads
 os.register_at_fork(after_in_child=_ids.clear)
 
 
+def looks_like_id(text: str) -> bool:
+    """Whether ``text`` has an id's shape: 32 lowercase hex digits."""
+    return len(text) == 32 and all(c in "0123456789abcdef" for c in text)
+
+
 def keyed_id(name: str, key: str) -> str:
     """The id of task ``name`` with deduplication ``key``: the same in every process."""
     digest = hashlib.sha256(f"{name}\x00{key}".encode(errors="surrogatepass")).hexdigest()

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import trio
 
-from .._engine.status import STATES, TaskState, TaskStatus, utc
+from .._engine.status import STATES, TaskState, TaskStatus, looks_like_id, utc
 from .._engine.tasks import Task, sent
 from .._keeping.journal_file import Row
 from .._keeping.remote_status import abort_remote, remote_status, wait_remote
@@ -40,20 +40,19 @@ class TasksById:
             keeper.journal.set_progress(task.journal_id, task.progress, task.message)
 
     async def task_status(self, id: str) -> TaskStatus | None:
-        """See `BackgroundNursery.task_status`: this process's statuses first, then the
-        journal's rows (the durable tasks of every process that shares it)."""
+        """See `BackgroundNursery.task_status`: this process's statuses first, then
+        Redis's (a remote task) and the journal's rows (the durable tasks of every
+        process that shares it)."""
         runner = self._runner
-        status = runner.statuses.status(id)
-        if not _could_be_an_id(id) or (status is not None and status.state != "handed_off"):
-            await trio.lowlevel.checkpoint()
-            return status
-        if runner.remote is not None:  # handed off (here or by another web process)
-            told = await _asked_redis(remote_status(runner.remote.handoff.worker, id))
-            if told is not None:
-                return told
-        if status is None and runner.journal is not None:
-            row = await runner.journal.journal.find(id)
-            return None if row is None else row_status(row)
+        status = runner.statuses.status(_checked(id))
+        if _elsewhere(id, status):
+            if runner.remote is not None:  # handed off (here or by another web process)
+                told = await _asked_redis(remote_status(runner.remote.handoff.worker, id))
+                if told is not None:
+                    return told
+            if status is None and runner.journal is not None:
+                row = await runner.journal.journal.find(id)
+                return None if row is None else row_status(row)
         await trio.lowlevel.checkpoint()
         return status
 
@@ -61,47 +60,36 @@ class TasksById:
         """See `BackgroundNursery.wait_task` (a remote task: until its worker stored
         its result)."""
         runner = self._runner
-        status = runner.statuses.status(id)
-        remote = runner.remote
-        if (
-            remote is not None
-            and _could_be_an_id(id)
-            and (status is None or status.state == "handed_off")
-        ):
-            told = await _asked_redis(remote_status(remote.handoff.worker, id))
-            if told is not None:
-                if told.ended:
-                    return told
-                return await wait_remote(remote.handoff.worker, id, timeout)
-            if status is not None:
-                return status  # handed off, and Redis cannot say more now
-        journal = runner.journal
-        if (
-            status is None
-            and journal is not None
-            and _could_be_an_id(id)
-            and await journal.journal.find(id) is not None
-        ):
-            raise LookupError(
-                f"background task {id} is another process's (its row is in the journal: "
-                f"task_status reads it)"
-            )
+        status = runner.statuses.status(_checked(id))
+        if _elsewhere(id, status):
+            if (remote := runner.remote) is not None:
+                told = await _asked_redis(remote_status(remote.handoff.worker, id))
+                if told is not None:
+                    if told.ended:
+                        return told
+                    return await wait_remote(remote.handoff.worker, id, timeout)
+                if status is not None:
+                    return status  # handed off, and Redis cannot say more now
+            journal = runner.journal
+            if journal is not None and await journal.journal.find(id) is not None:
+                raise LookupError(
+                    f"background task {id} is another process's (its row is in the "
+                    f"journal: task_status reads it)"
+                )
         return await runner.statuses.wait(id, timeout)
 
     async def cancel_task(self, id: str) -> bool:
         """See `BackgroundNursery.cancel_task`."""
         await trio.lowlevel.checkpoint()
         runner = self._runner
-        task = runner.statuses.live.get(id)
+        task = runner.statuses.live.get(_checked(id))
         if task is None or sent(task):
-            if not _could_be_an_id(id):
+            if not _elsewhere(id, runner.statuses.status(id)):
                 return False
-            status = runner.statuses.status(id)
-            if runner.remote is not None and (status is None or status.state == "handed_off"):
-                # The workers' now (or another web process's): abort it there.
-                worker = runner.remote.handoff.worker
-                if await _asked_redis(abort_remote(worker, id)):
-                    return True
+            # The workers' now (or another web process's): abort it there.
+            remote = runner.remote
+            if remote is not None and await _asked_redis(abort_remote(remote.handoff.worker, id)):
+                return True
             if task is None and runner.journal is not None:
                 # Another process's durable task: only one nobody has claimed is reachable.
                 return await runner.journal.journal.withdraw(id)
@@ -128,6 +116,8 @@ class TasksById:
         """See `BackgroundNursery.list_tasks`."""
         if state is not None and state not in STATES:
             raise ValueError(f"state must be one of {', '.join(STATES)}, not {state!r}")
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise ValueError(f"limit must be an int >= 0, not {limit!r}")
         await trio.lowlevel.checkpoint()
         return list(itertools.islice(self._runner.statuses.select(state, name), limit))
 
@@ -155,9 +145,16 @@ def row_status(row: Row) -> TaskStatus:
     )
 
 
-def _could_be_an_id(text: str) -> bool:
-    """Whether ``text`` has an id's shape (32 hex digits): no journal read otherwise."""
-    return len(text) == 32 and all(c in "0123456789abcdef" for c in text)
+def _checked(id: object) -> str:
+    if not isinstance(id, str):
+        raise TypeError(f"a task id is a str (TaskHandle.id), not {id!r}")
+    return id
+
+
+def _elsewhere(id: str, status: TaskStatus | None) -> bool:
+    """Whether Redis or the journal may know more of ``id`` than this process, which
+    does not know it, or handed it off; only an id's shape is worth asking about."""
+    return (status is None or status.state == "handed_off") and looks_like_id(id)
 
 
 async def _asked_redis(question: Awaitable[T]) -> T | None:

@@ -385,6 +385,9 @@ def _variants() -> dict[str, Callable[[int, Path], Throughput]]:
         f"request path, {HTTP_LIKE_CONCURRENCY} concurrent": _in_trio(
             requests(HTTP_LIKE_CONCURRENCY)
         ),
+        f"request path, {CONCURRENCY} concurrent, no statuses kept": _in_trio(
+            requests(CONCURRENCY), journal_statuses_kept_for=0
+        ),
         f"request path, {CONCURRENCY} concurrent, synchronous=full": _in_trio(
             requests(CONCURRENCY), journal_synchronous="full"
         ),

@@ -6,11 +6,13 @@
 process: in it the task never ends (a shutdown cuts it short, a SIGKILL kills it), in
 any other process it runs at once. The response's body is the serving process's pid.
 ``GET /keyed?key=K`` adds the same, keyed (``key="keyed:{key}"``): its body is the
-task's id.
+task's id. ``GET /wait?id=ID`` answers the status of task ``ID`` once it has ended (in
+any process that shares the journal), as JSON.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from urllib.parse import parse_qs
 
@@ -51,6 +53,11 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
             if kind == "shutdown":
                 return
     query = {key: values[0] for key, values in parse_qs(scope["query_string"].decode()).items()}
+    if scope["path"] == "/wait":
+        status = await trio_bg.wait_task(query["id"], timeout=20)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": json.dumps(status.as_dict()).encode()})
+        return
     holder = os.getpid() if query.get("hold") else 0
     task = keyed if scope["path"] == "/keyed" else record
     handle = trio_bg.current_tasks().add_task(task, query["key"], holder)

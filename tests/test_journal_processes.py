@@ -338,3 +338,23 @@ async def test_two_processes_sharing_a_journal_store_a_keyed_task_once(tmp_path:
         rows = connection.execute("SELECT task_id FROM tasks").fetchall()
     assert rows == [(one,)]
     assert "7" not in ledger(tmp_path)
+
+
+async def test_a_task_another_process_runs_is_waited_for_and_its_status_read(
+    tmp_path: Path,
+) -> None:
+    journal = tmp_path / "tasks.db"
+    async with (
+        journal_server(tmp_path, journal, name="first", task_seconds=0.5) as first,
+        journal_server(tmp_path, journal, name="second") as second,
+    ):
+        async with client(first.url) as http:
+            task_id = (await http.get("/keyed", params={"key": "8"})).text
+        async with client(second.url) as http:  # waits in the journal for the first's task
+            answer = await http.get("/wait", params={"id": task_id}, timeout=BOUND)
+        assert answer.status_code == 200, answer.text
+        status = answer.json()
+        assert (status["id"], status["state"]) == (task_id, "completed")
+        assert status["ended_at"] is not None
+        assert "8" in ledger(tmp_path)  # it ran, once, in the first process
+        assert await first.stop() == 0 and await second.stop() == 0

@@ -258,7 +258,11 @@ async def test_a_version_1_journal_is_upgraded_in_place(tmp_path: Path) -> None:
     [row] = journal_rows(path)
     assert (row.state, row.error, row.started, row.sent) == ("dead", "attempt 1: boom", False, None)
     with sqlite3.connect(path) as connection:
-        assert connection.execute("PRAGMA user_version").fetchone() == (3,)
+        assert connection.execute("PRAGMA user_version").fetchone() == (4,)
+        # The task it ran ended, and its status is kept, as a new journal keeps them.
+        assert connection.execute("SELECT name, state FROM ended").fetchall() == [
+            ("tests.poison.remember", "completed")
+        ]
 
 
 # -- runs cut short by the death of their process ------------------------------------

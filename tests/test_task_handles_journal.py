@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -218,12 +219,14 @@ async def test_a_keyed_duplicate_in_an_ordered_request_passes_the_turn_on(tmp_pa
         tasks.add_task(next_in_line)
         await request.commit()
         request.hand_off()
-        with pytest.raises(LookupError, match="another process's"):
-            await second.wait_task(two.id)  # (never waits forever for a duplicate)
+        with pytest.raises(TimeoutError):  # the other process's task: read in the journal
+            await second.wait_task(two.id, timeout=0.2)
         await second.wait_idle()
         assert after == ["ran"]
         assert (second.stats.deduplicated, second.stats.reserved) == (1, 0)
         gate.set()
+        ended = await second.wait_task(two.id, timeout=30)  # its end, as the journal keeps it
+        assert (ended.id, ended.state) == (one.id, "completed")
     assert two == one
 
 
@@ -264,3 +267,134 @@ async def running_of(bg: trio_bg.BackgroundNursery, handles: dict[int, trio_bg.T
         if status is not None and status.state == "running":
             return n
     return 0
+
+
+# -- statuses kept in the journal once tasks end ---------------------------------------
+
+
+@trio_bg.task(name="tests.handles.invoice", durable=True)
+async def invoice(customer: str) -> dict[str, str]:
+    started.set()
+    await gate.wait()
+    return {"invoice": f"INV-{len(customer)}"}
+
+
+def ended_rows(path: Path) -> list[tuple[object, ...]]:
+    with sqlite3.connect(path) as connection:
+        return connection.execute("SELECT * FROM ended").fetchall()
+
+
+async def test_an_ended_durable_tasks_status_is_read_by_another_process(tmp_path: Path) -> None:
+    reset()
+    path = tmp_path / "tasks.db"
+    async with (
+        trio_bg.open_background_nursery(journal=path) as first,
+        trio_bg.open_background_nursery(journal=path) as second,
+    ):
+        handle = first.start_soon(invoice, "ada@example.com")
+        await started.wait()
+        async with trio.open_nursery() as waiting:
+            waited: list[trio_bg.TaskStatus] = []
+
+            async def wait_in_second() -> None:
+                waited.append(await second.wait_task(handle.id, timeout=30))
+
+            waiting.start_soon(wait_in_second)
+            await trio.testing.wait_all_tasks_blocked()
+            assert waited == []  # running in the first process: the second waits
+            gate.set()
+        [status] = waited
+        assert (status.id, status.name, status.state) == (
+            handle.id,
+            "tests.handles.invoice",
+            "completed",
+        )
+        assert status.result == {"invoice": "INV-15"}
+        assert status.started_at is not None and status.ended_at is not None
+        assert status.created_at is not None and status.created_at <= status.started_at
+        assert await second.task_status(handle.id) == status
+    assert rows(path) == []  # the row went; its status stays, without its arguments
+    [kept] = ended_rows(path)
+    assert handle.id in kept and not any("ada@example.com" in str(value) for value in kept)
+    async with trio_bg.open_background_nursery(journal=path) as restarted:
+        assert await restarted.task_status(handle.id) == status  # and across a restart
+
+
+async def test_a_durable_task_cancelled_on_request_is_kept_cancelled(tmp_path: Path) -> None:
+    reset()
+    path = tmp_path / "tasks.db"
+    async with trio_bg.open_background_nursery(journal=path) as bg:
+        handle = bg.start_soon(charge, 4)
+        await started.wait()
+        assert await bg.cancel_task(handle.id)
+        await bg.wait_task(handle.id)
+    async with trio_bg.open_background_nursery(journal=path) as other:
+        status = await other.task_status(handle.id)
+    assert status is not None and status.state == "cancelled"
+
+
+@trio_bg.task(name="tests.handles.refund", durable=True, key="refund:{order_id}", key_ttl=600)
+async def refund(order_id: int) -> None:
+    ran.append(order_id)
+
+
+async def test_a_key_held_past_its_end_refuses_a_second_run_in_another_process(
+    tmp_path: Path,
+) -> None:
+    reset()
+    path = tmp_path / "tasks.db"
+    async with trio_bg.open_background_nursery(journal=path) as first:
+        one = first.start_soon(refund, 8)
+        await first.wait_task(one.id)
+    async with trio_bg.open_background_nursery(journal=path) as second:
+        two = second.start_soon(refund, 8)  # a client's retry, in another process
+        await second.wait_idle()
+        assert (two, second.stats.deduplicated, second.stats.accepted) == (one, 1, 0)
+        status = await second.task_status(two.id)
+        assert status is not None and status.state == "completed"
+        other = second.start_soon(refund, 9)  # another key: it runs
+        await second.wait_task(other.id)
+    assert ran == [8, 9]
+
+
+async def test_no_status_is_kept_with_journal_statuses_kept_for_0(tmp_path: Path) -> None:
+    reset()
+    path = tmp_path / "tasks.db"
+    async with trio_bg.open_background_nursery(journal=path, journal_statuses_kept_for=0) as bg:
+        handle = bg.start_soon(refund, 10)
+        assert (await bg.wait_task(handle.id)).state == "completed"  # (in memory)
+    assert ended_rows(path) == [] and rows(path) == []
+    async with trio_bg.open_background_nursery(journal=path) as other:
+        assert await other.task_status(handle.id) is None
+
+
+def test_sweep_forgets_old_statuses_but_not_keys_still_held(tmp_path: Path) -> None:
+    from trio_bg._keeping import journal_schema
+
+    connection = journal_schema.connect(str(tmp_path / "tasks.db"))
+    now = time.time()
+    for task_id, ended, key_until in (
+        ("old", now - 7200, None),
+        ("old-key-held", now - 7200, now + 60),
+        ("old-key-gone", now - 7200, now - 60),
+        ("new", now - 60, None),
+    ):
+        connection.execute(
+            "INSERT INTO ended (task_id, name, state, attempt, created, ended, key_until) "
+            "VALUES (?, 'n', 'completed', 1, 0, ?, ?)",
+            (task_id, ended, key_until),
+        )
+    assert journal_file.sweep(connection, 3600) == 2
+    kept = sorted(id for (id,) in connection.execute("SELECT task_id FROM ended"))
+    assert kept == ["new", "old-key-held"]
+    assert journal_file.counts(connection)["ended"] == 2
+    connection.close()
+
+
+async def test_journal_ls_counts_the_statuses_kept(tmp_path: Path) -> None:
+    reset()
+    path = tmp_path / "tasks.db"
+    async with trio_bg.open_background_nursery(journal=path) as bg:
+        await bg.wait_task(bg.start_soon(refund, 12).id)
+    listed = journal_command("ls", "--journal", str(path))
+    assert listed.stdout.splitlines() == ["0 queued (0 claimed by a process), 0 dead, 1 ended"]

@@ -154,7 +154,7 @@ def _ls(connection: sqlite3.Connection, args: argparse.Namespace) -> int:
         return EXIT_OK
     if listed:
         print(_table(listed, args.show_arguments))
-    print(_summary(rows))
+    print(_summary(rows, journal_file.counts(connection)["ended"]))
     return EXIT_OK
 
 
@@ -194,11 +194,13 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-def _summary(rows: Sequence[journal_file.Row]) -> str:
+def _summary(rows: Sequence[journal_file.Row], ended: int) -> str:
     queued = [row for row in rows if row.state == "queued"]
     claimed = sum(row.owner is not None for row in queued)
     dead = len(rows) - len(queued)
-    return f"{len(queued)} queued ({claimed} claimed by a process), {dead} dead"
+    summary = f"{len(queued)} queued ({claimed} claimed by a process), {dead} dead"
+    # Statuses only (no arguments): what task_status reads once the tasks ended.
+    return f"{summary}, {ended} ended" if ended else summary
 
 
 def _as_json(row: journal_file.Row, show_arguments: bool) -> dict[str, object]:

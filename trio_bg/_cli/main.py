@@ -33,6 +33,7 @@ from .._running.values import (
     load_attribute,
     positive_int,
 )
+from .._running.worker_numbers import SharedNumbers, share_numbers
 from .._web.middleware import (
     ASGIApp,
     BackgroundTaskMiddleware,
@@ -131,7 +132,13 @@ def _parser() -> argparse.ArgumentParser:
     add_flags(
         serve_parser,
         tuple(
-            OPTIONS_BY_NAME[name] for name in ("thread_limit", "statuses_kept", "statuses_kept_for")
+            OPTIONS_BY_NAME[name]
+            for name in (
+                "thread_limit",
+                "statuses_kept",
+                "statuses_kept_for",
+                "journal_statuses_kept_for",
+            )
         ),
     )
     serve_parser.add_argument(
@@ -223,7 +230,7 @@ def _serve_command(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     failure: str | None = None
     try:
         if args.supervised:
-            report = trio.run(serve_worker, app, config)
+            report = trio.run(_serve_worker, app, config)
         else:
             report = trio.run(serve, app, config)
     except (KeyboardInterrupt, SystemExit) as stop:
@@ -247,6 +254,14 @@ def _serve_command(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     # A worker's supervisor reports it, with its pid.
     status = _status(report) if args.supervised else _exit_status(report)
     return status if written else EXIT_SERVER_FAILED
+
+
+async def _serve_worker(app: BackgroundTaskMiddleware, config: Config) -> ShutdownReport:
+    """`serve_worker`, sharing the worker's numbers with the others' metrics meanwhile
+    (a system task: cancelled, silently, when the run ends)."""
+    if (shared := SharedNumbers.from_environment()) is not None:
+        trio.lowlevel.spawn_system_task(share_numbers, lambda: app.nursery, shared)
+    return await serve_worker(app, config)
 
 
 def _raised_by_a_task(app: BackgroundTaskMiddleware, stop: BaseException) -> bool:

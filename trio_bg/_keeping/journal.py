@@ -19,6 +19,7 @@ import trio
 
 from .._errors import JournalError
 from . import journal_file, journal_schema
+from .journal_file import REMOTE_PREFIX
 
 if TYPE_CHECKING:
     from .._engine.tasks import Task
@@ -38,8 +39,12 @@ LAZY_COMMIT = 0.05
 """Seconds work that nobody waits on (removing the rows of done tasks) waits for work
 that someone does, to share its commit: each commit costs a sync to the disk."""
 
-REMOTE_PREFIX = "streaq:"
-"""How a journal row names a remote task (kept until Redis has it): before its name."""
+DEFAULT_JOURNAL_STATUSES_KEPT_FOR = 3600.0
+"""Seconds the journal keeps an ended task's status (without its arguments), for every
+process that shares it."""
+
+SWEEP_EVERY = 60.0
+"""Seconds between sweeps of the statuses kept past their time, at least."""
 
 
 def row_name(task: Task) -> str:
@@ -74,7 +79,7 @@ def lease_held() -> bool:
 
 
 _Run = Callable[[sqlite3.Connection], Any]
-_Kind = Literal["store", "remove", "sent", "progress"]
+_Kind = Literal["store", "remove", "end", "sent", "progress"]
 
 
 @final
@@ -118,10 +123,14 @@ class Journal:
     thread also renews this process's lease, so a slow event loop never loses it.
     """
 
-    def __init__(self, path: str, *, lease: float, synchronous: str) -> None:
+    def __init__(
+        self, path: str, *, lease: float, synchronous: str, statuses_kept_for: float
+    ) -> None:
         """Private: use `Journal.open`."""
         self.path = path
         self.lease = lease
+        # How long ended tasks' statuses are kept (0: not at all; their rows just go).
+        self.statuses_kept_for = statuses_kept_for
         self._synchronous = synchronous
         self._inbox: queue.SimpleQueue[_Op] = queue.SimpleQueue()
         self._token = trio.lowlevel.current_trio_token()
@@ -133,6 +142,7 @@ class Journal:
         # reaped, with the ids of the rows this process still holds (set by the nursery).
         self.on_lease_lost: Callable[[set[int]], object] | None = None
         self._connection: sqlite3.Connection | None = None
+        self._sweep_at = 0.0  # (monotonic: see _renew)
         # The batches being gathered (None: none open); the thread closes one when it
         # takes it, under the lock, so no task joins a batch once it is being written.
         self._batch_lock = threading.Lock()
@@ -140,10 +150,19 @@ class Journal:
         self._thread = threading.Thread(target=self._work, name="trio_bg journal", daemon=True)
 
     @classmethod
-    async def open(cls, path: str, *, lease: float, synchronous: str) -> Journal:
+    async def open(
+        cls,
+        path: str,
+        *,
+        lease: float,
+        synchronous: str,
+        statuses_kept_for: float = DEFAULT_JOURNAL_STATUSES_KEPT_FOR,
+    ) -> Journal:
         """Open (or create) the journal at ``path`` and join it as one of its owners;
         `JournalError` if it cannot be used."""
-        journal = cls(path, lease=lease, synchronous=synchronous)
+        journal = cls(
+            path, lease=lease, synchronous=synchronous, statuses_kept_for=statuses_kept_for
+        )
         journal._thread.start()
         journal._owner = await journal._call(journal._connect, f"open the journal {path}")
         logger.info("journal %s opened (owner %d)", path, journal._owner)
@@ -160,6 +179,14 @@ class Journal:
         """Delete the rows of tasks that are done, or will never run (not awaited)."""
         self._add_to_batch("remove", ids)
 
+    def end(self, ended: journal_file.EndedTask) -> None:
+        """A task ended: its row goes, and its status is kept for `statuses_kept_for`
+        seconds (not awaited; with none kept, the row just goes)."""
+        if self.statuses_kept_for > 0:
+            self._add_to_batch("end", (ended,))
+        else:
+            self._add_to_batch("remove", (ended[0],))
+
     def _add_to_batch(self, kind: _Kind, items: Sequence[Any]) -> _Op:
         """Add ``items`` to the open batch of ``kind`` (opening one if need be); the
         batch's piece of work."""
@@ -171,6 +198,8 @@ class Journal:
                     batch.op = _Op(partial(self._store, batch), "store durable tasks", awaited=True)
                 elif kind == "remove":
                     batch.op = _Op(partial(self._remove, batch), "remove done tasks", awaited=False)
+                elif kind == "end":
+                    batch.op = _Op(partial(self._end, batch), "end done tasks", awaited=False)
                 elif kind == "progress":
                     batch.op = _Op(
                         partial(self._set_progress, batch), "record progress", awaited=False
@@ -229,9 +258,10 @@ class Journal:
         )
         return rows
 
-    async def find(self, task_id: str) -> journal_file.Row | None:
-        """The row of task ``task_id``, if the journal has it."""
-        row: journal_file.Row | None = await self._call(
+    async def find(self, task_id: str) -> journal_file.Row | journal_file.EndedRow | None:
+        """The row of task ``task_id`` if the journal has one, else what it kept of it
+        once it ended, if anything."""
+        row: journal_file.Row | journal_file.EndedRow | None = await self._call(
             partial(journal_file.find, task_id=task_id), "look up a task"
         )
         return row
@@ -243,6 +273,32 @@ class Journal:
             partial(journal_file.withdraw, task_id=task_id), "cancel a task"
         )
         return withdrawn
+
+    async def counts(self) -> dict[str, int]:
+        """How many rows the journal holds (see `journal_file.counts`)."""
+        counts: dict[str, int] = await self._call(journal_file.counts, "count its rows")
+        return counts
+
+    async def dead_letters(self, limit: int) -> list[journal_file.Row]:
+        """The oldest ``limit`` dead letters."""
+        rows: list[journal_file.Row] = await self._call(
+            partial(journal_file.rows, state="dead", limit=limit), "list the dead letters"
+        )
+        return rows
+
+    async def requeue(self, ids: Sequence[int | str]) -> int:
+        """Queue the dead letters of ``ids`` (row or task ids) again; how many."""
+        count: int = await self._call(
+            partial(journal_file.requeue_dead, ids=ids), "retry dead letters"
+        )
+        return count
+
+    async def purge(self, ids: Sequence[int | str]) -> int:
+        """Delete the dead letters of ``ids`` (row or task ids); how many."""
+        count: int = await self._call(
+            partial(journal_file.purge_dead, ids=ids), "purge dead letters"
+        )
+        return count
 
     async def unknown(self, names: Sequence[str]) -> dict[str, int]:
         """Queued tasks whose name is none of ``names``, counted by name."""
@@ -403,6 +459,9 @@ class Journal:
     def _remove(self, batch: _Batch, connection: sqlite3.Connection) -> None:
         journal_file.remove(connection, self._owner, batch.items)
 
+    def _end(self, batch: _Batch, connection: sqlite3.Connection) -> None:
+        journal_file.end(connection, self._owner, batch.items)
+
     def _mark_sent(self, batch: _Batch, connection: sqlite3.Connection) -> None:
         journal_file.mark_sent(connection, self._owner, batch.items)
 
@@ -421,6 +480,9 @@ class Journal:
             )
             held = journal_file.held(connection, self._owner)
         journal_file.reap(connection, self._owner)
+        if self.statuses_kept_for > 0 and time.monotonic() >= self._sweep_at:
+            self._sweep_at = time.monotonic() + SWEEP_EVERY
+            journal_file.sweep(connection, self.statuses_kept_for)
         return expires, held
 
     def _renewed(self, expires: float, held: set[int] | None) -> None:

@@ -22,6 +22,9 @@ from dataclasses import dataclass
 
 from . import journal_schema
 
+REMOTE_PREFIX = "streaq:"
+"""How a journal row names a remote task (kept until Redis has it): before its name."""
+
 
 @dataclass(frozen=True, slots=True)
 class Row:
@@ -44,6 +47,41 @@ class Row:
     progress: float | None = None
     message: str | None = None
     """What its task last said of how far it got (`trio_bg.set_progress`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class EndedRow:
+    """What the journal keeps of a task that ended: its status, without its arguments."""
+
+    task_id: str
+    name: str
+    state: str
+    attempt: int
+    progress: float | None
+    message: str | None
+    result: str | None
+    """Its return value's JSON text, if it was JSON and small enough."""
+    error: str | None
+    created: float
+    started: float | None
+    ended: float
+
+
+EndedTask = tuple[
+    int,
+    str,
+    str,
+    int,
+    float | None,
+    str | None,
+    str | None,
+    str | None,
+    float | None,
+    float,
+    float | None,
+]
+"""What `end` writes of a task: (row id, state, name, attempt, progress, message,
+result, error, started, ended, key_until); the row gives its task id and created."""
 
 
 # -- what a process does -------------------------------------------------------------
@@ -89,7 +127,8 @@ def append(
     """Insert tasks (name, JSON arguments, attempt, and task id) claimed by ``owner``;
     the row id of each, in order. A task id that a queued row has already is not
     stored (a duplicate: None); one that a dead letter has queues that row again, as
-    this task. (A row without a task id, written by tests, is always stored.)
+    this task; one whose ended task still holds its key (``key_until``) is a duplicate
+    too. (A row without a task id, written by tests, is always stored.)
 
     One statement for all the rows: Python's sqlite3 lets go of the GIL at every
     statement step, and taking it back from a busy event loop can take a while.
@@ -100,7 +139,9 @@ def append(
         "INSERT INTO tasks (name, arguments, attempt, owner, created, task_id) "
         "SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), "
         "json_extract(value, '$[2]'), :owner, :now, json_extract(value, '$[3]') "
-        "FROM json_each(:rows) WHERE true ORDER BY key "
+        "FROM json_each(:rows) WHERE NOT EXISTS (SELECT 1 FROM ended "
+        "WHERE ended.task_id = json_extract(value, '$[3]') AND ended.key_until > :now) "
+        "ORDER BY key "
         "ON CONFLICT (task_id) DO UPDATE SET name = excluded.name, "
         "arguments = excluded.arguments, attempt = excluded.attempt, state = 'queued', "
         "owner = excluded.owner, created = excluded.created, error = NULL, started = 0, "
@@ -122,6 +163,34 @@ def remove(connection: sqlite3.Connection, owner: int, ids: Sequence[int]) -> No
         "DELETE FROM tasks WHERE owner = ? AND id IN (SELECT value FROM json_each(?))",
         (owner, _json_list(ids)),
     )
+
+
+def end(connection: sqlite3.Connection, owner: int, ended: Sequence[EndedTask]) -> None:
+    """Tasks of ``owner`` ended (completed, or cancelled on request): their rows go, and
+    their statuses are kept in ``ended`` (replacing an earlier run's of the same id)."""
+    connection.execute(
+        "INSERT OR REPLACE INTO ended (task_id, name, state, attempt, progress, message, "
+        "result, error, created, started, ended, key_until) "
+        "SELECT tasks.task_id, json_extract(value, '$[2]'), json_extract(value, '$[1]'), "
+        "json_extract(value, '$[3]'), json_extract(value, '$[4]'), "
+        "json_extract(value, '$[5]'), json_extract(value, '$[6]'), "
+        "json_extract(value, '$[7]'), tasks.created, json_extract(value, '$[8]'), "
+        "json_extract(value, '$[9]'), json_extract(value, '$[10]') "
+        "FROM json_each(:ended) JOIN tasks ON tasks.id = json_extract(value, '$[0]') "
+        "WHERE tasks.owner = :owner AND tasks.task_id IS NOT NULL",
+        {"owner": owner, "ended": _json_list(ended)},
+    )
+    remove(connection, owner, [row[0] for row in ended])
+
+
+def sweep(connection: sqlite3.Connection, kept_for: float) -> int:
+    """Forget the statuses of tasks that ended over ``kept_for`` seconds ago (but those
+    whose key is still held); how many."""
+    now = time.time()
+    return connection.execute(
+        "DELETE FROM ended WHERE ended < ? AND (key_until IS NULL OR key_until <= ?)",
+        (now - kept_for, now),
+    ).rowcount
 
 
 def mark_sent(
@@ -286,10 +355,11 @@ def rows(
     *,
     state: str | None = None,
     ids: Sequence[int | str] | None = None,
+    limit: int = -1,
 ) -> list[Row]:
     """The journal's tasks, oldest first: all, those in ``state``, or those of ``ids``
-    (row ids, or task ids). Text that is not UTF-8 (a damaged row) comes with
-    replacement characters."""
+    (row ids, or task ids); the first ``limit`` of them (-1: all). Text that is not
+    UTF-8 (a damaged row) comes with replacement characters."""
     query = (
         "SELECT id, CAST(name AS BLOB), CAST(arguments AS BLOB), attempt, state, owner, "
         "created, CAST(error AS BLOB), started, sent, task_id, progress, message FROM tasks"
@@ -325,7 +395,7 @@ def rows(
             task_id,
             progress,
             message,
-        ) in connection.execute(f"{query}{clauses} ORDER BY id", parameters)
+        ) in connection.execute(f"{query}{clauses} ORDER BY id LIMIT ?", [*parameters, limit])
     ]
 
 
@@ -340,10 +410,47 @@ def withdraw(connection: sqlite3.Connection, task_id: str) -> bool:
     return deleted == 1
 
 
-def find(connection: sqlite3.Connection, task_id: str) -> Row | None:
-    """The row of the task whose id is ``task_id``, if the journal has it."""
+def find(connection: sqlite3.Connection, task_id: str) -> Row | EndedRow | None:
+    """The row of the task whose id is ``task_id`` if the journal has one, else what it
+    kept of it once it ended, if anything."""
     found = rows(connection, ids=[task_id])
-    return found[0] if found else None
+    if found:
+        return found[0]
+    ended = connection.execute(
+        "SELECT task_id, CAST(name AS BLOB), state, attempt, progress, message, result, "
+        "CAST(error AS BLOB), created, started, ended FROM ended WHERE task_id = ?",
+        (task_id,),
+    ).fetchone()
+    if ended is None:
+        return None
+    id, name, state, attempt, progress, message, result, error, created, started, at = ended
+    return EndedRow(
+        id,
+        _text(name),
+        state,
+        attempt,
+        progress,
+        message,
+        result,
+        None if error is None else _text(error),
+        created,
+        started,
+        at,
+    )
+
+
+def counts(connection: sqlite3.Connection) -> dict[str, int]:
+    """How many rows the journal holds: ``queued`` (to run here, or to hand off),
+    ``dead`` (dead letters), ``outbox`` (of the queued, remote tasks Redis does not
+    have yet) and ``ended`` (statuses kept)."""
+    queued, dead, outbox = connection.execute(
+        "SELECT count(*) FILTER (WHERE state = 'queued'), count(*) FILTER (WHERE state = "
+        "'dead'), count(*) FILTER (WHERE state = 'queued' AND sent IS NULL AND "
+        "name LIKE ?) FROM tasks",
+        (REMOTE_PREFIX + "%",),
+    ).fetchone()
+    (ended,) = connection.execute("SELECT count(*) FROM ended").fetchone()
+    return {"queued": queued, "dead": dead, "outbox": outbox, "ended": ended}
 
 
 def queued(connection: sqlite3.Connection) -> int:
@@ -356,21 +463,32 @@ def queued(connection: sqlite3.Connection) -> int:
 
 def requeue(connection: sqlite3.Connection, ids: Sequence[int | str] | None) -> int:
     """Queue dead letters (those of ``ids``, or all for None) again, from their first
-    attempt."""
-    clauses, parameters = _where("dead", ids)
+    attempt, in a transaction of their own; how many."""
     with journal_schema.transaction(connection):
-        return connection.execute(
-            f"UPDATE tasks SET state = 'queued', attempt = 1, started = 0, owner = NULL, "
-            f"error = NULL{clauses}",
-            parameters,
-        ).rowcount
+        return requeue_dead(connection, ids)
 
 
 def purge(connection: sqlite3.Connection, ids: Sequence[int | str] | None) -> int:
-    """Delete dead letters (those of ``ids``, or all for None)."""
-    clauses, parameters = _where("dead", ids)
+    """Delete dead letters (those of ``ids``, or all for None), in a transaction of
+    their own; how many."""
     with journal_schema.transaction(connection):
-        return connection.execute(f"DELETE FROM tasks{clauses}", parameters).rowcount
+        return purge_dead(connection, ids)
+
+
+def requeue_dead(connection: sqlite3.Connection, ids: Sequence[int | str] | None) -> int:
+    """`requeue`'s statement, in the caller's transaction."""
+    clauses, parameters = _where("dead", ids)
+    return connection.execute(
+        f"UPDATE tasks SET state = 'queued', attempt = 1, started = 0, owner = NULL, "
+        f"error = NULL, progress = NULL, message = NULL{clauses}",
+        parameters,
+    ).rowcount
+
+
+def purge_dead(connection: sqlite3.Connection, ids: Sequence[int | str] | None) -> int:
+    """`purge`'s statement, in the caller's transaction."""
+    clauses, parameters = _where("dead", ids)
+    return connection.execute(f"DELETE FROM tasks{clauses}", parameters).rowcount
 
 
 def _where(state: str | None, ids: Sequence[int | str] | None) -> tuple[str, list[object]]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,7 @@ import trio
 from .._engine.calls import spec_of
 from .._engine.durable import decode_arguments, registered, registered_names
 from .._engine.report import names_with_counts
+from .._engine.status import describe_error
 from .._engine.tasks import Task
 from .._errors import JournalError
 from .journal import Claim, Journal, current_claim
@@ -96,7 +98,8 @@ class JournalKeeper:
 
     def ended(self, task: Task, outcome: Outcome, error: BaseException | None) -> None:
         """A task ended: room for a row of the backlog; a durable one's row is done
-        (it goes, as does one cancelled by `cancel_task`), dead (a dead letter),
+        (it goes, its status kept a while, as is one cancelled by `cancel_task`), dead
+        (a dead letter),
         handed to Redis (its receipt, see `RemoteKeeper`), or cut short by the shutdown
         (it stays, for the next start)."""
         if self._backlog:
@@ -109,8 +112,27 @@ class JournalKeeper:
         journal = self.journal
         if outcome == "handed_off" and task.remote is not None and task.remote.receipt:
             journal.mark_sent(journal_id, task.remote.receipt.encode())
-        elif outcome in ("completed", "handed_off") or task.cancel_requested:
-            journal.remove((journal_id,))  # (cancelled by cancel_task: it goes too)
+        elif outcome == "handed_off":  # (its status is Redis's to tell)
+            journal.remove((journal_id,))
+        elif outcome == "completed" or task.cancel_requested:
+            # Its row goes; its status stays a while (cancelled by cancel_task, too).
+            state = "completed" if outcome == "completed" else "cancelled"
+            now = time.time()
+            journal.end(
+                (
+                    journal_id,
+                    state,
+                    task.name,
+                    task.attempt,
+                    task.progress,
+                    task.message,
+                    task.result,
+                    None if error is None else describe_error(error),
+                    task.started,
+                    now,
+                    now + task.key_ttl if task.key_ttl else None,
+                )
+            )
         elif outcome == "failed":
             journal.bury(journal_id, f"attempt {task.attempt}: {error!r}")
         elif outcome == "timed_out":

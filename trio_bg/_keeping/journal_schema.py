@@ -10,9 +10,13 @@ name, its JSON arguments, its attempt, whether that attempt has ``started``, whi
 process (``owner``) has claimed it, its ``task_id`` (the id of its `TaskHandle`: one row
 per id, so that a second process adding a task with the same deduplication key adds
 nothing), and the ``progress`` and ``message`` its task last set; dead letters (tasks
-that failed their last attempt) stay with ``state = 'dead'``. ``owners`` holds one row
-per live process, with the wall-clock time its lease expires. Ids are ``AUTOINCREMENT``:
-a reused id could make one task look like another.
+that failed their last attempt) stay with ``state = 'dead'``. ``ended`` keeps the
+status of each task that ended (completed, or cancelled by `cancel_task`), by task id,
+without its arguments, for every process to read until it is swept (the time it is
+kept for is the nursery's ``journal_statuses_kept_for``); ``key_until`` holds a keyed
+task's deduplication key past its end (its ``key_ttl``). ``owners`` holds one row per
+live process, with the wall-clock time its lease expires. Ids are ``AUTOINCREMENT``: a
+reused id could make one task look like another.
 """
 
 from __future__ import annotations
@@ -28,10 +32,28 @@ from pathlib import Path
 from .._errors import JournalError
 
 APPLICATION_ID = 0x74726267  # "trbg", in the SQLite header: this file is a trio_bg journal
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 MEMORY = ":memory:"
 """The path of a journal that lives in memory, for tests: durable only in name."""
+
+ENDED_TABLE = """
+CREATE TABLE ended (
+    task_id   TEXT    PRIMARY KEY,
+    name      TEXT    NOT NULL,
+    state     TEXT    NOT NULL,
+    attempt   INTEGER NOT NULL,
+    progress  REAL,
+    message   TEXT,
+    result    TEXT,
+    error     TEXT,
+    created   REAL    NOT NULL,
+    started   REAL,
+    ended     REAL    NOT NULL,
+    key_until REAL
+) WITHOUT ROWID;
+CREATE INDEX ended_by_time ON ended (ended);
+"""
 
 SCHEMA = f"""
 CREATE TABLE tasks (
@@ -51,6 +73,7 @@ CREATE TABLE tasks (
 );
 CREATE INDEX tasks_by_state ON tasks (state, owner, id);
 CREATE UNIQUE INDEX tasks_by_task_id ON tasks (task_id);
+{ENDED_TABLE}
 CREATE TABLE owners (
     id      INTEGER PRIMARY KEY AUTOINCREMENT,
     pid     INTEGER NOT NULL,
@@ -209,6 +232,10 @@ def _upgrade(connection: sqlite3.Connection) -> None:
             connection.execute("CREATE UNIQUE INDEX tasks_by_task_id ON tasks (task_id)")
             connection.execute("ALTER TABLE tasks ADD COLUMN progress REAL")
             connection.execute("ALTER TABLE tasks ADD COLUMN message TEXT")
+        if version < 4:
+            for statement in ENDED_TABLE.split(";"):
+                if statement.strip():
+                    connection.execute(statement)
         connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 

@@ -16,7 +16,7 @@ import trio
 from .._engine.tasks import Task
 from .._errors import HandoffError, needs_a_handoff
 from .handoff import Handoff
-from .journal import REMOTE_PREFIX
+from .journal_file import REMOTE_PREFIX
 from .redis_guard import LOOK_EVERY, Receipt, RedisGuard
 
 if TYPE_CHECKING:

@@ -4,16 +4,19 @@ by state and name."""
 from __future__ import annotations
 
 import itertools
+import json
 import logging
+import math
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
 from .._engine.status import STATES, TaskState, TaskStatus, looks_like_id, utc
 from .._engine.tasks import Task, sent
-from .._keeping.journal_file import Row
+from .._keeping.journal_file import EndedRow, Row
 from .._keeping.remote_status import abort_remote, remote_status, wait_remote
+from .statuses import checked_timeout
 
 if TYPE_CHECKING:
     from .runner import TaskRunner
@@ -21,6 +24,10 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 logger = logging.getLogger("trio_bg")
+
+JOURNAL_POLL = 1.0
+"""Seconds between reads of a durable task's row, at most, while another process's
+task is waited for."""
 
 
 class TasksById:
@@ -70,13 +77,39 @@ class TasksById:
                     return await wait_remote(remote.handoff.worker, id, timeout)
                 if status is not None:
                     return status  # handed off, and Redis cannot say more now
-            journal = runner.journal
-            if journal is not None and await journal.journal.find(id) is not None:
-                raise LookupError(
-                    f"background task {id} is another process's (its row is in the "
-                    f"journal: task_status reads it)"
-                )
+            if runner.journal is not None:
+                checked_timeout(timeout)
+                row = await runner.journal.journal.find(id)
+                if row is not None:  # another process's durable task
+                    return await self._wait_in_journal(id, row, timeout)
         return await runner.statuses.wait(id, timeout)
+
+    async def _wait_in_journal(
+        self, id: str, row: Row | EndedRow | None, timeout: float | None
+    ) -> TaskStatus:
+        """Wait for another process's durable task to end, reading its row every so
+        often (from 50 ms apart to `JOURNAL_POLL`): the journal tells no one of a
+        change. If this process takes the task meanwhile, wait for it here."""
+        runner = self._runner
+        assert runner.journal is not None
+        deadline = trio.current_time() + (math.inf if timeout is None else timeout)
+        pause = 0.05
+        while True:
+            if row is None:
+                raise LookupError(
+                    f"background task {id} ended, and the journal keeps no status of it "
+                    f"(see journal_statuses_kept_for)"
+                )
+            status = row_status(row)
+            if status.ended:
+                return status
+            if runner.statuses.find(id) is not None:
+                return await runner.statuses.wait(id, max(0.0, deadline - trio.current_time()))
+            if trio.current_time() >= deadline:
+                raise TimeoutError(f"background task {id} has not ended after {timeout}s")
+            await trio.sleep_until(min(deadline, trio.current_time() + pause))
+            pause = min(2 * pause, JOURNAL_POLL)
+            row = await runner.journal.journal.find(id)
 
     async def cancel_task(self, id: str) -> bool:
         """See `BackgroundNursery.cancel_task`."""
@@ -122,10 +155,25 @@ class TasksById:
         return list(itertools.islice(self._runner.statuses.select(state, name), limit))
 
 
-def row_status(row: Row) -> TaskStatus:
+def row_status(row: Row | EndedRow) -> TaskStatus:
     """The status a journal row tells of its task: ``dead`` (a dead letter),
     ``running`` (its attempt started), ``pending`` (claimed by a live process) or
-    ``deferred`` (nobody's: the next process to start takes it)."""
+    ``deferred`` (nobody's: the next process to start takes it); or, kept once it
+    ended, ``completed`` or ``cancelled``."""
+    if isinstance(row, EndedRow):
+        return TaskStatus(
+            id=row.task_id,
+            name=row.name,
+            state="cancelled" if row.state == "cancelled" else "completed",
+            attempt=row.attempt,
+            progress=row.progress,
+            message=row.message,
+            result=_decoded(row.result),
+            error=row.error,
+            created_at=utc(row.created),
+            started_at=utc(row.started),
+            ended_at=utc(row.ended),
+        )
     state: TaskState
     if row.state == "dead":
         state = "dead"
@@ -143,6 +191,15 @@ def row_status(row: Row) -> TaskStatus:
         error=row.error,
         created_at=utc(row.created),
     )
+
+
+def _decoded(result: str | None) -> Any:
+    """A result's JSON text as kept in the journal, decoded (None if it is not JSON: a
+    row written by hand)."""
+    try:
+        return None if result is None else json.loads(result)
+    except ValueError:
+        return None
 
 
 def _checked(id: object) -> str:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, Unpack
 
 import trio
 
+from .._engine.recorder import TaskRecorder
 from .._engine.report import ShutdownReport, TaskStats, names_with_counts
 from .._engine.status import TaskHandle, TaskState, TaskStatus
 from .._engine.tasks import Task
@@ -288,6 +289,7 @@ async def open_nursery(
                 os.fspath(settings.journal),
                 lease=settings.journal_lease,
                 synchronous=settings.journal_synchronous,
+                statuses_kept_for=settings.journal_statuses_kept_for,
             ),
             port,
             max_running=settings.max_running,
@@ -381,3 +383,33 @@ def remote_keeper(nursery: BackgroundNursery) -> RemoteKeeper | None:
 def tasks_by_id(nursery: BackgroundNursery) -> TasksById:
     """``nursery``'s tasks by id (what the module functions ask)."""
     return nursery._runner.by_id
+
+
+def record_tasks(nursery: BackgroundNursery) -> TaskRecorder:
+    """``nursery``'s recorder (per-name outcomes, run and wait times, the timeline of
+    the last minutes), made on the first call: till then nothing is recorded."""
+    onlookers = nursery._runner.onlookers
+    if onlookers.recorder is None:
+        onlookers.recorder = TaskRecorder()
+    return onlookers.recorder
+
+
+def journal_of(nursery: BackgroundNursery) -> Journal | None:
+    """``nursery``'s journal, if it has one (the dashboard and the metrics count its
+    rows, and list, retry and purge its dead letters)."""
+    keeper = nursery._runner.journal
+    return None if keeper is None else keeper.journal
+
+
+def settings_of(nursery: BackgroundNursery) -> Settings:
+    """``nursery``'s options, checked, with their defaults filled in."""
+    return nursery._runner.settings
+
+
+def newest_ended(
+    nursery: BackgroundNursery, limit: int, state: TaskState | None = None, name: str | None = None
+) -> list[TaskStatus]:
+    """The statuses of ``nursery``'s last ``limit`` tasks to end, newest first, of those
+    in ``state`` and named ``name`` (None: any): what the dashboard lists as recently
+    ended, without building every status kept."""
+    return nursery._runner.statuses.newest_ended(limit, state, name)

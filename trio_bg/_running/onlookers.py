@@ -13,6 +13,7 @@ from .._engine.tasks import Task
 from .options import Settings
 
 if TYPE_CHECKING:
+    from .._engine.recorder import TaskRecorder
     from .._engine.tracing import TaskTracer
 
 logger = logging.getLogger("trio_bg")
@@ -25,7 +26,7 @@ class Onlookers:
     the nursery. A KeyboardInterrupt or SystemExit (from a task or a hook) is kept in
     `fatal`, and ``stop(again)`` is called: ``again`` when one was kept already."""
 
-    __slots__ = ("_settings", "_stop", "fatal", "tracer", "watchers")
+    __slots__ = ("_settings", "_stop", "fatal", "recorder", "tracer", "watchers")
 
     def __init__(self, settings: Settings, stop: Callable[[bool], None]) -> None:
         self._settings = settings
@@ -34,16 +35,22 @@ class Onlookers:
         # trio_bg.testing listens here to fail the test on a task's error.
         self.watchers: list[Callable[[str, BaseException], object]] = []
         self.tracer: TaskTracer | None = None
+        # Made when a dashboard or metrics app first asks for it: till then, nothing.
+        self.recorder: TaskRecorder | None = None
         if settings.tracing:
             from .._engine.tracing import TaskTracer  # OpenTelemetry: only when asked for
 
             self.tracer = TaskTracer()
 
     def observed(self) -> bool:
-        """Whether anyone looks at task events (a hook, tracing, or the debug log)."""
+        """Whether anyone looks at task events (a hook, tracing, a recorder, or the
+        debug log)."""
         settings = self._settings
         return (
-            settings.on_event is not None or settings.tracing or logger.isEnabledFor(logging.DEBUG)
+            settings.on_event is not None
+            or settings.tracing
+            or self.recorder is not None
+            or logger.isEnabledFor(logging.DEBUG)
         )
 
     def emit(
@@ -56,7 +63,13 @@ class Onlookers:
         duration: float | None = None,
         delay: float | None = None,
     ) -> None:
-        """Tell the debug log, tracing and the ``on_event`` hook of ``task``'s step."""
+        """Tell the debug log, tracing, the recorder and the ``on_event`` hook of
+        ``task``'s step."""
+        if (recorder := self.recorder) is not None:
+            if kind == "started":
+                recorder.started(task.name, waited)
+            elif kind == "finished" and outcome is not None:
+                recorder.finished(task.name, outcome, duration)
         hook = self._settings.on_event
         event = TaskEvent(
             kind,

@@ -13,7 +13,7 @@ from typing import Any
 
 from .._engine.calls import is_async_callable, name_of
 from .._engine.events import TaskEvent
-from .._keeping.journal import DEFAULT_LEASE
+from .._keeping.journal import DEFAULT_JOURNAL_STATUSES_KEPT_FOR, DEFAULT_LEASE
 from .._keeping.journal_schema import SYNCHRONOUS_LEVELS
 from .statuses import DEFAULT_STATUSES_KEPT, DEFAULT_STATUSES_KEPT_FOR
 from .values import non_negative_float, non_negative_int, positive_float, positive_int
@@ -219,6 +219,12 @@ OPTIONS: tuple[Option, ...] = (
         "journal_synchronous", str, DEFAULT_SYNCHRONOUS,
         f"the journal's SQLite synchronous level: {', '.join(SYNCHRONOUS_LEVELS)}",
         _synchronous,
+    ),
+    Option(
+        "journal_statuses_kept_for", float, DEFAULT_JOURNAL_STATUSES_KEPT_FOR,
+        "seconds the journal keeps an ended durable task's status (not its arguments) "
+        "for every process; 0: none", _seconds(0),
+        Flag(_SECONDS, non_negative_float, drill=False),
     ),
     Option(
         "streaq", Any, None,

@@ -46,6 +46,7 @@ class NurseryOptions(TypedDict, total=False):
     journal: str | os.PathLike[str] | None
     journal_lease: float
     journal_synchronous: str
+    journal_statuses_kept_for: float
     streaq: Any
 
 
@@ -65,6 +66,7 @@ class Settings:
     journal: str | os.PathLike[str] | None
     journal_lease: float
     journal_synchronous: str
+    journal_statuses_kept_for: float
     streaq: Any  # a streaq Worker (streaq is an optional dependency)
 
     @classmethod

@@ -99,6 +99,12 @@ def status_of(
     )
 
 
+def checked_timeout(timeout: float | None) -> None:
+    """`ValueError` for a ``timeout`` of `wait_task` that is not None nor seconds >= 0."""
+    if timeout is not None and not (timeout >= 0 and not math.isnan(timeout)):
+        raise ValueError(f"timeout must be a number of seconds >= 0, not {timeout!r}")
+
+
 class TaskStatuses:
     """A nursery's tasks by id: the live ones, and up to ``limit`` ended ones for up to
     ``max_age`` seconds (a keyed task with a ``key_ttl`` for that long at least).
@@ -211,8 +217,7 @@ class TaskStatuses:
     async def wait(self, id: str, timeout: float | None) -> TaskStatus:
         """Return ``id``'s status once it has ended: `TimeoutError` after ``timeout``
         seconds, `LookupError` for an id this nursery does not know."""
-        if timeout is not None and not (timeout >= 0 and not math.isnan(timeout)):
-            raise ValueError(f"timeout must be a number of seconds >= 0, not {timeout!r}")
+        checked_timeout(timeout)
         found = self.find(id)
         if found is None:
             raise LookupError(f"no background task has the id {id!r}")
@@ -240,6 +245,22 @@ class TaskStatuses:
         for record in list(self._ended.values()) + list(self._held.values()):
             if (state is None or record.state == state) and (name is None or record.name == name):
                 yield record.status()
+
+    def newest_ended(
+        self, limit: int, state: TaskState | None, name: str | None
+    ) -> list[TaskStatus]:
+        """The statuses of the last ``limit`` tasks to end, newest first, of those in
+        ``state`` and named ``name`` (None: any). Builds only the statuses it returns
+        (the dashboard asks every second)."""
+        found: list[TaskStatus] = []
+        if limit <= 0:
+            return found
+        for record in reversed(self._ended.values()):
+            if (state is None or record.state == state) and (name is None or record.name == name):
+                found.append(record.status())
+                if len(found) == limit:
+                    break
+        return found
 
 
 class _Waiter:

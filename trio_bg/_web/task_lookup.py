@@ -50,6 +50,20 @@ def set_progress(fraction: float | None = None, message: str | None = None) -> N
         task.home.progressed(task)
 
 
+def serving_nursery(what: str) -> BackgroundNursery:
+    """The nursery that serves the request this is called in; a clear `RuntimeError`
+    naming ``what`` (that asked for it) elsewhere."""
+    tasks = current_collection.get(None)
+    if tasks is not None:
+        sink = collection_of(tasks).sink
+        if isinstance(sink, BackgroundNursery):
+            return sink
+    raise RuntimeError(
+        f"{what} reads the nursery that serves the request, and there is none here: "
+        f"mount it in an app served by trio_bg.BackgroundTaskMiddleware (or trio_bg.serve)"
+    )
+
+
 def _serving(verb: str) -> TasksById:
     task = running_task.get(None)
     if task is not None and isinstance(task.home, TasksById):

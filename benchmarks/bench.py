@@ -22,6 +22,7 @@ from . import (
     bench_http,
     bench_journal,
     bench_memory,
+    bench_metrics,
     bench_shutdown,
     bench_spawn,
     bench_streaq,
@@ -43,6 +44,7 @@ BENCHMARKS = (
     "threads",
     "streaq",
     "handles",
+    "metrics",
 )
 
 
@@ -124,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             cpu=load_cpu,
         ),
         "threads": lambda: bench_threads.run(http(2), reps=reps, tasks=in_process, cpu=load_cpu),
+        "metrics": lambda: bench_metrics.run(http(4)),
         "streaq": lambda: bench_streaq.run(
             http(2),
             reps=reps,

@@ -12,6 +12,7 @@ import contextlib
 import itertools
 import json
 import logging
+import os
 import signal
 import socket
 import tempfile
@@ -25,6 +26,7 @@ from hypercorn.config import Config
 from hypercorn.utils import repr_socket_addr
 
 from .._engine.report import ShutdownReport, report_from_json
+from .._running.worker_numbers import DIRECTORY_VARIABLE, WORKER_VARIABLE
 from .._web.serve import CANCEL, READY, SIGNALS, STOP, on_signals
 
 MIN_UPTIME = 1.0
@@ -77,8 +79,8 @@ async def supervise(
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(supervisor.on_signals, signals)
                     async with trio.open_nursery() as slots:
-                        for _ in range(workers):
-                            slots.start_soon(supervisor.run_slot)
+                        for number in range(1, workers + 1):
+                            slots.start_soon(supervisor.run_slot, number)
                     nursery.cancel_scope.cancel()
         finally:
             for sock in listening:
@@ -121,6 +123,8 @@ class _Supervisor:
         self._command = command
         self._fds = fds
         self._directory = directory
+        self._numbers = directory / "numbers"
+        self._numbers.mkdir()
         self._workers = workers
         self._serving = serving  # logged once the first ``workers`` are ready
         self._lives = itertools.count(1)
@@ -145,11 +149,11 @@ class _Supervisor:
         self._cancelling = True
         self._command_all(CANCEL)
 
-    async def run_slot(self) -> None:
-        """Run one worker, and its replacements while serving."""
+    async def run_slot(self, number: int) -> None:
+        """Run worker ``number``, and its replacements (of the same number) while serving."""
         while not self._stopping:
             started = trio.current_time()
-            pid, ready, status = await self._run_worker()
+            pid, ready, status = await self._run_worker(number)
             if self._stopping:
                 return
             uptime = trio.current_time() - started
@@ -169,9 +173,12 @@ class _Supervisor:
                 describe_exit(status),
             )
 
-    async def _run_worker(self) -> tuple[int, bool, int]:
-        """Start a worker and wait for it to end: its pid, whether it served, its status."""
+    async def _run_worker(self, number: int) -> tuple[int, bool, int]:
+        """Start worker ``number`` and wait for it to end: its pid, whether it served,
+        its status."""
         report_path = self._directory / f"worker-{next(self._lives)}.json"
+        # Where the workers share their numbers for the metrics (see worker_numbers).
+        numbers = {DIRECTORY_VARIABLE: str(self._numbers), WORKER_VARIABLE: str(number)}
         ours, theirs = socket.socketpair()
         with ours:
             with theirs:
@@ -179,6 +186,7 @@ class _Supervisor:
                     [*self._command, f"--report-json={report_path}"],
                     stdin=theirs.fileno(),
                     pass_fds=self._fds,
+                    env=os.environ | numbers,
                 )
             logger.info("started worker %d", process.pid)
             self._controls[process.pid] = ours

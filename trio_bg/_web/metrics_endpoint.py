@@ -5,10 +5,9 @@ from a collector of its own."""
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import trio
@@ -33,10 +32,8 @@ from .._errors import JournalError
 from .._running.nursery import BackgroundNursery, journal_of
 from .._running.worker_numbers import HistogramNumbers, Numbers, SharedNumbers, numbers_of
 from .asgi import ASGIApp, Receive, Scope, Send
+from .authorization import Authorize, allowed, checked_authorize
 from .task_lookup import serving_nursery
-
-Authorize = Callable[[Scope], bool | Awaitable[bool]]
-"""``authorize(scope)``: whether the request may read the metrics."""
 
 JOURNAL_STATES = ("queued", "dead", "ended")
 """The journal's rows counted by ``trio_bg_journal_rows``, by its ``state`` label."""
@@ -86,8 +83,7 @@ def app(
     Under ``python -m trio_bg serve --workers N`` each sample has a ``worker`` label,
     and the worker scraped answers for all of them.
     """
-    if authorize is not None and not callable(authorize):
-        raise TypeError(f"authorize must be callable, not {authorize!r}")
+    authorize = checked_authorize(authorize)
     if registry is None:
         registry = CollectorRegistry()
     collector = NurseryCollector()
@@ -102,13 +98,9 @@ def app(
         if scope["method"] not in ("GET", "HEAD"):
             await _refuse(send, 405, b"method not allowed\n", allow=b"GET, HEAD")
             return
-        if authorize is not None:
-            verdict = authorize(scope)
-            if inspect.isawaitable(verdict):
-                verdict = await verdict
-            if verdict is not True:
-                await _refuse(send, 403, b"forbidden\n")
-                return
+        if not await allowed(authorize, scope):
+            await _refuse(send, 403, b"forbidden\n")
+            return
         nursery = serving_nursery("trio_bg.metrics.app()")
         if shared is not None and not wanted:
             try:

@@ -4,16 +4,12 @@ id nobody knows) and, where allowed, cancels it on ``DELETE /{id}``."""
 
 from __future__ import annotations
 
-import inspect
 import json
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .asgi import ASGIApp, Receive, Scope, Send
+from .authorization import Authorize, allowed, required_authorize
 from .task_lookup import cancel_task, task_status
-
-Authorize = Callable[[Scope], bool | Awaitable[bool]]
-"""``authorize(scope)``: whether the request may see (or cancel) the task."""
 
 
 def app(
@@ -29,31 +25,23 @@ def app(
     request's ASGI scope, it returns a bool or an awaitable bool: False answers
     403) or ``public=True``.
     """
-    if authorize is None and not public:
-        raise ValueError(
-            "trio_bg.status.app() shows task results and errors: give it "
-            "authorize=callable(scope) -> bool, or public=True to show them to anyone"
-        )
-    if authorize is not None and not callable(authorize):
-        raise TypeError(f"authorize must be callable, not {authorize!r}")
-    if not isinstance(cancel, bool) or not isinstance(public, bool):
-        raise TypeError("public and cancel must be True or False")
-    allowed = ("GET", "HEAD", "DELETE") if cancel else ("GET", "HEAD")
+    authorize = required_authorize(
+        authorize, public=public, app="trio_bg.status.app()", shows="task results and errors"
+    )
+    if not isinstance(cancel, bool):
+        raise TypeError(f"cancel must be True or False, not {cancel!r}")
+    methods = ("GET", "HEAD", "DELETE") if cancel else ("GET", "HEAD")
 
     async def status_app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             raise RuntimeError(f"trio_bg.status.app() serves HTTP only, not {scope['type']!r}")
         method = scope["method"]
-        if method not in allowed:
-            await _answer(send, 405, {"error": "method not allowed"}, allow=allowed)
+        if method not in methods:
+            await _answer(send, 405, {"error": "method not allowed"}, allow=methods)
             return
-        if authorize is not None:
-            verdict = authorize(scope)
-            if inspect.isawaitable(verdict):
-                verdict = await verdict
-            if verdict is not True:
-                await _answer(send, 403, {"error": "forbidden"})
-                return
+        if not await allowed(authorize, scope):
+            await _answer(send, 403, {"error": "forbidden"})
+            return
         task_id = _last_segment(scope)
         if method == "DELETE":
             cancelled = await cancel_task(task_id)

@@ -9,9 +9,10 @@ then ``curl -X POST 'http://127.0.0.1:8000/signup?name=ada'`` (an ``async def``
 endpoint) or ``curl 'http://127.0.0.1:8000/report'`` (a plain ``def`` endpoint, which
 Starlette runs in a worker thread). ``curl -i -X POST 'http://127.0.0.1:8000/exports'``
 answers ``202 Accepted`` with a ``Location`` to follow: ``/tasks/{id}``, the status of
-the export as JSON (`trio_bg.status.app`, mounted). Stop the server with Ctrl+C (or SIGTERM to
-Hypercorn) and watch the order in the log: the background tasks are drained first,
-then the app's own lifespan shuts down.
+the export as JSON (`trio_bg.status.app`, mounted). Open http://127.0.0.1:8000/dashboard/
+for the live dashboard (`trio_bg.dashboard.app`, for this machine only). Stop the server
+with Ctrl+C (or SIGTERM to Hypercorn) and watch the order in the log: the background
+tasks are drained first, then the app's own lifespan shuts down.
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Mount, Route
+from starlette.types import Scope
 
 import trio_bg
+import trio_bg.dashboard
 import trio_bg.status
 from examples._logging import show_logs
 
@@ -82,6 +85,13 @@ async def start_export(request: Request) -> JSONResponse:
     return JSONResponse({"id": handle.id}, status_code=202, headers={"location": location})
 
 
+def from_this_machine(scope: Scope) -> bool:
+    """The dashboard's guard: requests from this machine only. In production, ask your
+    own authentication (a staff session, say) instead: see docs/dashboard.md."""
+    client = scope.get("client")
+    return client is not None and client[0] in ("127.0.0.1", "::1")
+
+
 @asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
     """The app's own startup and shutdown (say, a database pool). trio_bg shuts the
@@ -100,6 +110,8 @@ app = Starlette(
         # GET /tasks/{id}: a task's status as JSON. public=True for the example only: a
         # status shows results and errors, so guard it with authorize=check(scope).
         Mount("/tasks", app=trio_bg.status.app(public=True)),
+        # The live dashboard: counts, running and ended tasks, dead letters, cancel.
+        Mount("/dashboard", app=trio_bg.dashboard.app(authorize=from_this_machine)),
     ],
     lifespan=lifespan,
     # Why a Starlette middleware rather than BackgroundTaskMiddleware(Starlette(...)):

@@ -42,6 +42,7 @@ PUBLIC = {
     "trio_bg.testing": ["TaskFailures", "TestClient", "open_test_client"],
     "trio_bg.status": ["app"],
     "trio_bg.metrics": ["app"],
+    "trio_bg.dashboard": ["app"],
     "trio_bg.streaq": ["DEFAULT_GRACE_PERIOD", "DEFAULT_IDLE_TIMEOUT", "check_worker", "worker"],
     "trio_bg.starlette": ["TestClient", "install", "middleware_of", "overloaded_handler"],
     "trio_bg.fastapi": [

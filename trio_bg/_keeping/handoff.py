@@ -106,6 +106,11 @@ class Handoff:
         if shipment.error is not None:
             raise shipment.error
 
+    @property
+    def connected(self) -> bool:
+        """Whether the connection to Redis is up now (the dashboard shows it)."""
+        return self._connected
+
     async def wait_connected(self) -> None:
         """Return once connected to Redis (at once if it is)."""
         if not self._connected:

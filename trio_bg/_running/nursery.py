@@ -401,6 +401,19 @@ def journal_of(nursery: BackgroundNursery) -> Journal | None:
     return None if keeper is None else keeper.journal
 
 
+async def retry_dead_letters(nursery: BackgroundNursery, ids: Sequence[int | str]) -> int:
+    """Queue the dead letters of ``ids`` (row or task ids) in ``nursery``'s journal
+    again, and wake its feeder, so that they run now rather than at its next poll; how
+    many were queued (0 without a journal)."""
+    keeper = nursery._runner.journal
+    if keeper is None:
+        return 0
+    count = await keeper.journal.requeue(ids)
+    if count:
+        keeper.wake.set()
+    return count
+
+
 def settings_of(nursery: BackgroundNursery) -> Settings:
     """``nursery``'s options, checked, with their defaults filled in."""
     return nursery._runner.settings

@@ -255,7 +255,10 @@ class TaskStatuses:
         found: list[TaskStatus] = []
         if limit <= 0:
             return found
-        for record in reversed(self._ended.values()):
+        ended = self._ended
+        for record in reversed(self._order):  # (in the order they ended, unlike _ended's)
+            if ended.get(record.id) is not record:
+                continue  # its id ran again since (a retried dead letter, a keyed task)
             if (state is None or record.state == state) and (name is None or record.name == name):
                 found.append(record.status())
                 if len(found) == limit:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import (
+    bench_dashboard,
     bench_handles,
     bench_http,
     bench_journal,
@@ -45,6 +46,7 @@ BENCHMARKS = (
     "streaq",
     "handles",
     "metrics",
+    "dashboard",
 )
 
 
@@ -127,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "threads": lambda: bench_threads.run(http(2), reps=reps, tasks=in_process, cpu=load_cpu),
         "metrics": lambda: bench_metrics.run(http(4)),
+        "dashboard": lambda: bench_dashboard.run(reps=reps, requests=50 if quick else 200),
         "streaq": lambda: bench_streaq.run(
             http(2),
             reps=reps,
@@ -150,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sections: dict[str, list[Section]] = {}
     for name in only:
-        if name in ("spawn", "memory", "shutdown", "handles") and load_cpu is not None:
+        if name in ("spawn", "memory", "shutdown", "handles", "dashboard") and load_cpu is not None:
             os.sched_setaffinity(0, {load_cpu})  # in-process: keep to one core too
         result = runs[name]()
         sections[name] = result if isinstance(result, list) else [result]

@@ -5,7 +5,9 @@ show_arguments. (tests/test_dashboard_browser.py drives it in a real browser.)""
 
 from __future__ import annotations
 
+import importlib
 import re
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -16,6 +18,7 @@ import pytest
 import trio
 import trio.testing
 from conftest import asgi_client, run_lifespan
+from redis_server import RedisServer
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -454,3 +457,22 @@ async def test_the_starlette_example_mounts_it_for_this_machine_only() -> None:
         remote = httpx.ASGITransport(app=app, client=("203.0.113.9", 4711))
         async with httpx.AsyncClient(transport=remote, base_url="http://test") as elsewhere:
             assert (await elsewhere.get("/dashboard/state.json")).status_code == 403
+
+
+async def test_it_tells_whether_redis_is_reachable(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TRIO_BG_TEST_REDIS", redis_server.url)
+    sys.modules.pop("streaq_app", None)
+    streaq_app = importlib.import_module("streaq_app")
+    dashboard = trio_bg.dashboard.app(public=True)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        inner = dict(scope, root_path="/dash", path=scope["path"].removeprefix("/dash"))
+        await dashboard(inner, receive, send)
+
+    served = trio_bg.BackgroundTaskMiddleware(app, grace_period=0, streaq=streaq_app.tasks)
+    async with run_lifespan(served), asgi_client(served) as client:
+        await settled(client, lambda state: state["system"]["redis"] == "reachable")
+        redis_server.stop()
+        await settled(client, lambda state: state["system"]["redis"].startswith("unreachable"))

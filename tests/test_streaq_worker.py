@@ -18,10 +18,11 @@ from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from types import ModuleType
 
+import httpx
 import pytest
 import trio
 from processes import BOUND, TESTS, Child, trio_bg_process
-from redis_server import RedisServer
+from redis_server import RedisServer, free_port
 
 LOST_REDIS = r"ERROR trio_bg: streaq worker \w+ cannot use Redis"
 
@@ -198,3 +199,44 @@ async def test_the_worker_outlives_a_redis_restart(
     assert "INFO trio_bg: received SIGTERM: the worker stops" in worker.output.text
     pid = worker.process.pid
     assert ledger(tmp_path) == [f"before {pid}", f"after {pid}"]
+
+
+async def test_the_worker_serves_the_metrics_of_the_tasks_it_runs(
+    tmp_path: Path, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    app = streaq_app(monkeypatch, redis_server.url)
+    async with app.tasks:
+        for key in ("a", "b", "c"):
+            await app.record.enqueue(key)
+        await app.slow.enqueue("held", 60.0)  # running while scraped
+    port = free_port()
+    async with trio_bg_process(
+        "worker",
+        "streaq_app:tasks",
+        f"--metrics=127.0.0.1:{port}",
+        ready=f"Running on http://127.0.0.1:{port}",
+        env={
+            "TRIO_BG_TEST_REDIS": redis_server.url,
+            "TRIO_BG_TEST_LEDGER": str(tmp_path / "ledger"),
+        },
+    ):
+        with trio.fail_after(BOUND):
+            for key in ("a ", "b ", "c ", "held started"):
+                await wait_for_ledger(tmp_path, key)
+            async with httpx.AsyncClient() as http:
+                scraped = await http.get(f"http://127.0.0.1:{port}/metrics")
+    assert scraped.status_code == 200, scraped.text
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(scraped.text)
+        for sample in family.samples
+    }
+    record = (("name", "tests.streaq_app.record"),)
+    assert samples["trio_bg_tasks_total", (*record, ("outcome", "completed"))] == 3
+    assert samples["trio_bg_task_duration_seconds_count", record] == 3
+    assert samples["trio_bg_task_wait_seconds_count", record] == 3
+    assert samples["trio_bg_task_wait_seconds_count", (("name", "tests.streaq_app.slow"),)] == 1
+    assert samples["trio_bg_tasks_running", ()] == 1
+    assert not any(name == "trio_bg_tasks_pending" for name, _ in samples)  # a nursery's only

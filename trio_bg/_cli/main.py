@@ -28,6 +28,7 @@ from .._running.values import (
     EXIT_OK,
     EXIT_USAGE,
     add_command,
+    bind_address,
     check_journal_path,
     leaves,
     load_attribute,
@@ -124,7 +125,7 @@ def _parser() -> argparse.ArgumentParser:
     serve_parser.add_argument(
         "--bind",
         action="append",
-        type=_bind,
+        type=bind_address,
         metavar="HOST:PORT",
         help="where to listen (repeatable; default 127.0.0.1:8000)",
     )
@@ -432,21 +433,3 @@ def _write_json(path: Path, data: object) -> None:
 
 
 # -- argument types ------------------------------------------------------------------
-
-
-def _bind(text: str) -> str:
-    """A ``--bind`` (HOST:PORT, HOST, unix:PATH or fd://N) whose port or file descriptor
-    is a possible one: Hypercorn would fail on it with a traceback."""
-    if text.startswith("unix:"):
-        return text
-    if text.startswith("fd://"):
-        if not text.removeprefix("fd://").isdecimal():
-            raise argparse.ArgumentTypeError(f"expected fd://N, N a file descriptor, not {text}")
-        return text
-    try:  # read as Hypercorn reads it: no port, or no number after the colon, is port 8000
-        port = int(text.replace("[", "").replace("]", "").rsplit(":", 1)[1])
-    except (IndexError, ValueError):
-        return text
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"the port must be 0 to 65535, not {port}")
-    return text

@@ -17,6 +17,7 @@ from .._running.values import (
     EXIT_OK,
     EXIT_USAGE,
     add_command,
+    bind_address,
     describe_error,
     load_attribute,
     positive_int,
@@ -24,6 +25,8 @@ from .._running.values import (
 
 if TYPE_CHECKING:
     from streaq import Worker
+
+    from .._web.asgi import ASGIApp
 
 EXIT_WORKER_FAILED = 3
 
@@ -51,6 +54,11 @@ When Redis fails (a restart, a lost connection, a failover, an error), the worke
 logs it and connects again after {FIRST_DELAY:g} s, then twice as long each time up
 to {MAX_DELAY:g} s, until Redis answers or a signal stops it. The worker's lifespan
 (its lifespan= context) is entered once, around all the connections.
+
+With --metrics HOST:PORT it serves the Prometheus metrics of the tasks it runs there
+(any path): trio_bg_tasks_total, trio_bg_task_duration_seconds and
+trio_bg_task_wait_seconds by task name (the wait: since the task was enqueued), and
+trio_bg_tasks_running. It needs prometheus_client: pip install 'trio-bg[prometheus]'.
 
 exit status:
   {EXIT_OK}  stopped by a signal, or with --burst, once the queue was empty
@@ -84,6 +92,12 @@ def add_worker_parser(commands: Any) -> None:
         metavar="N",
         help="tasks running at once; the worker also takes up to N more from the queue "
         "ahead of time (default: the worker's concurrency, streaq's default 16)",
+    )
+    parser.add_argument(
+        "--metrics",
+        type=bind_address,
+        metavar="HOST:PORT",
+        help="serve the Prometheus metrics of the tasks it runs there (prometheus extra)",
     )
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="log at DEBUG on stderr (default INFO)"
@@ -121,17 +135,27 @@ def worker_command(args: argparse.Namespace) -> int:
     if args.concurrency is not None:
         worker.concurrency = args.concurrency
         worker.prefetch = 2 * args.concurrency  # as streaq's __init__ sets it from concurrency
+    metrics = None
+    if args.metrics is not None:
+        try:
+            from .._web.metrics_endpoint import worker_app
+        except ImportError as error:
+            parser.error(f"--metrics: {error}")
+        metrics = worker_app(worker)
     try:
-        trio.run(run_worker, worker)
+        trio.run(run_worker, worker, *(() if metrics is None else (metrics, args.metrics)))
     except Exception as error:
         logger.error("the worker failed", exc_info=error)
         return EXIT_WORKER_FAILED
     return EXIT_OK
 
 
-async def run_worker(worker: Worker[Any]) -> None:
+async def run_worker(
+    worker: Worker[Any], metrics: ASGIApp | None = None, bind: str | None = None
+) -> None:
     """Run ``worker`` until a signal stops it (or, with ``burst``, until its queue is
-    empty), connecting to Redis again each time Redis fails."""
+    empty), connecting to Redis again each time Redis fails; and serve ``metrics`` on
+    ``bind`` meanwhile, if given."""
     from coredis.exceptions import RedisError
 
     # While the worker runs, streaq's own handler takes the signals and stops it
@@ -149,6 +173,8 @@ async def run_worker(worker: Worker[Any]) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_on_signal, signals, reconnecting)
+            if metrics is not None and bind is not None:
+                await nursery.start(_serve_metrics, metrics, bind)
             # streaq enters the worker's lifespan at each run, which a context manager
             # made by @asynccontextmanager refuses the second time.
             async with worker.lifespan as context:
@@ -194,6 +220,20 @@ async def _run(
         )
         await trio.sleep(delay)
         delay = min(2 * delay, MAX_DELAY)
+
+
+async def _serve_metrics(
+    metrics: ASGIApp, bind: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Serve ``metrics`` on ``bind`` with Hypercorn until cancelled (it logs where)."""
+    from hypercorn.config import Config
+    from hypercorn.trio import serve
+
+    config = Config()
+    config.bind = [bind]
+    config.accesslog = None
+    config.errorlog = logger
+    await serve(metrics, config, task_status=task_status, mode="asgi")  # type: ignore[arg-type]
 
 
 async def _stop_on_signal(signals: AsyncIterator[int], reconnecting: trio.CancelScope) -> None:

@@ -65,6 +65,10 @@ def _not_now(_: object) -> trio.lowlevel.Abort:
     return trio.lowlevel.Abort.FAILED
 
 
+PING_TIMEOUT = 1.0
+"""Seconds `Handoff.reachable` waits for Redis's answer."""
+
+
 class Handoff:
     """Sends remote tasks to their streaq worker's queue: `send` returns once Redis has
     them (`HandoffError` if it cannot take them). `run` holds the connection."""
@@ -108,8 +112,22 @@ class Handoff:
 
     @property
     def connected(self) -> bool:
-        """Whether the connection to Redis is up now (the dashboard shows it)."""
+        """Whether the connection to Redis was up when last used."""
         return self._connected
+
+    async def reachable(self) -> bool:
+        """Whether Redis answers a ping within `PING_TIMEOUT` seconds now (an idle
+        connection learns it was lost only when next used; the dashboard asks this)."""
+        if not self._connected:
+            await trio.lowlevel.checkpoint()
+            return False
+        with trio.move_on_after(PING_TIMEOUT):
+            try:
+                await self.worker.redis.ping()
+            except Exception:  # any failure is an answer: not reachable
+                return False
+            return True
+        return False
 
     async def wait_connected(self) -> None:
         """Return once connected to Redis (at once if it is)."""

@@ -10,15 +10,20 @@ import json
 import logging
 import pickle
 import sys
+import time
 from collections.abc import Callable, Coroutine
+from datetime import timedelta
 from typing import Any
 
+import trio
 from coredis.response.types import StreamEntry
 from streaq import Worker
 from streaq import task as streaq_task
 from streaq.constants import REDIS_GROUP
 from streaq.types import Entries, StreamMessage, StreaqError
 
+from .._engine.events import Outcome
+from .._engine.recorder import TaskRecorder
 from .._engine.tasks import remote_progress
 from .remote_progress import ProgressWriter
 
@@ -74,6 +79,7 @@ def worker(
     )
     made.middleware(_traced)
     made.middleware(_reporting_progress(made))
+    made.middleware(_recording(made))
     return made
 
 
@@ -197,6 +203,52 @@ def _reporting_progress(
     return middleware
 
 
+def _recording(
+    made: TrioWorker,
+) -> Callable[[Callable[..., Coroutine[Any, Any, Any]]], Callable[..., Coroutine[Any, Any, Any]]]:
+    """streaq middleware: once the worker has a recorder (``worker --metrics``), each
+    task's wait since it was enqueued, its run time and its outcome are recorded, and
+    the tasks running counted."""
+
+    def middleware(
+        run: Callable[..., Coroutine[Any, Any, Any]],
+    ) -> Callable[..., Coroutine[Any, Any, Any]]:
+        async def recording(*args: Any, **kwargs: Any) -> Any:
+            recorder = made.recorder
+            if recorder is None:
+                return await run(*args, **kwargs)
+            context = streaq_task._task_context.get()
+            enqueued = _enqueued.get()
+            recorder.started(
+                context.fn_name, None if enqueued is None else time.time() - enqueued / 1000
+            )
+            outcome: Outcome = "failed"
+            made.tasks_running += 1
+            began = time.monotonic()
+            try:
+                result = await run(*args, **kwargs)
+                outcome = "completed"
+                return result
+            except trio.Cancelled:  # streaq's timeout, or an abort
+                ran = time.monotonic() - began
+                limit = context.timeout
+                seconds = limit.total_seconds() if isinstance(limit, timedelta) else limit
+                outcome = "timed_out" if seconds is not None and ran >= seconds else "cancelled"
+                raise
+            finally:
+                made.tasks_running -= 1
+                recorder.finished(context.fn_name, outcome, time.monotonic() - began)
+
+        return recording
+
+    return middleware
+
+
+# When the task being read was enqueued (ms since the epoch, its record's "t").
+_enqueued: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "trio_bg.streaq.enqueued", default=None
+)
+
 # The task whose record its run reads (None: none, or read already).
 _reading: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "trio_bg.streaq.reading", default=None
@@ -270,6 +322,9 @@ class TrioWorker(Worker[Any]):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._arguments = args, kwargs
+        # What ``python -m trio_bg worker --metrics`` shows: None until it asks.
+        self.recorder: TaskRecorder | None = None
+        self.tasks_running = 0
 
     async def run_task(self, msg: StreamMessage) -> None:
         token = _reading.set(msg.task_id)
@@ -296,6 +351,7 @@ class TrioWorker(Worker[Any]):
         if problem is not None:
             raise self._set_aside(task_id, record, problem)
         _trace_carrier.set(record.get("trio_bg", {}).get("trace"))
+        _enqueued.set(record["t"])
         return record
 
     async def _read_streams_legacy(self, count: int, block: bool = False) -> Entries:

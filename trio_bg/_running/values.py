@@ -106,3 +106,21 @@ def check_journal_path(parser: argparse.ArgumentParser, args: argparse.Namespace
     anything starts."""
     if args.journal is not None and (problem := journal_path_problem(Path(args.journal))):
         parser.error(f"--journal {args.journal}: {problem}")
+
+
+def bind_address(text: str) -> str:
+    """A ``--bind`` (HOST:PORT, HOST, unix:PATH or fd://N) whose port or file descriptor
+    is a possible one: Hypercorn would fail on it with a traceback."""
+    if text.startswith("unix:"):
+        return text
+    if text.startswith("fd://"):
+        if not text.removeprefix("fd://").isdecimal():
+            raise argparse.ArgumentTypeError(f"expected fd://N, N a file descriptor, not {text}")
+        return text
+    try:  # read as Hypercorn reads it: no port, or no number after the colon, is port 8000
+        port = int(text.replace("[", "").replace("]", "").rsplit(":", 1)[1])
+    except (IndexError, ValueError):
+        return text
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"the port must be 0 to 65535, not {port}")
+    return text

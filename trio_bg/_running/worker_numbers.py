@@ -21,7 +21,7 @@ from typing import Any
 
 import trio
 
-from .._engine.recorder import BUCKETS, Histogram
+from .._engine.recorder import BUCKETS, Histogram, TaskRecorder
 from .nursery import BackgroundNursery, record_tasks
 
 DIRECTORY_VARIABLE = "TRIO_BG_WORKER_NUMBERS"
@@ -129,8 +129,32 @@ class Numbers:
 def numbers_of(nursery: BackgroundNursery) -> Numbers:
     """``nursery``'s numbers now; its recorder is made if it has none (then it starts
     recording). In trio's thread."""
-    recorder = record_tasks(nursery)
     stats = nursery.stats
+    return recorded(
+        record_tasks(nursery),
+        running=stats.running,
+        pending=stats.pending,
+        threads_in_use=stats.threads_in_use,
+        oldest_pending_age=stats.oldest_pending_age,
+        rejected=stats.rejected,
+        discarded=stats.discarded,
+        retried=stats.retried,
+    )
+
+
+def recorded(
+    recorder: TaskRecorder,
+    *,
+    running: int,
+    pending: int = 0,
+    threads_in_use: int = 0,
+    oldest_pending_age: float = 0.0,
+    rejected: int = 0,
+    discarded: int = 0,
+    retried: int = 0,
+) -> Numbers:
+    """The numbers ``recorder`` holds, with the live counts and totals given (a streaq
+    worker has only ``running``)."""
     records = recorder.by_name.items()
     return Numbers(
         outcomes={name: dict(record.outcomes) for name, record in records if record.outcomes},
@@ -144,13 +168,13 @@ def numbers_of(nursery: BackgroundNursery) -> Numbers:
             for name, record in records
             if record.waits.recent
         },
-        running=stats.running,
-        pending=stats.pending,
-        threads_in_use=stats.threads_in_use,
-        oldest_pending_age=stats.oldest_pending_age,
-        rejected=stats.rejected,
-        discarded=stats.discarded,
-        retried=stats.retried,
+        running=running,
+        pending=pending,
+        threads_in_use=threads_in_use,
+        oldest_pending_age=oldest_pending_age,
+        rejected=rejected,
+        discarded=discarded,
+        retried=retried,
     )
 
 

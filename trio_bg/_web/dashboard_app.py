@@ -21,7 +21,6 @@ import secrets
 import time
 from http.cookies import CookieError, SimpleCookie
 from importlib import resources
-from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import trio
@@ -157,26 +156,26 @@ class _Dashboard:
             outcome=outcome if outcome in ENDED_STATES else None,
         )
 
-    async def _look(self, view: View, *, fresh: bool) -> tuple[dict[str, Any], str, str]:
-        """A look at the serving nursery (a new one if ``fresh``, else perhaps one taken
-        less than `FRESH_FOR` ago), its JSON without ``now``, and its ETag."""
+    async def _look(self, view: View, *, fresh: bool) -> tuple[str, str]:
+        """A look at the serving nursery, as JSON without ``now``, and its ETag: a new
+        one if ``fresh``, else perhaps one taken less than `FRESH_FOR` ago."""
         nursery = serving_nursery("trio_bg.dashboard.app()")
         key = (id(nursery), view)
         kept = self._looks.get(key)
         if not fresh and kept is not None and trio.current_time() - kept[0] < FRESH_FOR:
-            _, data, etag = kept
-            return {**json.loads(data), "now": time.time()}, data, etag
+            return kept[1], kept[2]
         state = await look(nursery, view)
         data = json.dumps({k: v for k, v in state.items() if k != "now"}, separators=(",", ":"))
         etag = '"' + hashlib.blake2b(data.encode(), digest_size=9).hexdigest() + '"'
         if len(self._looks) >= 16:  # (a filter per page: few, but bounded)
             self._looks.clear()
         self._looks[key] = (trio.current_time(), data, etag)
-        return state, data, etag
+        return data, etag
 
     async def _page(self, scope: Scope, send: Send, *, head: bool) -> None:
         view = self._view(scope)
-        state, _, etag = await self._look(view, fresh=True)
+        data, etag = await self._look(view, fresh=True)
+        state = {**json.loads(data), "now": time.time()}
         token, cookie = _token(scope)
         root = scope.get("root_path", "").rstrip("/")
         page = render(state, root=root, token=token, etag=etag, view=view, assets=self._version)
@@ -189,7 +188,7 @@ class _Dashboard:
 
     async def _state(self, scope: Scope, send: Send, *, head: bool) -> None:
         fresh = "no-cache" in (_header(scope, b"cache-control") or "")
-        _, data, etag = await self._look(self._view(scope), fresh=fresh)
+        data, etag = await self._look(self._view(scope), fresh=fresh)
         headers = [
             (b"content-type", b"application/json"),
             (b"etag", etag.encode()),

@@ -98,8 +98,10 @@ async def look(nursery: BackgroundNursery, view: View) -> dict[str, Any]:
             "not configured"
             if remote is None
             else "reachable"
-            if remote.handoff.connected
+            if await remote.handoff.reachable()
             else "unreachable: remote tasks wait in the outbox"
+            if journal_of(nursery) is not None
+            else "unreachable: requests that add remote tasks get 503"
         ),
     }
     live_note = _more(len(live), stats.running + stats.pending)

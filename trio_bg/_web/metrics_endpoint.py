@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -28,12 +29,22 @@ except ModuleNotFoundError as error:  # an optional extra
         "trio_bg.metrics needs prometheus_client: pip install 'trio-bg[prometheus]'"
     ) from error
 
+from .._engine.recorder import TaskRecorder
 from .._errors import JournalError
 from .._running.nursery import BackgroundNursery, journal_of
-from .._running.worker_numbers import HistogramNumbers, Numbers, SharedNumbers, numbers_of
+from .._running.worker_numbers import (
+    HistogramNumbers,
+    Numbers,
+    SharedNumbers,
+    numbers_of,
+    recorded,
+)
 from .asgi import ASGIApp, Receive, Scope, Send
 from .authorization import Authorize, allowed, checked_authorize
 from .task_lookup import serving_nursery
+
+if TYPE_CHECKING:
+    from .._keeping.streaq_worker import TrioWorker
 
 JOURNAL_STATES = ("queued", "dead", "ended")
 """The journal's rows counted by ``trio_bg_journal_rows``, by its ``state`` label."""
@@ -49,6 +60,8 @@ class Reading:
 
     workers: Mapping[str | None, Numbers]
     journal: Mapping[str, int] | None
+    nursery: bool = True
+    """Whether a nursery's (else a streaq worker's: its tasks and how many run)."""
 
 
 class NurseryCollector:
@@ -84,15 +97,54 @@ def app(
     and the worker scraped answers for all of them.
     """
     authorize = checked_authorize(authorize)
+    shared = SharedNumbers.from_environment()
+    wanted = False
+
+    async def read() -> Reading:
+        nonlocal wanted
+        nursery = serving_nursery("trio_bg.metrics.app()")
+        if shared is not None and not wanted:
+            try:
+                await trio.to_thread.run_sync(shared.want)
+                wanted = True
+            except OSError as error:
+                logger.warning("cannot ask the other workers for their numbers: %s", error)
+        return await _read(nursery, shared)
+
+    return _metrics_app(read, registry, authorize)
+
+
+def worker_app(worker: TrioWorker, *, registry: CollectorRegistry | None = None) -> ASGIApp:
+    """An ASGI app serving the metrics of the tasks streaq ``worker`` runs (``python -m
+    trio_bg worker --metrics``): their outcomes, run and wait times by name, and how
+    many run now. The worker records them from now on."""
+    if worker.recorder is None:
+        worker.recorder = TaskRecorder()
+    recorder = worker.recorder
+
+    async def read() -> Reading:
+        await trio.lowlevel.checkpoint()
+        return Reading({None: recorded(recorder, running=worker.tasks_running)}, None, False)
+
+    return _metrics_app(read, registry, None)
+
+
+def _metrics_app(
+    read: Callable[[], Awaitable[Reading]],
+    registry: CollectorRegistry | None,
+    authorize: Authorize | None,
+) -> ASGIApp:
+    """The app that serves, in ``registry`` (a new one for None), what ``read`` reads
+    at each scrape."""
     if registry is None:
         registry = CollectorRegistry()
     collector = NurseryCollector()
     registry.register(collector)  # ValueError if the registry has our names already
-    shared = SharedNumbers.from_environment()
-    wanted = False
 
     async def metrics_app(scope: Scope, receive: Receive, send: Send) -> None:
-        nonlocal wanted
+        if scope["type"] == "lifespan":  # (served alone: by the worker command)
+            await _lifespan(receive, send)
+            return
         if scope["type"] != "http":
             raise RuntimeError(f"trio_bg.metrics.app() serves HTTP only, not {scope['type']!r}")
         if scope["method"] not in ("GET", "HEAD"):
@@ -101,15 +153,8 @@ def app(
         if not await allowed(authorize, scope):
             await _refuse(send, 403, b"forbidden\n")
             return
-        nursery = serving_nursery("trio_bg.metrics.app()")
-        if shared is not None and not wanted:
-            try:
-                await trio.to_thread.run_sync(shared.want)
-                wanted = True
-            except OSError as error:
-                logger.warning("cannot ask the other workers for their numbers: %s", error)
         # Read, then encoded with no await between: a concurrent scrape cannot swap it.
-        collector.latest = await _read(nursery, shared)
+        collector.latest = await read()
         accept = b",".join(value for name, value in scope["headers"] if name.lower() == b"accept")
         encode, content_type = choose_encoder(accept.decode("latin-1"))
         body = encode(registry)
@@ -124,6 +169,14 @@ def app(
         )
 
     return metrics_app
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        kind = (await receive())["type"].removeprefix("lifespan.")
+        await send({"type": f"lifespan.{kind}.complete"})
+        if kind == "shutdown":
+            return
 
 
 async def _read(nursery: BackgroundNursery, shared: SharedNumbers | None) -> Reading:
@@ -180,12 +233,12 @@ def _families(reading: Reading) -> Iterator[Metric]:
                 family.add_metric(labels(worker, name), _buckets(histogram), histogram.total)
     yield from (tasks, durations, waits)
 
-    for name, help_text, value in _GAUGES:
+    for name, help_text, value in _GAUGES if reading.nursery else _GAUGES[:1]:
         gauge = GaugeMetricFamily(name, help_text, labels=by)
         for worker, numbers in workers.items():
             gauge.add_metric(labels(worker), value(numbers))
         yield gauge
-    for name, help_text, value in _TOTALS:
+    for name, help_text, value in _TOTALS if reading.nursery else ():
         counter = CounterMetricFamily(name, help_text, labels=by)
         for worker, numbers in workers.items():
             counter.add_metric(labels(worker), value(numbers))

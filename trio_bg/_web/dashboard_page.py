@@ -164,7 +164,7 @@ def _table(key: str, state: dict[str, Any], context: Context) -> str:
     if key in ("live", "dead") and not view.read_only:
         columns += ("Actions",)
     head = "".join(f'<th scope="col">{column}</th>' for column in columns)
-    rows = "\n".join(_row(row, context) for row in table["rows"]) or (
+    rows = "\n".join(_row(row, columns, context) for row in table["rows"]) or (
         f'<tr class="empty"><td colspan="{len(columns)}">{empty}</td></tr>'
     )
     tools = _filter(state["names"], context) if key == "ended" else ""
@@ -199,44 +199,45 @@ def _filter(names: list[str], context: Context) -> str:
 """
 
 
-def _row(row: dict[str, Any], context: Context) -> str:
+def _row(row: dict[str, Any], columns: tuple[str, ...], context: Context) -> str:
     first, *rest = row["cells"]
     cells = f'<th scope="row">{escape(str(first))}</th>' + "".join(
-        cell(value, context) for value in rest
+        cell(value, label, context) for value, label in zip(rest, columns[1:], strict=True)
     )
     return f'<tr data-key="{escape(row["key"])}">{cells}</tr>'
 
 
-def cell(value: Cell, context: Context) -> str:
-    """One table cell (see `dashboard_data.Cell`), as ``<td>`` HTML."""
+def cell(value: Cell, label: str, context: Context) -> str:
+    """One table cell (see `dashboard_data.Cell`) under the column ``label``, as
+    ``<td>`` HTML (a phone shows the label beside it: its rows are cards there)."""
+    attributes, inner = _cell(value, context)
+    return f'<td data-label="{escape(label)}"{attributes}>{inner}</td>'
+
+
+def _cell(value: Cell, context: Context) -> tuple[str, str]:
+    """A cell's attributes (but its label) and its content, as HTML."""
     if value is None:
-        return "<td></td>"
+        return "", ""
     if not isinstance(value, dict):
-        return f"<td>{escape(str(value))}</td>"
+        return "", escape(str(value))
     if "since" in value:
         since = value["since"]
-        return (
-            "<td></td>"
-            if since is None
-            else f'<td data-since="{since}">{age(since, context.now)}</td>'
-        )
+        return ("", "") if since is None else (f' data-since="{since}"', age(since, context.now))
     if "badge" in value:
         state = escape(value["badge"])
-        return f'<td><span class="badge b-{state}">{state.replace("_", " ")}</span></td>'
+        return "", f'<span class="badge b-{state}">{state.replace("_", " ")}</span>'
     if "id" in value:
-        return f'<td><code title="{escape(value["id"])}">{escape(value["id"][:8])}</code></td>'
+        return "", f'<code title="{escape(value["id"])}">{escape(value["id"][:8])}</code>'
     if "text" in value:
-        return f'<td class="text">{escape(value["text"])}</td>'
+        return ' class="text"', escape(value["text"])
     if "code" in value:
-        return f"<td><code>{escape(value['code'])}</code></td>"
+        return "", f"<code>{escape(value['code'])}</code>"
     if "progress" in value:
         percent = f"{value['progress'] * 100:.0f} %"
-        return (
-            f'<td><progress max="1" value="{value["progress"]}" aria-hidden="true"></progress> '
-            f"{percent}</td>"
-        )
+        bar = f'<progress max="1" value="{value["progress"]}" aria-hidden="true"></progress>'
+        return "", f"{bar} {percent}"
     forms = "".join(_action(action, id, label, context) for action, id, label in value["do"])
-    return f'<td class="do">{forms}</td>'
+    return ' class="do"', forms
 
 
 def _action(action: str, id: str, label: str, context: Context) -> str:

@@ -81,13 +81,16 @@
       }
       return;
     }
+    // Each cell carries its column's name: a phone shows its rows as cards.
+    const labels = [...tbody.closest("table").tHead.rows[0].cells].map((th) => th.textContent);
     rows.forEach((row, i) => {
       let tr = old.get(row.key);
       old.delete(row.key);
       if (!tr) tr = el("tr", { "data-key": row.key });
       row.cells.forEach((spec, j) => {
         const sig = JSON.stringify(spec);
-        const td = tr.cells[j] ?? tr.appendChild(j ? el("td") : el("th", { scope: "row" }));
+        const td = tr.cells[j] ?? tr.appendChild(
+          j ? el("td", { "data-label": labels[j] }) : el("th", { scope: "row" }));
         if (td.dataset.sig !== sig) {
           if (!adopt) draw(td, spec);
           td.dataset.sig = sig;

@@ -2,9 +2,9 @@
 streaq_app:tasks``) and enqueue to, on the Redis at ``$TRIO_BG_TEST_REDIS``.
 
 Each task appends a line to the ledger file ``$TRIO_BG_TEST_LEDGER``: ``KEY PID``,
-or ``KEY started PID`` and ``KEY done PID``. With ``$TRIO_BG_TEST_HOLD`` set, a `slow`
-task never ends in that process; with ``$TRIO_BG_TEST_NEWER`` set, the worker knows a
-task more, as a newer deployment would.
+or ``KEY started PID`` and ``KEY done PID`` (``too_slow`` only starts: it times out).
+With ``$TRIO_BG_TEST_HOLD`` set, a `slow` task never ends in that process; with
+``$TRIO_BG_TEST_NEWER`` set, the worker knows a task more, as a newer deployment would.
 
 ``app`` is the web side (``python -m trio_bg serve streaq_app:app``): ``GET /?key=K``
 hands ``record(K)`` to the worker's queue; with ``$TRIO_BG_TEST_JOURNAL`` set, through
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+from datetime import timedelta
 from typing import Any
 
 import streaq
@@ -40,6 +41,13 @@ async def slow(key: str, seconds: float) -> None:
     note_in_ledger(f"{key} started {os.getpid()}")
     await trio.sleep(math.inf if os.environ.get("TRIO_BG_TEST_HOLD") else seconds)
     note_in_ledger(f"{key} done {os.getpid()}")
+
+
+@tasks.task(name="tests.streaq_app.too_slow", timeout=timedelta(milliseconds=200))
+async def too_slow(key: str) -> None:
+    note_in_ledger(f"{key} started {os.getpid()}")
+    async with trio.open_nursery() as nursery:  # (cancelled, it raises a group)
+        nursery.start_soon(trio.sleep_forever)
 
 
 if os.environ.get("TRIO_BG_TEST_NEWER"):

@@ -57,6 +57,8 @@ async def charge(address: str) -> None:
 async def add(kind: str) -> str:
     """Add a task of ``kind`` (a query string) to the request's tasks: its id."""
     kind = unquote(kind)
+    if kind == "not-utf-8":  # a file name read from the disk: a lone surrogate in a str
+        kind = "caf" + b"\xe9".decode("utf-8", "surrogateescape")
     tasks = trio_bg.current_tasks()
     if kind == "fail":
         return tasks.add_task(declined).id
@@ -317,6 +319,29 @@ async def test_an_action_needs_the_same_origin_and_the_cookies_token() -> None:
         await settled(client, lambda s: shown_state(s, held) == "cancelled")
 
 
+async def test_another_apps_cookie_in_the_header_does_not_hide_the_token() -> None:
+    async with dashboard_client(trio_bg.dashboard.app(public=True)) as client:
+        held = await started(client, "held")
+        token = await _token(client)
+        # http.cookies gives up on a whole header for a value like these.
+        cookie = f'prefs={{"theme":"dark"}}; name=Ann Example; trio_bg_dashboard={token}'
+        client.cookies.clear()
+        done = await client.post(
+            "/dash/cancel",
+            data={"id": held, "token": token},
+            headers={**SAME_ORIGIN, "cookie": cookie, "accept": "application/json"},
+        )
+        assert (done.status_code, done.json()["done"]) == (200, 1)
+
+
+async def test_a_message_that_is_not_unicode_text_still_shows() -> None:
+    async with dashboard_client(trio_bg.dashboard.app(public=True)) as client:
+        held = await started(client, "not-utf-8")
+        page = await client.get("/dash/")
+        assert page.status_code == 200 and held in page.text
+        assert "caf?" in page.text  # (the task's message, its bad character replaced)
+
+
 def shown_state(state: dict[str, Any], task_id: str) -> str | None:
     """Task ``task_id``'s state as the live or the ended table shows it."""
     for table in ("live", "ended"):
@@ -335,6 +360,7 @@ async def test_bad_actions_are_refused_plainly() -> None:
             ("/cancel", {"token": token}, 400),  # no id
             ("/cancel", {"token": token, "id": "../../etc"}, 400),
             ("/retry", {"token": token, "id": "1; DROP TABLE tasks"}, 400),
+            ("/retry", {"token": token, "id": "²"}, 400),  # a digit, not a number int() reads
             ("/cancel", {"token": token, "id": "x" * 20_000}, 413),
         ]:
             response = await client.post(f"/dash{route}", data=data, headers=SAME_ORIGIN)

@@ -211,6 +211,7 @@ async def test_the_worker_serves_the_metrics_of_the_tasks_it_runs(
         for key in ("a", "b", "c"):
             await app.record.enqueue(key)
         await app.slow.enqueue("held", 60.0)  # running while scraped
+        await app.too_slow.enqueue("late")
     port = free_port()
     async with trio_bg_process(
         "worker",
@@ -226,13 +227,22 @@ async def test_the_worker_serves_the_metrics_of_the_tasks_it_runs(
             for key in ("a ", "b ", "c ", "held started"):
                 await wait_for_ledger(tmp_path, key)
             async with httpx.AsyncClient() as http:
-                scraped = await http.get(f"http://127.0.0.1:{port}/metrics")
-    assert scraped.status_code == 200, scraped.text
-    samples = {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(scraped.text)
-        for sample in family.samples
-    }
+                while True:  # (until the task that times out has: 200 ms after its start)
+                    scraped = await http.get(f"http://127.0.0.1:{port}/metrics")
+                    assert scraped.status_code == 200, scraped.text
+                    samples = {
+                        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+                        for family in text_string_to_metric_families(scraped.text)
+                        for sample in family.samples
+                    }
+                    if any(
+                        name == "trio_bg_tasks_total" and "too_slow" in str(labels)
+                        for name, labels in samples
+                    ):
+                        break
+                    await trio.sleep(0.05)
+    too_slow = (("name", "tests.streaq_app.too_slow"), ("outcome", "timed_out"))
+    assert samples["trio_bg_tasks_total", too_slow] == 1
     record = (("name", "tests.streaq_app.record"),)
     assert samples["trio_bg_tasks_total", (*record, ("outcome", "completed"))] == 3
     assert samples["trio_bg_task_duration_seconds_count", record] == 3

@@ -398,3 +398,28 @@ async def test_journal_ls_counts_the_statuses_kept(tmp_path: Path) -> None:
         await bg.wait_task(bg.start_soon(refund, 12).id)
     listed = journal_command("ls", "--journal", str(path))
     assert listed.stdout.splitlines() == ["0 queued (0 claimed by a process), 0 dead, 1 ended"]
+
+
+async def test_a_process_that_keeps_no_statuses_sweeps_those_kept_before(tmp_path: Path) -> None:
+    reset()
+    path = tmp_path / "tasks.db"
+    async with trio_bg.open_background_nursery(journal=path) as bg:
+        held = bg.start_soon(refund, 13)  # (key_ttl 600: its key is held)
+        await bg.wait_task(held.id)
+        await bg.wait_task(bg.start_soon(invoice_now, "x").id)
+    assert len(ended_rows(path)) == 2
+    async with trio_bg.open_background_nursery(
+        journal=path, journal_statuses_kept_for=0, journal_lease=1
+    ):
+        with trio.fail_after(10):
+            while True:  # (swept as it renews its lease: the file tells no one)
+                if len(ended_rows(path)) == 1:
+                    break
+                await trio.sleep(0.05)
+    [(task_id, *_)] = ended_rows(path)
+    assert task_id == held.id  # the keyed one: its key is still held
+
+
+@trio_bg.task(name="tests.handles.invoice_now", durable=True)
+async def invoice_now(customer: str) -> None:
+    pass

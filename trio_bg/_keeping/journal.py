@@ -480,7 +480,7 @@ class Journal:
             )
             held = journal_file.held(connection, self._owner)
         journal_file.reap(connection, self._owner)
-        if self.statuses_kept_for > 0 and time.monotonic() >= self._sweep_at:
+        if time.monotonic() >= self._sweep_at:  # (with none kept: those of earlier runs)
             self._sweep_at = time.monotonic() + SWEEP_EVERY
             journal_file.sweep(connection, self.statuses_kept_for)
         return expires, held

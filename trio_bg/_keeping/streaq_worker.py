@@ -12,7 +12,6 @@ import pickle
 import sys
 import time
 from collections.abc import Callable, Coroutine
-from datetime import timedelta
 from typing import Any
 
 import trio
@@ -20,7 +19,7 @@ from coredis.response.types import StreamEntry
 from streaq import Worker
 from streaq import task as streaq_task
 from streaq.constants import REDIS_GROUP
-from streaq.types import Entries, StreamMessage, StreaqError
+from streaq.types import Entries, StreamMessage, StreaqError, StreaqRetry
 
 from .._engine.events import Outcome
 from .._engine.recorder import TaskRecorder
@@ -222,26 +221,38 @@ def _recording(
             recorder.started(
                 context.fn_name, None if enqueued is None else time.time() - enqueued / 1000
             )
-            outcome: Outcome = "failed"
+            outcome: Outcome | None = "failed"
             made.tasks_running += 1
-            began = time.monotonic()
+            deadline = trio.current_effective_deadline()  # (streaq's timeout scope is ours)
+            began = trio.current_time()
             try:
                 result = await run(*args, **kwargs)
                 outcome = "completed"
                 return result
-            except trio.Cancelled:  # streaq's timeout, or an abort
-                ran = time.monotonic() - began
-                limit = context.timeout
-                seconds = limit.total_seconds() if isinstance(limit, timedelta) else limit
-                outcome = "timed_out" if seconds is not None and ran >= seconds else "cancelled"
+            except StreaqRetry:
+                outcome = None  # an attempt, not the task's end: streaq runs it again
+                raise
+            except BaseException as error:
+                if _cancelled(error):  # streaq's timeout; else an abort, or its shutdown
+                    outcome = "timed_out" if trio.current_time() >= deadline else "cancelled"
                 raise
             finally:
                 made.tasks_running -= 1
-                recorder.finished(context.fn_name, outcome, time.monotonic() - began)
+                if outcome is not None:
+                    recorder.finished(context.fn_name, outcome, trio.current_time() - began)
 
         return recording
 
     return middleware
+
+
+def _cancelled(error: BaseException) -> bool:
+    """Whether ``error`` is trio's Cancelled, or a group of nothing else (a task's own
+    nursery raises one so)."""
+    if isinstance(error, BaseExceptionGroup):
+        rest = error.split(trio.Cancelled)[1]
+        return rest is None
+    return isinstance(error, trio.Cancelled)
 
 
 # When the task being read was enqueued (ms since the epoch, its record's "t").

@@ -14,7 +14,7 @@ import trio
 
 from .._engine.status import STATES, TaskState, TaskStatus, looks_like_id, utc
 from .._engine.tasks import Task, sent
-from .._keeping.journal_file import EndedRow, Row
+from .._keeping.journal_file import REMOTE_PREFIX, EndedRow, Row
 from .._keeping.remote_status import abort_remote, remote_status, wait_remote
 from .statuses import checked_timeout
 
@@ -89,12 +89,23 @@ class TasksById:
     ) -> TaskStatus:
         """Wait for another process's durable task to end, reading its row every so
         often (from 50 ms apart to `JOURNAL_POLL`): the journal tells no one of a
-        change. If this process takes the task meanwhile, wait for it here."""
+        change. If this process takes the task meanwhile, wait for it here; a remote
+        task in another process's outbox, once Redis has it, is waited for there."""
         runner = self._runner
         assert runner.journal is not None
         deadline = trio.current_time() + (math.inf if timeout is None else timeout)
         pause = 0.05
         while True:
+            remote = runner.remote
+            if remote is not None and (row is None or row.name.startswith(REMOTE_PREFIX)):
+                # A remote task in another process's outbox: once handed off, its row
+                # goes when a worker took it, and Redis tells the rest.
+                told = await _asked_redis(remote_status(remote.handoff.worker, id))
+                if told is not None:
+                    if told.ended:
+                        return told
+                    left = None if timeout is None else max(0.0, deadline - trio.current_time())
+                    return await wait_remote(remote.handoff.worker, id, left)
             if row is None:
                 raise LookupError(
                     f"background task {id} ended, and the journal keeps no status of it "

@@ -241,19 +241,28 @@ class SharedNumbers:
 async def share_numbers(nursery_of: Callable[[], BackgroundNursery], shared: SharedNumbers) -> None:
     """Write the numbers of the nursery ``nursery_of()`` gives (`RuntimeError` until
     it opened) every `SHARE_EVERY` seconds once `SharedNumbers.wanted`, until
-    cancelled. Never raises: a failure is logged, and this worker stops sharing."""
-    recording = False
-    try:
-        while True:
-            await trio.sleep(SHARE_EVERY)
-            try:
-                nursery = nursery_of()
-            except RuntimeError:
-                continue  # the app's lifespan has not started it yet
+    cancelled. Never raises: a failure (a full disk, say) is logged when it starts,
+    and the next second tries again."""
+    recording = failing = False
+    while True:
+        await trio.sleep(SHARE_EVERY)
+        try:
+            nursery = nursery_of()
+        except RuntimeError:
+            continue  # the app's lifespan has not started it yet
+        try:
             if not recording:
                 recording = await trio.to_thread.run_sync(shared.wanted)
                 if not recording:
                     continue
             await trio.to_thread.run_sync(shared.write, numbers_of(nursery))
-    except Exception:
-        logger.exception("worker %s cannot share its numbers for the metrics", shared.worker)
+        except Exception:
+            if not failing:
+                logger.exception(
+                    "worker %s cannot share its numbers for the metrics (trying again every %gs)",
+                    shared.worker,
+                    SHARE_EVERY,
+                )
+            failing = True
+        else:
+            failing = False

@@ -19,7 +19,6 @@ import hmac
 import json
 import secrets
 import time
-from http.cookies import CookieError, SimpleCookie
 from importlib import resources
 from urllib.parse import parse_qs, urlsplit
 
@@ -112,6 +111,7 @@ class _Dashboard:
         self._version = digest.hexdigest()
         # The latest looks, by (nursery, filter): (taken at, JSON without "now", ETag).
         self._looks: dict[tuple[int, View], tuple[float, str, str]] = {}
+        self._generation = 0  # actions done: a look begun before the last is not kept
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -164,12 +164,14 @@ class _Dashboard:
         kept = self._looks.get(key)
         if not fresh and kept is not None and trio.current_time() - kept[0] < FRESH_FOR:
             return kept[1], kept[2]
+        generation = self._generation
         state = await look(nursery, view)
         data = json.dumps({k: v for k, v in state.items() if k != "now"}, separators=(",", ":"))
         etag = '"' + hashlib.blake2b(data.encode(), digest_size=9).hexdigest() + '"'
-        if len(self._looks) >= 16:  # (a filter per page: few, but bounded)
-            self._looks.clear()
-        self._looks[key] = (trio.current_time(), data, etag)
+        if generation == self._generation:  # (no action ended while it looked)
+            if len(self._looks) >= 16:  # (a filter per page: few, but bounded)
+                self._looks.clear()
+            self._looks[key] = (trio.current_time(), data, etag)
         return data, etag
 
     async def _page(self, scope: Scope, send: Send, *, head: bool) -> None:
@@ -184,7 +186,8 @@ class _Dashboard:
             secure = "; Secure" if scope.get("scheme") == "https" else ""
             attributes = f"Path={root or '/'}; HttpOnly; SameSite=Strict{secure}"
             headers.append((b"set-cookie", f"{COOKIE}={token}; {attributes}".encode()))
-        await _send(send, 200, headers, page.encode(), head=head)
+        # (A task's text may hold a lone surrogate, as a file name read from the disk can.)
+        await _send(send, 200, headers, page.encode("utf-8", "replace"), head=head)
 
     async def _state(self, scope: Scope, send: Send, *, head: bool) -> None:
         fresh = "no-cache" in (_header(scope, b"cache-control") or "")
@@ -220,7 +223,6 @@ class _Dashboard:
             await _text(send, 400, f"Name 1 to {IDS_LIMIT} ids.")
             return
         nursery = serving_nursery("trio_bg.dashboard.app()")
-        self._looks.clear()  # (the next look shows what this did)
         if action == "cancel":
             if not all(looks_like_id(id) for id in ids):
                 await _text(send, 400, "A task id is 32 hexadecimal digits.")
@@ -239,9 +241,14 @@ class _Dashboard:
                 done = await retry_dead_letters(nursery, rows)
             else:
                 done = await journal.purge(rows)
+        # The next look shows what this did (not one taken while it was being done).
+        self._generation += 1
+        self._looks.clear()
         if "application/json" in (_header(scope, b"accept") or ""):
             body = json.dumps({"action": action, "ids": ids, "done": done}).encode()
-            await _send(send, 200, [(b"content-type", b"application/json")], body)
+            await _send(
+                send, 200, [(b"content-type", b"application/json"), *SECURITY_HEADERS], body
+            )
             return
         back = (scope.get("root_path", "").rstrip("/") + "/").encode()
         await _send(send, 303, [(b"location", back), (b"cache-control", b"no-store")], b"")
@@ -252,7 +259,7 @@ def _row_ids(ids: list[str]) -> list[int | str] | None:
     None if one is neither."""
     rows: list[int | str] = []
     for id in ids:
-        if id.isdigit() and len(id) < 19:
+        if id.isascii() and id.isdecimal() and len(id) < 19:
             rows.append(int(id))
         elif looks_like_id(id):
             rows.append(id)
@@ -279,16 +286,16 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 
 def _cookie(scope: Scope) -> str | None:
-    """The token in the dashboard's cookie, if the request has one."""
+    """The token in the dashboard's cookie, if the request has one. (Read by hand:
+    `http.cookies` drops every cookie of a header when one of them is not to its taste,
+    such as another app's JSON value.)"""
     found = None
     for key, value in scope["headers"]:
         if key == b"cookie":
-            try:
-                jar = SimpleCookie(bytes(value).decode("latin-1"))
-            except CookieError:
-                continue
-            if COOKIE in jar:
-                found = jar[COOKIE].value
+            for pair in bytes(value).decode("latin-1").split(";"):
+                name, _, content = pair.strip().partition("=")
+                if name == COOKIE:
+                    found = content.strip().strip('"')
     return found
 
 
@@ -331,7 +338,7 @@ async def _text(send: Send, status: int, text: str, *, allow: bytes = b"") -> No
     headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"cache-control", b"no-store")]
     if allow:
         headers.append((b"allow", allow))
-    await _send(send, status, headers, text.encode())
+    await _send(send, status, headers, text.encode("utf-8", "replace"))
 
 
 async def _send(

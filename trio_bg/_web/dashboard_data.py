@@ -80,8 +80,12 @@ async def look(nursery: BackgroundNursery, view: View) -> dict[str, Any]:
     settings = settings_of(nursery)
     now = time.time()
     live: list[TaskStatus] = []
-    for state in LIVE_SHOWN:
-        live += await nursery.list_tasks(state=state, limit=LIST_LIMIT - len(live))
+    seen: set[str] = set()
+    for state in LIVE_SHOWN:  # (a task may move on between two of these: listed once)
+        for status in await nursery.list_tasks(state=state, limit=LIST_LIMIT - len(live)):
+            if status.id not in seen:
+                seen.add(status.id)
+                live.append(status)
     ended = newest_ended(nursery, LIST_LIMIT, view.outcome, view.name)
     journal, dead = await _journal(nursery, view)
     remote = remote_keeper(nursery)

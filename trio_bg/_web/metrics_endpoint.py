@@ -98,15 +98,12 @@ def app(
     """
     authorize = checked_authorize(authorize)
     shared = SharedNumbers.from_environment()
-    wanted = False
 
     async def read() -> Reading:
-        nonlocal wanted
         nursery = serving_nursery("trio_bg.metrics.app()")
-        if shared is not None and not wanted:
+        if shared is not None:  # (at every scrape: a worker started since sees it too)
             try:
                 await trio.to_thread.run_sync(shared.want)
-                wanted = True
             except OSError as error:
                 logger.warning("cannot ask the other workers for their numbers: %s", error)
         return await _read(nursery, shared)

@@ -72,7 +72,11 @@
 
   // Put a table's rows in place; ``adopt``: they are there already (the server's).
   function fill(tbody, rows, adopt) {
-    const old = new Map([...tbody.rows].map((tr) => [tr.dataset.key, tr]));
+    const old = new Map();
+    for (const tr of [...tbody.rows]) {
+      if (old.has(tr.dataset.key)) tr.remove(); // (never two rows of one task)
+      else old.set(tr.dataset.key, tr);
+    }
     if (!rows.length) {
       const columns = tbody.closest("table").tHead.rows[0].cells.length;
       if (!tbody.querySelector(".empty")) {

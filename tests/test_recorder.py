@@ -7,6 +7,7 @@ import math
 
 import pytest
 import trio
+import trio.testing
 
 import trio_bg
 from trio_bg._engine.recorder import BUCKETS, Histogram, TaskRecorder
@@ -66,3 +67,19 @@ def test_the_timeline_keeps_ten_minutes_in_five_second_steps() -> None:
     [(at, counts)] = recorder.timeline
     assert at % 5 == 0 and counts == {"completed": 1, "failed": 1}
     assert recorder.by_name["a"].durations.count == 1
+
+
+async def test_a_task_added_before_the_recorder_is_counted_at_its_end_untimed() -> None:
+    gate = trio.Event()
+
+    async def waits() -> None:
+        await gate.wait()
+
+    async with trio_bg.open_background_nursery() as bg:
+        bg.start_soon(waits)
+        await trio.testing.wait_all_tasks_blocked()
+        recorder = record_tasks(bg)
+        gate.set()
+        await bg.wait_idle()
+    record = recorder.by_name[waits.__qualname__]
+    assert record.outcomes == {"completed": 1} and record.durations.count == 0

@@ -354,6 +354,8 @@ class TaskRunner:
             self.journal.ended(task, outcome, error)
         if observed:
             self.onlookers.emit("finished", task, outcome=outcome, duration=duration)
+        elif (recorder := self.onlookers.recorder) is not None:
+            recorder.finished(task.name, outcome, None)  # (added before it recorded: untimed)
         if task.then is not None:  # an ordered request's next task: its turn now
             if task.stops_chain and outcome in ("failed", "timed_out"):
                 logger.warning(

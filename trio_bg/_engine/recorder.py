@@ -9,6 +9,7 @@ import math
 import time
 from bisect import bisect_left
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 from .events import Outcome
@@ -43,6 +44,17 @@ TIMELINE_POINTS = 120
 """Points in the outcome timeline: ten minutes of them."""
 
 
+def cumulative(counts: Sequence[int]) -> list[tuple[float, int]]:
+    """Per-bucket ``counts`` (one for each of `BUCKETS`) as (upper bound, observations
+    at most that), as Prometheus' buckets count."""
+    running = 0
+    buckets = []
+    for bound, count in zip(BUCKETS, counts, strict=True):
+        running += count
+        buckets.append((bound, running))
+    return buckets
+
+
 class Histogram:
     """Observations counted in `BUCKETS` (not cumulative: a count per bucket), their
     sum, and the latest `RECENT` of them."""
@@ -68,12 +80,7 @@ class Histogram:
 
     def cumulative(self) -> list[tuple[float, int]]:
         """(upper bound, observations at most that), as Prometheus' buckets count."""
-        running = 0
-        buckets = []
-        for bound, count in zip(BUCKETS, self.counts, strict=True):
-            running += count
-            buckets.append((bound, running))
-        return buckets
+        return cumulative(self.counts)
 
     def percentiles(self, *fractions: float) -> list[float | None]:
         """The percentiles (0 to 1) of the latest observations; None for none."""

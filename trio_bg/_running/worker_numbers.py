@@ -21,7 +21,7 @@ from typing import Any
 
 import trio
 
-from .._engine.recorder import BUCKETS, Histogram, TaskRecorder
+from .._engine.recorder import BUCKETS, Histogram, TaskRecorder, cumulative
 from .nursery import BackgroundNursery, record_tasks
 
 DIRECTORY_VARIABLE = "TRIO_BG_WORKER_NUMBERS"
@@ -59,12 +59,7 @@ class HistogramNumbers:
 
     def cumulative(self) -> list[tuple[float, int]]:
         """(upper bound, observations at most that), as Prometheus' buckets count."""
-        running = 0
-        buckets = []
-        for bound, count in zip(BUCKETS, self.counts, strict=True):
-            running += count
-            buckets.append((bound, running))
-        return buckets
+        return cumulative(self.counts)
 
 
 @dataclass(frozen=True, slots=True)

@@ -396,6 +396,43 @@ async def test_a_remote_task_cancelled_in_the_outbox_is_never_handed_off(
         assert len(in_redis) == 2
 
 
+async def test_another_processs_remote_task_in_the_outbox_is_waited_for_through_redis(
+    durable_queue: Queue, durable_redis_server: RedisServer, tmp_path: Path
+) -> None:
+    queue = durable_queue
+    path = tmp_path / "tasks.db"
+    handed_off = HandedOff()
+    handles: list[trio_bg.TaskHandle] = []
+    app = trio_bg.BackgroundTaskMiddleware(
+        endpoint(lambda tasks: handles.append(tasks.add_task(queue.welcome, "w@example.com"))),
+        streaq=queue.worker,
+        journal=path,
+        on_event=handed_off,
+    )
+    async with (
+        run_lifespan(app),
+        asgi_client(app) as client,
+        trio_bg.open_background_nursery(journal=path, streaq=queue.worker) as other,
+        trio.open_nursery() as nursery,
+    ):
+        durable_redis_server.stop()
+        assert (await client.get("/")).status_code == 200  # in the journal's outbox
+        waited: list[trio_bg.TaskStatus] = []
+
+        async def wait_in_the_other() -> None:  # its row, until Redis has the task
+            waited.append(await other.wait_task(handles[0].id, timeout=20))
+
+        nursery.start_soon(wait_in_the_other)
+        durable_redis_server.start()
+        await handed_off.wait_for(1)  # then a worker takes it, and its row goes
+        queue.worker.burst = True
+        with trio.fail_after(20):
+            await queue.worker.run_async()
+    [status] = waited
+    assert (status.id, status.state) == (handles[0].id, "completed")
+    assert queue.done == ["w@example.com you"]
+
+
 async def test_with_a_journal_the_backlog_is_bounded(
     queue: Queue, redis_server: RedisServer, tmp_path: Path
 ) -> None:

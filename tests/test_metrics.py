@@ -341,6 +341,8 @@ async def test_each_app_has_a_registry_of_its_own_unless_given_one() -> None:
     middleware = routed(trio_bg.metrics.app(registry=registry))
     with pytest.raises(ValueError, match="trio_bg_tasks"):
         trio_bg.metrics.app(registry=registry)
+    with pytest.raises(TypeError, match="CollectorRegistry"):
+        trio_bg.metrics.app(registry=prometheus_client.REGISTRY.__class__)  # type: ignore[arg-type]
     async with run_lifespan(middleware), asgi_client(middleware) as client:
         samples = await scrape(client)
     assert value(samples, "shop_requests_total") == 3

@@ -331,18 +331,29 @@ class HandedOff:
                 await self._changed.wait()
 
 
+def outbox_app(
+    queue: Queue, path: Path, address: str
+) -> tuple[trio_bg.BackgroundTaskMiddleware, list[trio_bg.TaskHandle], HandedOff]:
+    """An app whose every request hands ``queue.welcome(address)`` to Redis through the
+    journal at ``path`` (its outbox while Redis is down): the app, the handles of the
+    tasks its requests added, and what was handed off."""
+    handed_off = HandedOff()
+    handles: list[trio_bg.TaskHandle] = []
+    app = trio_bg.BackgroundTaskMiddleware(
+        endpoint(lambda tasks: handles.append(tasks.add_task(queue.welcome, address))),
+        streaq=queue.worker,
+        journal=path,
+        on_event=handed_off,
+    )
+    return app, handles, handed_off
+
+
 async def test_with_a_journal_redis_down_loses_nothing(
     durable_queue: Queue, durable_redis_server: RedisServer, tmp_path: Path
 ) -> None:
     queue = durable_queue
     path = tmp_path / "tasks.db"
-    handed_off = HandedOff()
-    app = trio_bg.BackgroundTaskMiddleware(
-        endpoint(lambda tasks: tasks.add_task(queue.welcome, "i@example.com")),
-        streaq=queue.worker,
-        journal=path,
-        on_event=handed_off,
-    )
+    app, _, handed_off = outbox_app(queue, path, "i@example.com")
     async with run_lifespan(app), asgi_client(app) as client:
         assert (await client.get("/")).status_code == 200
         await handed_off.wait_for(1)
@@ -364,14 +375,7 @@ async def test_a_remote_task_cancelled_in_the_outbox_is_never_handed_off(
 ) -> None:
     queue = durable_queue
     path = tmp_path / "tasks.db"
-    handed_off = HandedOff()
-    handles: list[trio_bg.TaskHandle] = []
-    app = trio_bg.BackgroundTaskMiddleware(
-        endpoint(lambda tasks: handles.append(tasks.add_task(queue.welcome, "o@example.com"))),
-        streaq=queue.worker,
-        journal=path,
-        on_event=handed_off,
-    )
+    app, handles, handed_off = outbox_app(queue, path, "o@example.com")
     async with run_lifespan(app), asgi_client(app) as client:
         assert (await client.get("/")).status_code == 200
         await handed_off.wait_for(1)
@@ -401,14 +405,7 @@ async def test_another_processs_remote_task_in_the_outbox_is_waited_for_through_
 ) -> None:
     queue = durable_queue
     path = tmp_path / "tasks.db"
-    handed_off = HandedOff()
-    handles: list[trio_bg.TaskHandle] = []
-    app = trio_bg.BackgroundTaskMiddleware(
-        endpoint(lambda tasks: handles.append(tasks.add_task(queue.welcome, "w@example.com"))),
-        streaq=queue.worker,
-        journal=path,
-        on_event=handed_off,
-    )
+    app, handles, handed_off = outbox_app(queue, path, "w@example.com")
     async with (
         run_lifespan(app),
         asgi_client(app) as client,

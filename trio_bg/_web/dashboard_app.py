@@ -20,6 +20,7 @@ import json
 import secrets
 import time
 from importlib import resources
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import trio
@@ -159,11 +160,18 @@ class _Dashboard:
     async def _look(self, view: View, *, fresh: bool) -> tuple[str, str]:
         """A look at the serving nursery, as JSON without ``now``, and its ETag: a new
         one if ``fresh``, else perhaps one taken less than `FRESH_FOR` ago."""
+        if not fresh:
+            key = (id(serving_nursery("trio_bg.dashboard.app()")), view)
+            kept = self._looks.get(key)
+            if kept is not None and trio.current_time() - kept[0] < FRESH_FOR:
+                return kept[1], kept[2]
+        _, data, etag = await self._new_look(view)
+        return data, etag
+
+    async def _new_look(self, view: View) -> tuple[dict[str, Any], str, str]:
+        """A new look at the serving nursery (kept for the pages that ask within
+        `FRESH_FOR`): what it shows, as JSON without ``now``, and its ETag."""
         nursery = serving_nursery("trio_bg.dashboard.app()")
-        key = (id(nursery), view)
-        kept = self._looks.get(key)
-        if not fresh and kept is not None and trio.current_time() - kept[0] < FRESH_FOR:
-            return kept[1], kept[2]
         generation = self._generation
         state = await look(nursery, view)
         data = json.dumps({k: v for k, v in state.items() if k != "now"}, separators=(",", ":"))
@@ -171,13 +179,12 @@ class _Dashboard:
         if generation == self._generation:  # (no action ended while it looked)
             if len(self._looks) >= 16:  # (a filter per page: few, but bounded)
                 self._looks.clear()
-            self._looks[key] = (trio.current_time(), data, etag)
-        return data, etag
+            self._looks[id(nursery), view] = (trio.current_time(), data, etag)
+        return state, data, etag
 
     async def _page(self, scope: Scope, send: Send, *, head: bool) -> None:
         view = self._view(scope)
-        data, etag = await self._look(view, fresh=True)
-        state = {**json.loads(data), "now": time.time()}
+        state, _, etag = await self._new_look(view)
         token, cookie = _token(scope)
         root = scope.get("root_path", "").rstrip("/")
         page = render(state, root=root, token=token, etag=etag, view=view, assets=self._version)

@@ -135,6 +135,8 @@ def _metrics_app(
     at each scrape."""
     if registry is None:
         registry = CollectorRegistry()
+    elif not isinstance(registry, CollectorRegistry):
+        raise TypeError(f"registry must be a prometheus_client CollectorRegistry, not {registry!r}")
     collector = NurseryCollector()
     registry.register(collector)  # ValueError if the registry has our names already
 
